@@ -1,0 +1,1 @@
+"""Central analytics service: ingest, storage, queries, API."""

@@ -1,0 +1,179 @@
+"""The storage interface: every backend (embedded SQLite, PostgreSQL, TimescaleDB) has it.
+
+Writes are idempotent on ``(device_id, seq)``: writing a batch whose key is stored
+already changes nothing and reports ``DUPLICATE`` (same payload hash) or ``CONFLICT``
+(another hash: a fork). The ledger row and the readings of a batch are written in one
+transaction, so a crash leaves either both or neither.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from civicmesh.errors import CivicmeshError
+from civicmesh.protocol import Reading
+from civicmesh.quarantine import QuarantineRecord
+from civicmesh.registry import DeviceRecord
+
+
+class StoreError(CivicmeshError):
+    """The database refused or failed; the caller keeps the data and retries."""
+
+    reason = "store.error"
+
+
+class WriteOutcome(Enum):
+    INSERTED = "inserted"
+    DUPLICATE = "duplicate"  # (device, seq) stored already with the same hash
+    CONFLICT = "conflict"  # (device, seq) stored already with another hash
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """A verified batch as ingest hands it to the store."""
+
+    device_id: str
+    seq: int
+    payload_hash: bytes  # sha256 of the device payload bytes
+    prev_hash: bytes
+    sealed_at_ms: int
+    model_version: str
+    gateway_id: str
+    received_at_ms: int  # gateway receive time, from the envelope
+    ingested_at_ms: int
+    device_message: bytes  # the device COSE_Sign1 bytes, kept for audit
+    gateway_message: bytes  # the gateway envelope bytes, kept for audit
+    readings: tuple[Reading, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    device_id: str
+    zone: str
+    lat: float | None
+    lon: float | None
+    kind: str
+    status: str
+    last_seen_ms: int | None  # newest reading time
+    last_seq: int | None
+    batches: int
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSummary:
+    zone: str
+    devices: int
+    lat: float | None  # mean of its devices' positions
+    lon: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LatestReading:
+    device_id: str
+    zone: str
+    metric: str
+    ts_ms: int
+    value: float
+    quality: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPoint:
+    bucket_ms: int  # bucket start, epoch ms, aligned to the bucket size from the epoch
+    count: int
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    device_id: str
+    seq: int
+    payload_hash: bytes
+    prev_hash: bytes
+    sealed_at_ms: int
+    gateway_id: str
+    received_at_ms: int
+    ingested_at_ms: int
+    readings: int
+    device_message: bytes
+    gateway_message: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    batches: int
+    readings: int
+    quarantined: int
+
+
+class Store(ABC):
+    """One storage backend. Implementations are thread-compatible: one per thread, or
+    guarded by the caller; ``open_store`` makes a new instance per call."""
+
+    backend: str  # "sqlite", "postgresql" or "timescaledb"
+
+    @abstractmethod
+    def migrate(self) -> list[str]:
+        """Apply pending numbered migrations; return the names applied now."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- writes ---------------------------------------------------------------
+
+    @abstractmethod
+    def write_batches(self, batches: Sequence[StoredBatch]) -> list[WriteOutcome]:
+        """Write batches (ledger + readings) in one transaction; one outcome each."""
+
+    @abstractmethod
+    def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None: ...
+
+    @abstractmethod
+    def upsert_devices(self, records: Iterable[DeviceRecord]) -> None: ...
+
+    # -- reads ----------------------------------------------------------------
+
+    @abstractmethod
+    def devices(self) -> list[DeviceStatus]: ...
+
+    @abstractmethod
+    def zones(self) -> list[ZoneSummary]: ...
+
+    @abstractmethod
+    def latest(self, zone: str | None = None) -> list[LatestReading]:
+        """Newest reading per device and metric (optionally within one zone)."""
+
+    @abstractmethod
+    def series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        bucket_s: int,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        """Bucketed aggregate of ``metric`` in ``[start_ms, end_ms)``, ascending."""
+
+    @abstractmethod
+    def readings(
+        self, device_id: str, start_ms: int, end_ms: int, metric: str | None = None
+    ) -> list[Reading]:
+        """Raw readings of one device, ascending by time then metric."""
+
+    @abstractmethod
+    def ledger(self, device_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[LedgerEntry]:
+        """Ledger rows of one device with ``seq > after_seq``, ascending."""
+
+    @abstractmethod
+    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
+        """Newest quarantine records first."""
+
+    @abstractmethod
+    def counts(self) -> StoreCounts: ...

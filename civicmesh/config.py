@@ -1,0 +1,99 @@
+"""Typed configuration: TOML file + environment overrides, unknown keys rejected by name.
+
+Each service defines one settings model deriving from :class:`ServiceSettings` with an
+``env_prefix`` (``CIVICMESH_EDGE_``, ``CIVICMESH_GATEWAY_``, ...). Precedence, highest
+first: explicit overrides (CLI flags), environment, ``/run/secrets``, the TOML file,
+defaults. Nested fields use ``__`` in environment names
+(``CIVICMESH_EDGE_MQTT__URL``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from civicmesh.errors import ConfigError
+
+SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    """Base of every service's settings model."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_nested_delimiter="__",
+        validate_default=True,
+        secrets_dir=None,
+    )
+    _toml_data: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, file_secret_settings)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_layer(cls: type[ServiceSettings]) -> dict[str, Any]:
+    """What the environment alone says, so it can be layered above the file."""
+    data: dict[str, Any] = EnvSettingsSource(cls)()
+    return data
+
+
+def load_settings(
+    cls: type[SettingsT], path: Path | None = None, overrides: dict[str, Any] | None = None
+) -> SettingsT:
+    """Build ``cls`` from defaults < TOML file < environment < overrides.
+
+    Errors name the offending key and where it came from.
+    """
+    file_data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            file_data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {path} is not valid TOML: {exc}") from None
+    data = _merge(_merge(file_data, _env_layer(cls)), overrides or {})
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"]) or "(root)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key {key!r}")
+            else:
+                problems.append(f"{key}: {err['msg']}")
+        prefix = cls.model_config.get("env_prefix", "")
+        raise ConfigError(
+            f"Invalid {cls.__name__} (from {origin}, environment {prefix}*): " + "; ".join(problems)
+        ) from None

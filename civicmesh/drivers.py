@@ -1,0 +1,92 @@
+"""The sensor driver interface: how the edge agent reads hardware, real or simulated.
+
+A driver is pulled by the agent's clock: ``read(until_ms)`` returns every sample taken
+before ``until_ms`` that it has not returned yet. A serial or I2C driver returns what it
+buffered from the bus; the simulated driver (``firmware_sim``) computes samples on its
+grid up to ``until_ms``, so an accelerated clock replays a week in seconds.
+
+Drivers are found by name through :data:`DRIVERS` (or a ``module:Class`` path), so the
+edge agent never imports a driver package directly and a real and a simulated driver
+are interchangeable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from civicmesh.errors import CivicmeshError
+from civicmesh.metrics import BY_NAME
+
+
+class DriverError(CivicmeshError):
+    """A driver could not be loaded or failed to read."""
+
+    reason = "driver.error"
+
+
+@dataclass(frozen=True, slots=True)
+class SampleBlock:
+    """Consecutive raw samples of one metric (times ascending, epoch ms).
+
+    ``times_ms`` and ``values`` may be lists or NumPy arrays of equal length.
+    """
+
+    metric: str
+    times_ms: Sequence[int]
+    values: Sequence[float]
+
+    def __post_init__(self) -> None:
+        if self.metric not in BY_NAME:
+            raise ValueError(f"Invalid sample block: unknown metric {self.metric!r}")
+        if len(self.times_ms) != len(self.values):
+            raise ValueError("Invalid sample block: times and values differ in length")
+
+
+@runtime_checkable
+class SensorDriver(Protocol):
+    """What the edge agent needs from a sensor driver."""
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this driver produces."""
+        ...
+
+    @property
+    def sample_interval_ms(self) -> int:
+        """Nominal time between two samples of one metric."""
+        ...
+
+    def read(self, until_ms: int) -> list[SampleBlock]:
+        """All samples before ``until_ms`` not returned yet."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Short names for the drivers shipped with civicmesh; anything else is "module:Class".
+DRIVERS: dict[str, str] = {
+    "sim": "firmware_sim.driver:SimulatedDriver",
+}
+
+
+def load_driver(name: str, options: Mapping[str, Any]) -> SensorDriver:
+    """Instantiate the driver registered as ``name`` with keyword ``options``."""
+    target = DRIVERS.get(name, name)
+    module_name, _, class_name = target.partition(":")
+    if not class_name:
+        known = ", ".join(sorted(DRIVERS))
+        raise DriverError(f"Unknown driver {name!r}: use one of {known} or 'module:Class'")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise DriverError(f"Cannot load driver {name!r} ({target}): {exc}") from exc
+    try:
+        driver = cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise DriverError(f"Driver {name!r} rejected its options: {exc}") from exc
+    if not isinstance(driver, SensorDriver):
+        raise DriverError(f"{target} does not implement the SensorDriver interface")
+    return driver

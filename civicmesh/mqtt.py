@@ -1,0 +1,339 @@
+"""A small synchronous MQTT link over paho-mqtt 2.x, shared by edge, gateway and ingest.
+
+Why paho: it is the one Python client with manual acknowledgement
+(``Client(..., manual_ack=True)`` then ``client.ack(mid, qos)``), which ingest needs to
+acknowledge a message only after the database committed it.
+
+- ``publish`` waits for the broker's PUBACK (QoS 1) and raises :class:`MqttError` when
+  it does not come: callers keep the message in their durable outbox until then.
+- MQTT 5 is tried first; a broker that refuses it (amqtt speaks 3.1.1 only) gets 3.1.1.
+- paho's network thread reconnects with exponential backoff (0.5 s .. 30 s) and every
+  subscription is renewed on each connect.
+- ``persistent=True`` asks for a persistent session (clean start off, session expiry
+  set), so the broker queues QoS 1 messages while the subscriber is away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from civicmesh.errors import MqttError
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """``mqtt://[user:pass@]host[:port]`` or ``mqtts://...`` (TLS, default port 8883)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+            raise ValueError(f"Invalid MQTT URL {url!r}: use mqtt://host:port or mqtts://host:port")
+        if not parts.hostname:
+            raise ValueError(f"Invalid MQTT URL {url!r}: no host")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=parts.port or (8883 if tls else 1883),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message; with manual acknowledgement, pass it to :meth:`MqttLink.ack`."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    retain: bool
+
+
+Handler = Callable[[Message], None]
+
+
+class MqttLink:
+    """One MQTT connection with acknowledged publishing and renewed subscriptions."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        persistent: bool = False,
+        manual_ack: bool = False,
+        protocol: str = "auto",
+        keepalive: int = 30,
+        max_inflight: int = 100,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        if protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"Invalid MQTT protocol {protocol!r}: use auto, 5 or 3.1.1")
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.persistent = persistent
+        self.manual_ack = manual_ack
+        self._protocol_choice = protocol
+        self._keepalive = keepalive
+        self._max_inflight = max_inflight
+        self._tls = (tls_ca, tls_cert, tls_key)
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        self._client: paho.Client | None = None
+        self.protocol_version = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Connect (MQTT 5 first when ``auto``) and start the network thread."""
+        choices = {"auto": [5, 4], "5": [5], "3.1.1": [4]}[self._protocol_choice]
+        last_error = ""
+        for version in choices:
+            try:
+                self._start(version, timeout)
+                self.protocol_version = version
+                log.info(
+                    "MQTT %s connected to %s:%s as %s",
+                    "5" if version == 5 else "3.1.1",
+                    self.address.host,
+                    self.address.port,
+                    self.client_id,
+                )
+                return
+            except MqttError as exc:
+                last_error = str(exc)
+                self._stop()
+        raise MqttError(
+            f"Cannot connect to MQTT broker {self.address.host}:{self.address.port}: {last_error}"
+        )
+
+    def _start(self, version: int, timeout: float) -> None:
+        protocol = paho.MQTTv5 if version == 5 else paho.MQTTv311
+        kwargs: dict[str, object] = {}
+        if version == 4:
+            kwargs["clean_session"] = not self.persistent
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            manual_ack=self.manual_ack,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(self._max_inflight)
+        client.max_queued_messages_set(0)
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        ca, cert, key = self._tls
+        if self.address.tls or ca:
+            client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self._refused = None
+        self._connected.clear()
+        props = None
+        clean_start: bool | Literal[3] = paho.MQTT_CLEAN_START_FIRST_ONLY
+        if version == 5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if self.persistent:
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
+                clean_start = False
+            else:
+                clean_start = True
+        self._client = client
+        try:
+            if version == 5:
+                client.connect(
+                    self.address.host,
+                    self.address.port,
+                    keepalive=self._keepalive,
+                    clean_start=clean_start,
+                    properties=props,
+                )
+            else:
+                client.connect(self.address.host, self.address.port, keepalive=self._keepalive)
+        except OSError as exc:
+            raise MqttError(str(exc)) from None
+        client.loop_start()
+        deadline = time.monotonic() + timeout
+        while not self._connected.wait(0.05):
+            if self._refused is not None:
+                raise MqttError(f"broker refused the connection: {self._refused}")
+            if time.monotonic() > deadline:
+                raise MqttError(f"no CONNACK within {timeout:.0f} s")
+
+    def _stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self._connected.clear()
+
+    def close(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        self._stop()
+
+    def __enter__(self) -> MqttLink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        if reason.is_failure:
+            self._refused = str(reason)
+            log.warning("MQTT broker refused connection: %s", reason)
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, (qos, _handler) in subscriptions:
+            client.subscribe(topic_filter, qos=qos)
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: object,
+        reason: ReasonCode,
+        properties: object,
+    ) -> None:
+        if self._connected.is_set():
+            log.warning("MQTT connection to %s lost: %s", self.address.host, reason)
+        self._connected.clear()
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
+        handler = self._handler_for(msg.topic)
+        if handler is None:
+            log.warning("MQTT message on %s matches no subscription; dropped", msg.topic)
+            if self.manual_ack:
+                self.ack(message)
+            return
+        handler(message)
+
+    def _handler_for(self, topic: str) -> Handler | None:
+        with self._lock:
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, (_qos, handler) in subscriptions:
+            plain = (
+                topic_filter.split("/", 2)[2]
+                if topic_filter.startswith("$share/")
+                else topic_filter
+            )
+            if paho.topic_matches_sub(plain, topic):
+                return handler
+        return None
+
+    # ------------------------------------------------------------------- actions
+
+    def _require(self) -> paho.Client:
+        if self._client is None:
+            raise MqttError("MQTT link is not connected; call connect() first")
+        return self._client
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10
+    ) -> None:
+        """Publish and, for QoS >= 1, wait for the broker's acknowledgement."""
+        client = self._require()
+        if not self._connected.is_set():
+            raise MqttError("not connected to the broker")
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        deadline = time.monotonic() + timeout
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise MqttError(f"no PUBACK for {topic} within {timeout:.1f} s")
+            if not self._connected.is_set():
+                raise MqttError("connection lost before PUBACK")
+            time.sleep(0.001)
+
+    def publish_many(
+        self, items: list[tuple[str, bytes]], *, qos: int = 1, timeout: float = 30
+    ) -> int:
+        """Publish several messages pipelined; return how many leading ones were acknowledged.
+
+        The broker acknowledges in order per connection, but only the count of the
+        acknowledged prefix is reported so a caller can release exactly those.
+        """
+        client = self._require()
+        if not self._connected.is_set():
+            raise MqttError("not connected to the broker")
+        infos = []
+        for topic, payload in items:
+            info = client.publish(topic, payload, qos=qos)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+            infos.append(info)
+        deadline = time.monotonic() + timeout
+        done = 0
+        while done < len(infos):
+            if infos[done].is_published():
+                done += 1
+                continue
+            if time.monotonic() > deadline or not self._connected.is_set():
+                break
+            time.sleep(0.001)
+        return done
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        """Subscribe now (if connected) and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+        if self._client is not None and self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a message received with ``manual_ack=True``."""
+        if self.manual_ack and message.qos > 0 and self._client is not None:
+            self._client.ack(message.mid, message.qos)

@@ -1,0 +1,524 @@
+"""civicmesh wire protocol, version 1: the one place that knows the format.
+
+A device **batch** is a COSE_Sign1 message (RFC 9052, CBOR tag 18) whose payload is a
+CBOR map with small integer keys::
+
+    1: protocol version (1)          5: sealed_at, epoch ms
+    2: device id (text, 16 chars)    6: t0, epoch ms; reading times are offsets from it
+    3: seq (uint, per device, from 1) 7: readings, array of [dt_ms, metric_code, value,
+    4: prev_hash (32 bytes)              quality, raw?, anomaly?]
+                                     8: model version (text, "" when none)
+
+The protected header is ``{1: -8 (EdDSA), 4: kid (device id as bytes)}``; the signature
+covers ``["Signature1", protected, h'', payload]`` exactly as sent, so the payload is
+never re-serialized before verification. ``prev_hash`` is the SHA-256 of the previous
+batch's payload bytes (32 zero bytes for seq 1): a hash chain per device.
+
+A gateway **envelope** is a COSE_Sign1 signed by the gateway whose payload is::
+
+    1: protocol version (1)   3: received_at, epoch ms
+    2: gateway id             4: the device's COSE_Sign1 bytes, unchanged
+
+Decoding is strict: exact types, no unknown keys, size limits, and every failure raises
+a :class:`ProtocolError` subclass whose ``reason`` names what was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import cbor2
+
+from civicmesh.errors import CivicmeshError
+from civicmesh.identity import ALG_EDDSA, Signer, VerifyKey, is_valid_id
+from civicmesh.metrics import BY_CODE, BY_NAME
+
+PROTOCOL_VERSION = 1
+COSE_SIGN1_TAG = 18
+GENESIS_HASH = bytes(32)
+
+MAX_MESSAGE_BYTES = 512 * 1024
+MAX_READINGS = 10_000
+MAX_SPAN_MS = 7 * 24 * 3600 * 1000  # readings of one batch lie within a week of t0
+MAX_SEQ = 2**63 - 1
+MAX_TEXT = 64
+_MIN_TIME_MS = 946_684_800_000  # 2000-01-01: anything earlier is a broken clock
+_MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ProtocolError(CivicmeshError):
+    """A message broke the wire protocol; ``reason`` says how."""
+
+    reason = "protocol"
+
+
+class DecodeError(ProtocolError):
+    """The bytes are not well-formed CBOR / COSE of the expected shape."""
+
+    reason = "decode.malformed"
+
+
+class TooLargeError(ProtocolError):
+    """The message exceeds a size limit."""
+
+    reason = "decode.too_large"
+
+
+class SchemaError(ProtocolError):
+    """Well-formed CBOR whose fields have the wrong type, range or keys."""
+
+    reason = "schema.invalid"
+
+
+class UnknownKeyError(ProtocolError):
+    """No key is known for the signer named in the message."""
+
+    reason = "signature.unknown_signer"
+
+
+class SignatureError(ProtocolError):
+    """The signature does not verify with the signer's key."""
+
+    reason = "signature.invalid"
+
+
+class ChainError(ProtocolError):
+    """The batch does not continue its device's hash chain."""
+
+    reason = "chain.broken"
+
+
+class ChainGapError(ChainError):
+    reason = "chain.gap"
+
+
+class ChainForkError(ChainError):
+    reason = "chain.fork"
+
+
+class ReplayError(ChainError):
+    reason = "chain.replay"
+
+
+# ------------------------------------------------------------------------ value types
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One windowed measurement of one metric."""
+
+    ts_ms: int
+    metric: str
+    value: float
+    quality: int = 0
+    raw: float | None = None
+    anomaly: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.metric not in BY_NAME:
+            raise ValueError(f"Invalid reading: unknown metric {self.metric!r}")
+        if not _MIN_TIME_MS <= self.ts_ms <= _MAX_TIME_MS:
+            raise ValueError(f"Invalid reading: time {self.ts_ms} ms is outside 2000..2100")
+        if not 0 <= self.quality < 2**16:
+            raise ValueError(f"Invalid reading: quality flags {self.quality} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPayload:
+    """The content of a device batch, before signing or after verification."""
+
+    device_id: str
+    seq: int
+    prev_hash: bytes
+    sealed_at_ms: int
+    readings: tuple[Reading, ...]
+    model_version: str = ""
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != PROTOCOL_VERSION:
+            raise ValueError(f"Invalid batch: unsupported protocol version {self.version}")
+        if not is_valid_id(self.device_id):
+            raise ValueError(f"Invalid batch: malformed device id {self.device_id!r}")
+        if not 1 <= self.seq <= MAX_SEQ:
+            raise ValueError(f"Invalid batch: seq {self.seq} out of range")
+        if len(self.prev_hash) != 32:
+            raise ValueError("Invalid batch: prev_hash must be 32 bytes")
+        if len(self.readings) > MAX_READINGS:
+            raise ValueError(f"Invalid batch: more than {MAX_READINGS} readings")
+        if len(self.model_version) > MAX_TEXT:
+            raise ValueError("Invalid batch: model version too long")
+        if self.readings:
+            t0 = min(r.ts_ms for r in self.readings)
+            if max(r.ts_ms for r in self.readings) - t0 > MAX_SPAN_MS:
+                raise ValueError("Invalid batch: readings span more than a week")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedBatch:
+    """A device batch as it travels: the exact bytes plus what they say."""
+
+    message: bytes  # the whole COSE_Sign1, as signed and sent
+    payload_bytes: bytes
+    payload: BatchPayload
+    signature: bytes
+
+    @property
+    def hash(self) -> bytes:
+        """SHA-256 of the payload bytes: what the next batch names as ``prev_hash``."""
+        return hashlib.sha256(self.payload_bytes).digest()
+
+    @property
+    def device_id(self) -> str:
+        return self.payload.device_id
+
+    @property
+    def seq(self) -> int:
+        return self.payload.seq
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayEnvelope:
+    """A device batch relayed by a gateway, countersigned by it."""
+
+    message: bytes
+    gateway_id: str
+    received_at_ms: int
+    device_message: bytes
+    signature: bytes = field(repr=False)
+
+
+# --------------------------------------------------------------------------- COSE
+
+
+def _protected_header(signer_id: str) -> bytes:
+    return cbor2.dumps({1: ALG_EDDSA, 4: signer_id.encode("ascii")})
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def _cose_sign1(signer: Signer, payload: bytes) -> tuple[bytes, bytes]:
+    protected = _protected_header(signer.key_id)
+    signature = signer.sign(_sig_structure(protected, payload))
+    message = cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+    return message, signature
+
+
+@dataclass(frozen=True, slots=True)
+class _CoseParts:
+    protected: bytes
+    signer_id: str
+    payload: bytes
+    signature: bytes
+
+
+def _loads(data: bytes, what: str) -> Any:
+    try:
+        return cbor2.loads(data)
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise DecodeError(f"{what} is not well-formed CBOR: {exc}") from None
+
+
+def _split_cose(data: bytes, what: str) -> _CoseParts:
+    if not isinstance(data, bytes | bytearray):
+        raise DecodeError(f"{what} must be bytes")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise TooLargeError(f"{what} is {len(data)} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    obj = _loads(bytes(data), what)
+    if not isinstance(obj, cbor2.CBORTag) or obj.tag != COSE_SIGN1_TAG:
+        raise DecodeError(f"{what} is not a tagged COSE_Sign1 message")
+    parts = obj.value
+    if not isinstance(parts, list) or len(parts) != 4:
+        raise DecodeError(f"{what}: COSE_Sign1 must be an array of 4 items")
+    protected, unprotected, payload, signature = parts
+    if not isinstance(protected, bytes) or not isinstance(payload, bytes):
+        raise DecodeError(f"{what}: protected header and payload must be byte strings")
+    if not isinstance(signature, bytes) or len(signature) != 64:
+        raise DecodeError(f"{what}: the Ed25519 signature must be 64 bytes")
+    if unprotected != {}:
+        raise SchemaError(f"{what}: unprotected header must be empty")
+    header = _loads(protected, f"{what} protected header")
+    if not isinstance(header, dict) or set(header) != {1, 4}:
+        raise SchemaError(f"{what}: protected header must hold exactly alg (1) and kid (4)")
+    if header[1] != ALG_EDDSA:
+        raise SchemaError(f"{what}: unsupported algorithm {header[1]!r} (expected EdDSA, -8)")
+    kid = header[4]
+    if not isinstance(kid, bytes):
+        raise SchemaError(f"{what}: kid must be a byte string")
+    try:
+        signer_id = kid.decode("ascii")
+    except UnicodeDecodeError:
+        raise SchemaError(f"{what}: kid is not an ASCII id") from None
+    if not is_valid_id(signer_id):
+        raise SchemaError(f"{what}: kid {signer_id!r} is not a well-formed id")
+    return _CoseParts(protected, signer_id, payload, signature)
+
+
+def _check_signature(parts: _CoseParts, key: VerifyKey, what: str) -> None:
+    if key.key_id != parts.signer_id:
+        raise SignatureError(f"{what}: key does not belong to signer {parts.signer_id}")
+    if not key.verify(_sig_structure(parts.protected, parts.payload), parts.signature):
+        raise SignatureError(f"{what}: signature does not verify for {parts.signer_id}")
+
+
+KeyLookup = Callable[[str], VerifyKey | None]
+
+
+def _resolve(lookup: KeyLookup, signer_id: str, what: str) -> VerifyKey:
+    key = lookup(signer_id)
+    if key is None:
+        raise UnknownKeyError(f"{what}: no key registered for {signer_id}")
+    return key
+
+
+# ------------------------------------------------------------------------ batches
+
+
+def encode_payload(payload: BatchPayload) -> bytes:
+    """Canonical CBOR of a batch payload."""
+    t0 = min((r.ts_ms for r in payload.readings), default=payload.sealed_at_ms)
+    rows: list[list[Any]] = []
+    for r in payload.readings:
+        row: list[Any] = [r.ts_ms - t0, BY_NAME[r.metric].code, float(r.value), r.quality]
+        if r.raw is not None or r.anomaly is not None:
+            row.append(None if r.raw is None else float(r.raw))
+        if r.anomaly is not None:
+            row.append(float(r.anomaly))
+        rows.append(row)
+    body = {
+        1: payload.version,
+        2: payload.device_id,
+        3: payload.seq,
+        4: payload.prev_hash,
+        5: payload.sealed_at_ms,
+        6: t0,
+        7: rows,
+        8: payload.model_version,
+    }
+    return cbor2.dumps(body, canonical=True)
+
+
+def seal_batch(signer: Signer, payload: BatchPayload) -> SignedBatch:
+    """Encode and sign a batch. The signer must be the device named in the payload."""
+    if signer.key_id != payload.device_id:
+        raise ValueError(
+            f"Signer {signer.key_id} cannot seal a batch of device {payload.device_id}"
+        )
+    payload_bytes = encode_payload(payload)
+    message, signature = _cose_sign1(signer, payload_bytes)
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"Batch is {len(message)} bytes, over the {MAX_MESSAGE_BYTES}-byte limit: "
+            "seal fewer readings per batch"
+        )
+    return SignedBatch(message, payload_bytes, payload, signature)
+
+
+def _int(value: Any, name: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise SchemaError(f"batch field {name} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(value: Any, name: str) -> float:
+    # Integers are accepted for values (CBOR encoders may shrink 3.0 to 3); NaN and
+    # infinities are legal on the wire and are judged row by row at ingest.
+    if type(value) is int:
+        return float(value)
+    if type(value) is not float:
+        raise SchemaError(f"batch field {name} must be a number")
+    return value
+
+
+def decode_payload(payload_bytes: bytes) -> BatchPayload:
+    """Strictly decode batch payload bytes (no signature check: see :func:`open_batch`)."""
+    body = _loads(payload_bytes, "batch payload")
+    if not isinstance(body, dict):
+        raise SchemaError("batch payload must be a CBOR map")
+    expected = {1, 2, 3, 4, 5, 6, 7, 8}
+    if set(body) != expected:
+        missing = sorted(expected - set(body), key=str)
+        extra = sorted(set(body) - expected, key=str)
+        raise SchemaError(f"batch payload keys wrong: missing {missing}, unexpected {extra}")
+    version = body[1]
+    if version != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {version!r}", reason="schema.version")
+    device_id = body[2]
+    if not isinstance(device_id, str) or not is_valid_id(device_id):
+        raise SchemaError("batch field device_id is not a well-formed id")
+    seq = _int(body[3], "seq", 1, MAX_SEQ)
+    prev_hash = body[4]
+    if not isinstance(prev_hash, bytes) or len(prev_hash) != 32:
+        raise SchemaError("batch field prev_hash must be 32 bytes")
+    sealed_at = _int(body[5], "sealed_at", _MIN_TIME_MS, _MAX_TIME_MS)
+    t0 = _int(body[6], "t0", _MIN_TIME_MS, _MAX_TIME_MS)
+    rows = body[7]
+    if not isinstance(rows, list):
+        raise SchemaError("batch field readings must be an array")
+    if len(rows) > MAX_READINGS:
+        raise TooLargeError(f"batch holds {len(rows)} readings; the limit is {MAX_READINGS}")
+    model_version = body[8]
+    if not isinstance(model_version, str) or len(model_version) > MAX_TEXT:
+        raise SchemaError("batch field model_version must be text of at most 64 characters")
+    readings = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, list) or not 4 <= len(row) <= 6:
+            raise SchemaError(f"reading {index} must be an array of 4 to 6 items")
+        dt = _int(row[0], f"readings[{index}].dt", 0, MAX_SPAN_MS)
+        code = row[1]
+        if type(code) is not int or code not in BY_CODE:
+            raise SchemaError(
+                f"reading {index} has unknown metric code {code!r}", reason="schema.unknown_metric"
+            )
+        value = _float(row[2], f"readings[{index}].value")
+        quality = _int(row[3], f"readings[{index}].quality", 0, 2**16 - 1)
+        raw = None if len(row) < 5 or row[4] is None else _float(row[4], f"readings[{index}].raw")
+        anomaly = None if len(row) < 6 else _float(row[5], f"readings[{index}].anomaly")
+        if t0 + dt > _MAX_TIME_MS:
+            raise SchemaError(f"reading {index} lies after 2100")
+        readings.append(Reading(t0 + dt, BY_CODE[code].name, value, quality, raw, anomaly))
+    try:
+        return BatchPayload(
+            device_id=device_id,
+            seq=seq,
+            prev_hash=prev_hash,
+            sealed_at_ms=sealed_at,
+            readings=tuple(readings),
+            model_version=model_version,
+        )
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None
+
+
+def open_batch(message: bytes, lookup: KeyLookup) -> SignedBatch:
+    """Verify and decode a device batch; ``lookup`` maps a device id to its key.
+
+    The signature is checked before the payload is decoded, and the payload must name
+    the same device as the signer.
+    """
+    parts = _split_cose(message, "device batch")
+    key = _resolve(lookup, parts.signer_id, "device batch")
+    _check_signature(parts, key, "device batch")
+    payload = decode_payload(parts.payload)
+    if payload.device_id != parts.signer_id:
+        raise SchemaError(
+            f"batch names device {payload.device_id} but is signed by {parts.signer_id}",
+            reason="schema.device_mismatch",
+        )
+    return SignedBatch(bytes(message), parts.payload, payload, parts.signature)
+
+
+def peek_signer(message: bytes) -> str:
+    """The signer id of a COSE_Sign1 message, without verifying anything."""
+    return _split_cose(message, "message").signer_id
+
+
+# ----------------------------------------------------------------------- envelopes
+
+
+def wrap_envelope(signer: Signer, device_message: bytes, received_at_ms: int) -> GatewayEnvelope:
+    """Countersign a device batch for forwarding upstream; the device bytes stay unchanged."""
+    body = cbor2.dumps(
+        {1: PROTOCOL_VERSION, 2: signer.key_id, 3: received_at_ms, 4: bytes(device_message)},
+        canonical=True,
+    )
+    message, signature = _cose_sign1(signer, body)
+    return GatewayEnvelope(message, signer.key_id, received_at_ms, bytes(device_message), signature)
+
+
+def open_envelope(message: bytes, lookup: KeyLookup) -> GatewayEnvelope:
+    """Verify a gateway envelope (not the device batch inside: see :func:`open_batch`)."""
+    parts = _split_cose(message, "gateway envelope")
+    key = _resolve(lookup, parts.signer_id, "gateway envelope")
+    _check_signature(parts, key, "gateway envelope")
+    body = _loads(parts.payload, "gateway envelope payload")
+    if not isinstance(body, dict) or set(body) != {1, 2, 3, 4}:
+        raise SchemaError("gateway envelope payload must be a map with keys 1..4")
+    if body[1] != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
+    if body[2] != parts.signer_id:
+        raise SchemaError(
+            "gateway envelope names another gateway than its signer",
+            reason="schema.gateway_mismatch",
+        )
+    received = _int(body[3], "received_at", _MIN_TIME_MS, _MAX_TIME_MS)
+    inner = body[4]
+    if not isinstance(inner, bytes):
+        raise SchemaError("gateway envelope must carry the device batch as a byte string")
+    return GatewayEnvelope(bytes(message), parts.signer_id, received, inner, parts.signature)
+
+
+# --------------------------------------------------------------------------- chain
+
+
+class ChainVerdict(Enum):
+    """How a batch relates to what is known of its device's chain."""
+
+    NEXT = "next"  # continues the chain
+    FIRST = "first"  # nothing known yet for the device (trust on first use of the position)
+    GAP = "gap"  # seq jumps ahead: batches in between are missing (so far)
+    REPLAY = "replay"  # seq already seen with the same content
+    FORK = "fork"  # seq already seen with other content, or prev_hash does not link
+
+
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The last accepted batch of a device."""
+
+    seq: int
+    hash: bytes
+
+
+def judge_chain(head: ChainHead | None, batch: SignedBatch) -> ChainVerdict:
+    """Classify ``batch`` against the device's last accepted batch."""
+    seq, prev = batch.seq, batch.payload.prev_hash
+    if head is None:
+        if seq == 1 and prev != GENESIS_HASH:
+            return ChainVerdict.FORK
+        return ChainVerdict.FIRST
+    if seq == head.seq + 1:
+        return ChainVerdict.NEXT if prev == head.hash else ChainVerdict.FORK
+    if seq == head.seq:
+        return ChainVerdict.REPLAY if batch.hash == head.hash else ChainVerdict.FORK
+    if seq < head.seq:
+        # Older than the head: the content cannot be compared without history, and a
+        # device never legitimately goes backwards, so it is a replay either way.
+        return ChainVerdict.REPLAY
+    return ChainVerdict.GAP
+
+
+def raise_for_verdict(verdict: ChainVerdict, batch: SignedBatch, head: ChainHead | None) -> None:
+    """Turn a rejecting verdict into its named error (NEXT, FIRST and GAP pass)."""
+    where = f"device {batch.device_id} seq {batch.seq}"
+    last = "nothing" if head is None else f"seq {head.seq}"
+    if verdict is ChainVerdict.REPLAY:
+        raise ReplayError(f"{where} was already accepted (last accepted: {last})")
+    if verdict is ChainVerdict.FORK:
+        raise ChainForkError(f"{where} does not link to the accepted chain (last: {last})")
+
+
+def make_payload(
+    device_id: str,
+    seq: int,
+    prev_hash: bytes,
+    sealed_at_ms: int,
+    readings: Sequence[Reading],
+    model_version: str = "",
+) -> BatchPayload:
+    """Convenience constructor that sorts readings by time (stable wire order)."""
+    ordered = tuple(sorted(readings, key=lambda r: (r.ts_ms, BY_NAME[r.metric].code)))
+    return BatchPayload(device_id, seq, prev_hash, sealed_at_ms, ordered, model_version)
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)

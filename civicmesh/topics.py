@@ -1,0 +1,64 @@
+"""MQTT topic names, protocol version 1. Build and parse topics only here."""
+
+from __future__ import annotations
+
+from civicmesh.identity import is_valid_id
+
+ROOT = "civicmesh/v1"
+SHARED_GROUP = "civicmesh-ingest"
+
+
+def device_up(device_id: str) -> str:
+    """Device -> gateway: signed batches."""
+    _check(device_id)
+    return f"{ROOT}/dev/{device_id}/up"
+
+
+def device_cmd(device_id: str) -> str:
+    _check(device_id)
+    return f"{ROOT}/dev/{device_id}/cmd"
+
+
+def device_health(device_id: str) -> str:
+    _check(device_id)
+    return f"{ROOT}/dev/{device_id}/health"
+
+
+def gateway_up(gateway_id: str) -> str:
+    """Gateway -> central: countersigned envelopes."""
+    _check(gateway_id)
+    return f"{ROOT}/gw/{gateway_id}/up"
+
+
+def model_release(name: str) -> str:
+    return f"{ROOT}/models/{name}"
+
+
+def quarantine(source: str, source_id: str) -> str:
+    """Where a component publishes what it rejected (``source`` is "gw" or "ingest")."""
+    return f"{ROOT}/quarantine/{source}/{source_id}"
+
+
+ALL_DEVICE_UP = f"{ROOT}/dev/+/up"
+ALL_GATEWAY_UP = f"{ROOT}/gw/+/up"
+ALL_QUARANTINE = f"{ROOT}/quarantine/#"
+
+
+def shared(topic_filter: str, group: str = SHARED_GROUP) -> str:
+    """MQTT 5 shared subscription filter: the broker spreads messages over the group."""
+    return f"$share/{group}/{topic_filter}"
+
+
+def id_from_up_topic(topic: str) -> tuple[str, str] | None:
+    """``("dev", id)`` or ``("gw", id)`` for an uplink topic; None for anything else."""
+    parts = topic.split("/")
+    if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == ROOT and parts[4] == "up":
+        kind, ident = parts[2], parts[3]
+        if kind in ("dev", "gw"):
+            return kind, ident
+    return None
+
+
+def _check(ident: str) -> None:
+    if not is_valid_id(ident):
+        raise ValueError(f"Invalid topic id: {ident!r}")
