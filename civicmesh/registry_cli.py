@@ -1,0 +1,76 @@
+"""``civicmesh registry``: manage the device/gateway registry file by hand."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from civicmesh.identity import VerifyKey, derive_id
+from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
+from civicmesh.timeutil import now_ms
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("registry", help="manage the device and gateway registry file")
+    cmds = group.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    add = cmds.add_parser("add-device", help="register a device public key in a zone")
+    add.add_argument("--file", type=Path, required=True, help="registry JSON file")
+    add.add_argument("--public-key", required=True, help="base64 Ed25519 public key")
+    add.add_argument("--zone", required=True)
+    add.add_argument("--lat", type=float)
+    add.add_argument("--lon", type=float)
+    add.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
+    add.set_defaults(func=_add_device)
+
+    gw = cmds.add_parser("add-gateway", help="register a gateway public key")
+    gw.add_argument("--file", type=Path, required=True)
+    gw.add_argument("--public-key", required=True)
+    gw.set_defaults(func=_add_gateway)
+
+    rev = cmds.add_parser("revoke-device", help="mark a device revoked")
+    rev.add_argument("--file", type=Path, required=True)
+    rev.add_argument("device_id")
+    rev.set_defaults(func=_revoke)
+
+    show = cmds.add_parser("list", help="print the registry")
+    show.add_argument("--file", type=Path, required=True)
+    show.set_defaults(func=_list)
+
+
+def _load_or_empty(path: Path) -> Registry:
+    return Registry.load(path) if path.exists() else Registry.empty()
+
+
+def _add_device(args: argparse.Namespace) -> int:
+    key = VerifyKey.from_text(args.public_key)
+    record = DeviceRecord(
+        device_id=derive_id(key.public_key),
+        public_key=args.public_key,
+        zone=args.zone,
+        lat=args.lat,
+        lon=args.lon,
+        kind=args.kind,
+        registered_at_ms=now_ms(),
+    )
+    _load_or_empty(args.file).with_device(record).save(args.file)
+    print(record.device_id)
+    return 0
+
+
+def _add_gateway(args: argparse.Namespace) -> int:
+    key = VerifyKey.from_text(args.public_key)
+    record = GatewayRecord(gateway_id=derive_id(key.public_key), public_key=args.public_key)
+    _load_or_empty(args.file).with_gateway(record).save(args.file)
+    print(record.gateway_id)
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    Registry.load(args.file).revoke_device(args.device_id).save(args.file)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    print(Registry.load(args.file).to_json())
+    return 0
