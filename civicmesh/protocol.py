@@ -26,6 +26,7 @@ a :class:`ProtocolError` subclass whose ``reason`` names what was wrong.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -223,10 +224,15 @@ class _CoseParts:
 
 
 def _loads(data: bytes, what: str) -> Any:
+    """Decode exactly one CBOR item; trailing bytes are an error (cbor2 ignores them)."""
+    stream = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
+        value = cbor2.CBORDecoder(stream).decode()
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise DecodeError(f"{what} is not well-formed CBOR: {exc}") from None
+    if stream.tell() != len(data):
+        raise DecodeError(f"{what} has {len(data) - stream.tell()} trailing bytes")
+    return value
 
 
 def _split_cose(data: bytes, what: str) -> _CoseParts:
@@ -237,8 +243,8 @@ def _split_cose(data: bytes, what: str) -> _CoseParts:
     obj = _loads(bytes(data), what)
     if not isinstance(obj, cbor2.CBORTag) or obj.tag != COSE_SIGN1_TAG:
         raise DecodeError(f"{what} is not a tagged COSE_Sign1 message")
-    parts = obj.value
-    if not isinstance(parts, list) or len(parts) != 4:
+    parts = obj.value  # cbor2 >= 6 decodes tagged arrays as tuples
+    if not isinstance(parts, list | tuple) or len(parts) != 4:
         raise DecodeError(f"{what}: COSE_Sign1 must be an array of 4 items")
     protected, unprotected, payload, signature = parts
     if not isinstance(protected, bytes) or not isinstance(payload, bytes):
@@ -363,7 +369,7 @@ def decode_payload(payload_bytes: bytes) -> BatchPayload:
     sealed_at = _int(body[5], "sealed_at", _MIN_TIME_MS, _MAX_TIME_MS)
     t0 = _int(body[6], "t0", _MIN_TIME_MS, _MAX_TIME_MS)
     rows = body[7]
-    if not isinstance(rows, list):
+    if not isinstance(rows, list | tuple):
         raise SchemaError("batch field readings must be an array")
     if len(rows) > MAX_READINGS:
         raise TooLargeError(f"batch holds {len(rows)} readings; the limit is {MAX_READINGS}")
@@ -372,7 +378,7 @@ def decode_payload(payload_bytes: bytes) -> BatchPayload:
         raise SchemaError("batch field model_version must be text of at most 64 characters")
     readings = []
     for index, row in enumerate(rows):
-        if not isinstance(row, list) or not 4 <= len(row) <= 6:
+        if not isinstance(row, list | tuple) or not 4 <= len(row) <= 6:
             raise SchemaError(f"reading {index} must be an array of 4 to 6 items")
         dt = _int(row[0], f"readings[{index}].dt", 0, MAX_SPAN_MS)
         code = row[1]
