@@ -69,6 +69,7 @@ class SensorDriver(Protocol):
 # Short names for the drivers shipped with civicmesh; anything else is "module:Class".
 DRIVERS: dict[str, str] = {
     "sim": "firmware_sim.driver:SimulatedDriver",
+    "replay-sensor-community": "firmware_sim.replay:ReplayDriver",
 }
 
 

@@ -1,1 +1,41 @@
-"""Storage backends behind one interface (:class:`analytics.store.base.Store`)."""
+"""Storage backends behind one interface (:class:`analytics.store.base.Store`).
+
+``open_store(url)`` picks the backend from the URL scheme:
+
+- ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: embedded single file;
+- ``postgresql://user@host:port/dbname`` (or ``postgres://``): PostgreSQL via psycopg 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from analytics.store.base import Store, StoreError
+
+ACCEPTED_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+__all__ = ["ACCEPTED_SCHEMES", "Store", "StoreError", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """A new store instance for ``url``; call ``migrate()`` before first use."""
+    if url.startswith("sqlite:///"):
+        from analytics.store.sqlite import SqliteStore
+
+        path = url[len("sqlite:///") :]
+        if not path or path == ":memory:":
+            raise StoreError(
+                f"Store URL {url!r} names no database file; give a file path such as "
+                "sqlite:///var/civicmesh.db (relative) or sqlite:////srv/civicmesh.db (absolute)"
+            )
+        return SqliteStore(Path(path))
+    if url.startswith(("postgresql://", "postgres://")):
+        # Imported lazily so the embedded store works without psycopg installed.
+        from analytics.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    scheme = url.split(":", 1)[0] if ":" in url else url
+    raise StoreError(
+        f"Unsupported store URL scheme {scheme!r}; use one of "
+        "sqlite:///path/to/file.db, sqlite:////absolute/path.db or postgresql://user@host/dbname"
+    )

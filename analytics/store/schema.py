@@ -1,0 +1,43 @@
+"""Numbered SQL migrations shipped with the package, one folder per backend.
+
+A migration is ``migrations/<backend>/NNNN_name.sql``; backends apply the pending ones
+in order and record each in ``schema_migrations`` inside the same transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from analytics.store.base import StoreError
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str  # file stem, e.g. "0001_initial"
+    sql: str
+
+
+def load_migrations(backend: str) -> list[Migration]:
+    """The migrations of ``backend`` ordered by version; gaps and duplicates are refused."""
+    folder = MIGRATIONS_DIR / backend
+    found: list[Migration] = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            raise StoreError(f"Migration file {path} is not named NNNN_name.sql")
+        found.append(Migration(int(match.group(1)), path.stem, path.read_text(encoding="utf-8")))
+    if not found:
+        raise StoreError(f"No migrations found in {folder}")
+    for expected, migration in enumerate(found, start=1):
+        if migration.version != expected:
+            raise StoreError(
+                f"Migrations of {backend} must be numbered 0001, 0002, ... without gaps; "
+                f"found {migration.name} where {expected:04d} was expected"
+            )
+    return found

@@ -1,0 +1,439 @@
+"""Embedded single-file store (SQLite, WAL): the default of the one-machine deployment.
+
+Times are integer epoch milliseconds. Each thread gets its own connection (SQLite
+connections must not be shared across threads without care); WAL lets the API threads
+read while the ingest thread writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from analytics.store.base import (
+    DeviceStatus,
+    LatestReading,
+    LedgerEntry,
+    SeriesPoint,
+    Store,
+    StoreCounts,
+    StoredBatch,
+    StoreError,
+    WriteOutcome,
+    ZoneSummary,
+)
+from analytics.store.common import (
+    ALL_METRIC_CODES,
+    BatchKey,
+    metric_code,
+    metric_name,
+    newest_reading_ms,
+    payload_b64,
+    quarantine_payload,
+    resolve_outcomes,
+    unique_batches,
+)
+from analytics.store.schema import load_migrations
+from civicmesh.protocol import Reading
+from civicmesh.quarantine import QuarantineRecord
+from civicmesh.registry import DeviceRecord
+from civicmesh.timeutil import now_ms
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 10_000
+
+_INSERT_BATCH = """
+INSERT INTO batches (device_id, seq, payload_hash, prev_hash, sealed_at, model_version,
+    gateway_id, received_at, ingested_at, n_readings, newest_reading, device_message,
+    gateway_message)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id, seq) DO NOTHING
+"""
+
+_INSERT_READING = """
+INSERT INTO readings (device_id, ts, metric, value, quality, raw, anomaly, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+_UPSERT_DEVICE = """
+INSERT INTO devices (device_id, zone, lat, lon, kind, status, registered_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (device_id) DO UPDATE SET zone = excluded.zone, lat = excluded.lat,
+    lon = excluded.lon, kind = excluded.kind, status = excluded.status,
+    registered_at = excluded.registered_at
+"""
+
+_INSERT_QUARANTINE = """
+INSERT INTO quarantine (reason, detail, source, topic, received_at, payload_size,
+    payload_sha256, payload, device_id, seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+
+class SqliteStore(Store):
+    """Store in one SQLite file; safe to share between threads (one connection each)."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # -- connections ----------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), never
+            # opened behind our back by the sqlite3 module.
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"Cannot open SQLite store {self.path}: {exc}") from exc
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError(f"{self!r} is closed")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; sqlite errors -> StoreError."""
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{what} failed: {exc}") from exc
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as rollback_exc:
+                log.warning("rollback after failed %s failed too: %s", what, rollback_exc)
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{what} failed: {exc}") from exc
+            raise
+
+    def _read(self, what: str, query: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return query(self._conn())
+        except sqlite3.Error as exc:
+            raise StoreError(f"{what} failed: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        applied_now: list[str] = []
+        # BEGIN IMMEDIATE takes the write lock first, so two processes migrating at once
+        # run one after the other and the second finds nothing to do.
+        with self._transaction("migration") as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+            )
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for migration in load_migrations(self.backend):
+                if migration.version in done:
+                    continue
+                for statement in _split_statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, now_ms()),
+                )
+                applied_now.append(migration.name)
+        if applied_now:
+            log.info("sqlite store %s: applied migrations %s", self.path, ", ".join(applied_now))
+        return applied_now
+
+    # -- writes ---------------------------------------------------------------
+
+    def write_batches(self, batches: Sequence[StoredBatch]) -> list[WriteOutcome]:
+        if not batches:
+            return []
+        inserted: set[BatchKey] = set()
+        stored: dict[BatchKey, bytes] = {}
+        with self._transaction(f"writing {len(batches)} batches") as conn:
+            rows: list[tuple[Any, ...]] = []
+            for batch in unique_batches(batches):
+                key = (batch.device_id, batch.seq)
+                cursor = conn.execute(
+                    _INSERT_BATCH,
+                    (
+                        batch.device_id,
+                        batch.seq,
+                        batch.payload_hash,
+                        batch.prev_hash,
+                        batch.sealed_at_ms,
+                        batch.model_version,
+                        batch.gateway_id,
+                        batch.received_at_ms,
+                        batch.ingested_at_ms,
+                        len(batch.readings),
+                        newest_reading_ms(batch),
+                        batch.device_message,
+                        batch.gateway_message,
+                    ),
+                )
+                if cursor.rowcount == 1:
+                    inserted.add(key)
+                    rows.extend(_reading_rows(batch))
+                else:
+                    found = conn.execute(
+                        "SELECT payload_hash FROM batches WHERE device_id = ? AND seq = ?", key
+                    ).fetchone()
+                    if found is not None:
+                        stored[key] = bytes(found[0])
+            conn.executemany(_INSERT_READING, rows)
+        return resolve_outcomes(batches, inserted, stored)
+
+    def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            (
+                r.reason,
+                r.detail,
+                r.source,
+                r.topic,
+                r.received_at_ms,
+                r.payload_size,
+                r.payload_sha256,
+                quarantine_payload(r),
+                r.device_id,
+                r.seq,
+            )
+            for r in records
+        ]
+        with self._transaction(f"adding {len(rows)} quarantine records") as conn:
+            conn.executemany(_INSERT_QUARANTINE, rows)
+
+    def upsert_devices(self, records: Iterable[DeviceRecord]) -> None:
+        rows = [
+            (d.device_id, d.zone, d.lat, d.lon, d.kind, d.status, d.registered_at_ms)
+            for d in records
+        ]
+        if not rows:
+            return
+        with self._transaction(f"upserting {len(rows)} devices") as conn:
+            conn.executemany(_UPSERT_DEVICE, rows)
+
+    # -- reads ----------------------------------------------------------------
+
+    def devices(self) -> list[DeviceStatus]:
+        sql = """
+            SELECT d.device_id, d.zone, d.lat, d.lon, d.kind, d.status,
+                   coalesce(b.newest_reading, b.newest_sealed), b.last_seq, coalesce(b.n, 0)
+            FROM devices d
+            LEFT JOIN (
+                SELECT device_id, max(newest_reading) AS newest_reading,
+                       max(sealed_at) AS newest_sealed, max(seq) AS last_seq, count(*) AS n
+                FROM batches GROUP BY device_id
+            ) b ON b.device_id = d.device_id
+            ORDER BY d.device_id
+        """
+        rows = self._read("listing devices", lambda c: c.execute(sql).fetchall())
+        return [DeviceStatus(*row) for row in rows]
+
+    def zones(self) -> list[ZoneSummary]:
+        sql = """
+            SELECT zone, count(*), avg(lat), avg(lon) FROM devices GROUP BY zone ORDER BY zone
+        """
+        rows = self._read("listing zones", lambda c: c.execute(sql).fetchall())
+        return [ZoneSummary(*row) for row in rows]
+
+    def latest(self, zone: str | None = None) -> list[LatestReading]:
+        # One index probe per (device, metric) on (device_id, metric, ts) instead of a
+        # scan of all readings; the VALUES list enumerates the metric catalogue.
+        codes = ", ".join(f"({code})" for code in ALL_METRIC_CODES)
+        sql = f"""
+            WITH metric_codes(code) AS (VALUES {codes})
+            SELECT d.device_id, d.zone, r.metric, r.ts, r.value, r.quality
+            FROM devices d
+            CROSS JOIN metric_codes m
+            JOIN readings r ON r.rowid = (
+                SELECT rowid FROM readings
+                WHERE device_id = d.device_id AND metric = m.code
+                ORDER BY ts DESC LIMIT 1
+            )
+            WHERE ?1 IS NULL OR d.zone = ?1
+            ORDER BY d.device_id, r.metric
+        """
+        rows = self._read("reading latest values", lambda c: c.execute(sql, (zone,)).fetchall())
+        return [
+            LatestReading(device_id, zone_, metric_name(code), ts, value, quality)
+            for device_id, zone_, code, ts, value, quality in rows
+        ]
+
+    def series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        bucket_s: int,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        bucket_ms = _bucket_ms(bucket_s)
+        where = ["r.metric = :metric", "r.ts >= :start", "r.ts < :end"]
+        if device_id is not None:
+            where.append("r.device_id = :device")
+        if zone is not None:
+            where.append("r.device_id IN (SELECT device_id FROM devices WHERE zone = :zone)")
+        # ts >= 2000-01-01 > 0, so integer division is the floor: buckets align to the epoch.
+        sql = f"""
+            SELECT (r.ts / :bucket) * :bucket AS bucket, count(*), avg(r.value),
+                   min(r.value), max(r.value)
+            FROM readings r
+            WHERE {" AND ".join(where)}
+            GROUP BY bucket ORDER BY bucket
+        """
+        params = {
+            "metric": metric_code(metric),
+            "start": start_ms,
+            "end": end_ms,
+            "bucket": bucket_ms,
+            "device": device_id,
+            "zone": zone,
+        }
+        rows = self._read("reading a series", lambda c: c.execute(sql, params).fetchall())
+        return [SeriesPoint(*row) for row in rows]
+
+    def readings(
+        self, device_id: str, start_ms: int, end_ms: int, metric: str | None = None
+    ) -> list[Reading]:
+        codes = ALL_METRIC_CODES if metric is None else (metric_code(metric),)
+        marks = ", ".join("?" for _ in codes)
+        sql = f"""
+            SELECT ts, metric, value, quality, raw, anomaly FROM readings
+            WHERE device_id = ? AND metric IN ({marks}) AND ts >= ? AND ts < ?
+            ORDER BY ts, metric, seq
+        """
+        params = (device_id, *codes, start_ms, end_ms)
+        rows = self._read("reading raw readings", lambda c: c.execute(sql, params).fetchall())
+        return [
+            Reading(ts, metric_name(code), value, quality, raw, anomaly)
+            for ts, code, value, quality, raw, anomaly in rows
+        ]
+
+    def ledger(self, device_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[LedgerEntry]:
+        sql = """
+            SELECT device_id, seq, payload_hash, prev_hash, sealed_at, gateway_id, received_at,
+                   ingested_at, n_readings, device_message, gateway_message
+            FROM batches WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?
+        """
+        params = (device_id, after_seq, max(limit, 0))
+        rows = self._read("reading the ledger", lambda c: c.execute(sql, params).fetchall())
+        return [
+            LedgerEntry(
+                dev, seq, bytes(ph), bytes(prev), sealed, gw, recv, ingested, n, bytes(dm),
+                bytes(gm),
+            )
+            for dev, seq, ph, prev, sealed, gw, recv, ingested, n, dm, gm in rows
+        ]  # fmt: skip
+
+    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
+        sql = """
+            SELECT reason, detail, source, topic, received_at, payload_size, payload_sha256,
+                   payload, device_id, seq
+            FROM quarantine ORDER BY received_at DESC, id DESC LIMIT ?
+        """
+        rows = self._read(
+            "reading quarantine", lambda c: c.execute(sql, (max(limit, 0),)).fetchall()
+        )
+        return [
+            QuarantineRecord(
+                reason=reason,
+                detail=detail,
+                source=source,
+                topic=topic,
+                received_at_ms=received,
+                payload_size=size,
+                payload_sha256=sha,
+                payload_b64=payload_b64(bytes(payload)),
+                device_id=device,
+                seq=seq,
+            )
+            for reason, detail, source, topic, received, size, sha, payload, device, seq in rows
+        ]
+
+    def counts(self) -> StoreCounts:
+        # Readings are counted from the ledger (they are written together, atomically):
+        # far cheaper than count(*) over the readings table.
+        sql = """
+            SELECT (SELECT count(*) FROM batches),
+                   (SELECT coalesce(sum(n_readings), 0) FROM batches),
+                   (SELECT count(*) FROM quarantine)
+        """
+        row = self._read("counting", lambda c: c.execute(sql).fetchone())
+        return StoreCounts(*row)
+
+
+def _reading_rows(batch: StoredBatch) -> Iterator[tuple[Any, ...]]:
+    for r in batch.readings:
+        yield (batch.device_id, r.ts_ms, metric_code(r.metric), r.value, r.quality, r.raw,
+               r.anomaly, batch.seq)  # fmt: skip
+
+
+def _bucket_ms(bucket_s: int) -> int:
+    if bucket_s <= 0:
+        raise StoreError(f"Series bucket must be a positive number of seconds, not {bucket_s}")
+    return bucket_s * 1000
+
+
+def _split_statements(script: str) -> Iterator[str]:
+    """Statements of a migration script, so they run inside our transaction.
+
+    (``executescript`` would commit first.) ``sqlite3.complete_statement`` knows about
+    string literals, comments and trigger bodies, so a ';' inside them does not split.
+    """
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statement = pending.strip()
+            pending = ""
+            if statement.strip(";").strip():
+                yield statement
+    if pending.strip() and not _only_comments(pending):
+        raise StoreError(f"Migration script ends with an incomplete statement: {pending[:80]!r}")
+
+
+def _only_comments(text: str) -> bool:
+    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
