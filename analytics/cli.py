@@ -1,0 +1,170 @@
+"""``civicmesh ingest run``, ``civicmesh api run`` and ``civicmesh db migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from analytics.settings import AnalyticsSettings
+from analytics.store import open_store
+from analytics.store.base import Store, StoreError
+from civicmesh.config import load_settings
+from civicmesh.errors import MqttError
+from civicmesh.mqtt import MqttLink
+from civicmesh.registry import RegistryFile
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+STATS_EVERY_S = 60.0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``ingest``, ``api`` and ``db`` command groups."""
+    ingest = sub.add_parser("ingest", help="central ingest worker (MQTT -> store)")
+    ingest_cmds = ingest.add_subparsers(dest="ingest_command", metavar="ACTION", required=True)
+    run = ingest_cmds.add_parser("run", help="verify and store batches until SIGINT/SIGTERM")
+    _common(run)
+    run.add_argument("--mqtt-url", help="broker URL (overrides mqtt.url)")
+    run.add_argument("--worker-id", help="stable worker name (overrides ingest.worker_id)")
+    run.set_defaults(func=_ingest_run)
+
+    api = sub.add_parser("api", help="HTTP API of the central service")
+    api_cmds = api.add_subparsers(dest="api_command", metavar="ACTION", required=True)
+    serve = api_cmds.add_parser("run", help="serve the API with uvicorn")
+    _common(serve)
+    serve.add_argument("--host", help="listen address (overrides api.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides api.port)")
+    serve.set_defaults(func=_api_run)
+
+    db = sub.add_parser("db", help="central store maintenance")
+    db_cmds = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    migrate = db_cmds.add_parser("migrate", help="apply pending store migrations")
+    _common(migrate)
+    migrate.set_defaults(func=_db_migrate)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file (optional)")
+    parser.add_argument("--database-url", help="store URL (overrides database_url)")
+
+
+def _settings(args: argparse.Namespace) -> AnalyticsSettings:
+    overrides: dict[str, Any] = {}
+    if args.database_url:
+        overrides["database_url"] = args.database_url
+    if getattr(args, "mqtt_url", None):
+        overrides["mqtt"] = {"url": args.mqtt_url}
+    if getattr(args, "worker_id", None):
+        overrides["ingest"] = {"worker_id": args.worker_id}
+    api: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        api["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        api["port"] = args.port
+    if api:
+        overrides["api"] = api
+    return load_settings(AnalyticsSettings, args.config, overrides)
+
+
+def _stop_event() -> threading.Event:
+    """Set on SIGINT or SIGTERM."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+    return stop
+
+
+def _migrated_store(url: str, stop: threading.Event) -> Store | None:
+    """Open and migrate the store, waiting (with backoff) while the database is down."""
+    delay = RETRY_MIN_S
+    while not stop.is_set():
+        store = open_store(url)
+        try:
+            applied = store.migrate()
+        except StoreError as exc:
+            store.close()
+            log.warning("store not ready (%s); retrying in %.1f s", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+            continue
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+        return store
+    return None
+
+
+def _ingest_run(args: argparse.Namespace) -> int:
+    from analytics.ingest import IngestWorker
+
+    settings = _settings(args)
+    stop = _stop_event()
+    store = _migrated_store(settings.database_url, stop)
+    if store is None:
+        return 0
+    worker_id = settings.ingest.worker_id
+    link = MqttLink(
+        settings.mqtt.url,
+        settings.mqtt_client_id(worker_id),
+        persistent=True,
+        manual_ack=True,
+        protocol=settings.mqtt.protocol,
+    )
+    registry = RegistryFile(settings.registry_file)
+    worker = IngestWorker(settings, store, registry, link, worker_id)
+    try:
+        delay = RETRY_MIN_S
+        while not stop.is_set():
+            try:
+                worker.start()  # subscribes first, then connects: nothing queued is missed
+                break
+            except MqttError as exc:
+                log.warning("broker not reachable (%s); retrying in %.1f s", exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+        while not stop.wait(STATS_EVERY_S):
+            log.info("ingest stats: %s", worker.stats())
+    finally:
+        worker.stop()
+        link.close()
+        store.close()
+        log.info("ingest worker %s stopped: %s", worker_id, worker.stats())
+    return 0
+
+
+def _api_run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from analytics.api import create_app
+
+    settings = _settings(args)
+    store = open_store(settings.database_url)
+    try:
+        store.migrate()
+        registry = RegistryFile(settings.registry_file) if settings.registry_file.exists() else None
+        app = create_app(store, registry=registry)
+        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info")
+    finally:
+        store.close()
+    return 0
+
+
+def _db_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = open_store(settings.database_url)
+    try:
+        applied = store.migrate()
+    finally:
+        store.close()
+    print("applied: " + ", ".join(applied) if applied else "store is up to date")
+    return 0

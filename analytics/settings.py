@@ -1,0 +1,148 @@
+"""Settings of the central service (ingest workers and the HTTP API).
+
+Load with :func:`civicmesh.config.load_settings`: defaults < TOML file < environment
+(``CIVICMESH_DATABASE_URL``, ``CIVICMESH_MQTT__URL``, ``CIVICMESH_INGEST__MAX_BATCH_MESSAGES``,
+...) < command-line overrides. Unknown keys are rejected by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from civicmesh import topics
+from civicmesh.config import ServiceSettings
+
+_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+DAY_MS = 24 * 3600 * 1000
+
+
+class MqttSettings(BaseModel):
+    """The broker ingest subscribes to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        min_length=8,
+        max_length=2048,
+        description="Broker URL: mqtt://[user:pass@]host[:port] or mqtts://... (TLS)",
+    )
+    client_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description=(
+            "MQTT client id; must stay the same across restarts of one worker so the broker "
+            "keeps its persistent session. Default: civicmesh-ingest-<worker id>"
+        ),
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT protocol: auto tries 5 first and falls back to 3.1.1",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("mqtt://", "mqtts://", "tcp://")):
+            raise ValueError("must start with mqtt://, mqtts:// or tcp://")
+        return value
+
+
+class IngestSettings(BaseModel):
+    """How ingest groups messages into database transactions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    worker_id: str = Field(
+        default="main",
+        pattern=_NAME_PATTERN,
+        description="Stable name of this worker (part of its MQTT client id and quarantine source)",
+    )
+    max_batch_messages: int = Field(
+        default=200,
+        ge=1,
+        le=10_000,
+        description="Most messages written in one database transaction",
+    )
+    max_batch_delay_ms: int = Field(
+        default=200,
+        ge=1,
+        le=60_000,
+        description="Longest wait (ms) for a group to fill before it is written anyway",
+    )
+    queue_max_messages: int = Field(
+        default=2000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Received, unwritten messages held in memory; when full the MQTT thread waits, "
+            "so further messages stay with the broker (back-pressure)"
+        ),
+    )
+    shared_group: str = Field(
+        default=topics.SHARED_GROUP,
+        pattern=_NAME_PATTERN,
+        description="MQTT 5 shared-subscription group; workers in one group share the load",
+    )
+    max_future_ms: int = Field(
+        default=5 * 60 * 1000,
+        ge=0,
+        le=DAY_MS,
+        description="Readings timed more than this (ms) after ingest's clock are quarantined",
+    )
+
+
+class ApiSettings(BaseModel):
+    """Where the HTTP API listens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description="Listen address; keep loopback unless a reverse proxy with TLS is in front",
+    )
+    port: int = Field(default=8080, ge=1, le=65_535, description="Listen port")
+
+
+class AnalyticsSettings(ServiceSettings):
+    """Settings of the central service (``civicmesh ingest run``, ``civicmesh api run``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CIVICMESH_")
+
+    database_url: str = Field(
+        default="sqlite:///var/civicmesh.db",
+        min_length=10,
+        max_length=2048,
+        description=(
+            "Store URL: sqlite:///relative.db, sqlite:////absolute.db or "
+            "postgresql://user@host:port/dbname"
+        ),
+    )
+    registry_file: Path = Field(
+        default=Path("var/registry.json"),
+        description="Device and gateway registry JSON (`civicmesh registry`); re-read on change",
+    )
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection")
+    ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest worker")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="HTTP API")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///path.db or postgresql://user@host:port/dbname")
+        return value
+
+    def mqtt_client_id(self, worker_id: str | None = None) -> str:
+        """The configured client id, or one derived from the worker id (stable per worker)."""
+        if self.mqtt.client_id:
+            return self.mqtt.client_id
+        return f"civicmesh-ingest-{worker_id or self.ingest.worker_id}"
