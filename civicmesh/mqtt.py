@@ -104,6 +104,7 @@ class MqttLink:
         self._max_inflight = max_inflight
         self._tls = (tls_ca, tls_cert, tls_key)
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._subacks: set[int] = set()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
@@ -158,6 +159,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self._refused = None
         self._connected.clear()
         props = None
@@ -228,7 +230,7 @@ class MqttLink:
     ) -> None:
         if reason.is_failure:
             self._refused = str(reason)
-            log.warning("MQTT broker refused connection: %s", reason)
+            log.info("MQTT broker refused connection: %s", reason)
             return
         with self._lock:
             subscriptions = list(self._subscriptions.items())
@@ -252,9 +254,11 @@ class MqttLink:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
         handler = self._handler_for(msg.topic)
         if handler is None:
-            log.warning("MQTT message on %s matches no subscription; dropped", msg.topic)
-            if self.manual_ack:
-                self.ack(message)
+            # Not acknowledged on purpose: a persistent session redelivers it once a
+            # handler is subscribed (a message can arrive before subscribe() after a restart).
+            log.warning(
+                "MQTT message on %s matches no subscription yet; left unacknowledged", msg.topic
+            )
             return
         handler(message)
 
@@ -331,7 +335,29 @@ class MqttLink:
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
         if self._client is not None and self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            result, mid = self._client.subscribe(topic_filter, qos=qos)
+            if result == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._wait_suback(mid, 10.0)
+
+    def _wait_suback(self, mid: int | None, timeout: float) -> None:
+        """Wait for the broker to confirm a subscription, so nothing published after
+        ``subscribe()`` returns can miss it."""
+        if mid is None:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if mid in self._subacks:
+                    self._subacks.discard(mid)
+                    return
+            time.sleep(0.005)
+        raise MqttError(f"no SUBACK from the broker within {timeout:.0f} s")
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: object, mid: int, reasons: object, props: object
+    ) -> None:
+        with self._lock:
+            self._subacks.add(mid)
 
     def ack(self, message: Message) -> None:
         """Acknowledge a message received with ``manual_ack=True``."""

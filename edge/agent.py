@@ -1,0 +1,172 @@
+"""The edge agent loop: collect -> window -> outbox -> seal -> publish.
+
+A batch leaves the outbox only after the broker acknowledged it; while the link is down
+the outbox grows and drains in seq order once the link returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from civicmesh import topics
+from civicmesh.drivers import SensorDriver
+from civicmesh.errors import MqttError
+from civicmesh.identity import Signer
+from civicmesh.mqtt import MqttLink
+from civicmesh.timeutil import now_ms
+from edge import __version__
+from edge.outbox import Outbox
+from edge.settings import EdgeSettings
+from edge.windowing import Windower
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return now_ms()
+
+
+class SimulatedClock:
+    """Time running ``speed`` times faster than the wall clock from ``start_ms``."""
+
+    def __init__(self, start_ms: int, speed: float) -> None:
+        self.start_ms = start_ms
+        self.speed = speed
+        self._began = time.monotonic()
+
+    def now_ms(self) -> int:
+        return self.start_ms + int((time.monotonic() - self._began) * 1000 * self.speed)
+
+
+class EdgeAgent:
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        signer: Signer,
+        driver: SensorDriver,
+        link: MqttLink | None,
+        clock: Clock | None = None,
+        *,
+        model_version: str = "",
+    ) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.driver = driver
+        self.link = link  # may be shared between agents; not owned
+        self.clock = clock or SystemClock()
+        self.model_version = model_version
+        self.topic = topics.device_up(signer.key_id)
+        window_ms = settings.window_s * 1000
+        self.windower = Windower(
+            window_ms,
+            max(1, window_ms // driver.sample_interval_ms),
+            simulated=settings.driver.name == "sim",
+        )
+        self.outbox = Outbox(
+            settings.state_dir / "outbox.db", max_readings=settings.outbox_max_readings
+        )
+        self.published = 0
+
+    @property
+    def device_id(self) -> str:
+        return self.signer.key_id
+
+    def collect(self, now: int) -> int:
+        """Read the driver up to ``now`` and store the completed windows' readings."""
+        readings = self.windower.feed(self.driver.read(now), now)
+        self.outbox.add(readings)
+        return len(readings)
+
+    def seal_all(self) -> int:
+        sealed = 0
+        while self.outbox.seal(self.signer, self.settings.batch_max_readings, self.model_version):
+            sealed += 1
+        return sealed
+
+    def flush(self, timeout: float = 10.0) -> int:
+        """Publish unsent batches in seq order; release only the acknowledged prefix."""
+        if self.link is None or not self.link.is_connected:
+            return 0
+        published = 0
+        while True:
+            unsent = self.outbox.unsent(200)
+            if not unsent:
+                break
+            try:
+                acked = self.link.publish_many(
+                    [(self.topic, message) for _, message in unsent], timeout=timeout
+                )
+            except MqttError as exc:
+                log.warning("publish failed, %d batches stay in the outbox: %s", len(unsent), exc)
+                break
+            self.outbox.mark_sent([seq for seq, _ in unsent[:acked]])
+            published += acked
+            if acked < len(unsent):
+                break
+        self.published += published
+        return published
+
+    def backfill(self, start_ms: int, end_ms: int, step_ms: int = 3_600_000) -> None:
+        """Run simulated time from ``start_ms`` to ``end_ms`` as fast as it goes."""
+        t = start_ms
+        while t < end_ms:
+            t = min(t + step_ms, end_ms)
+            self.collect(t)
+            self.seal_all()
+            self.flush()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "agent_version": __version__,
+            "model_version": self.model_version,
+            "driver": self.settings.driver.name,
+            "outbox": asdict(self.outbox.stats()),
+            "published": self.published,
+            "time_ms": self.clock.now_ms(),
+        }
+
+    def publish_health(self) -> None:
+        if self.link is None or not self.link.is_connected:
+            return
+        try:
+            self.link.publish(
+                topics.device_health(self.device_id), json.dumps(self.health()).encode(), qos=0
+            )
+        except MqttError as exc:
+            log.info("health message not sent: %s", exc)
+
+    def run(self, stop: threading.Event) -> None:
+        """Real-time loop until ``stop`` is set; failed flushes back off 1 s .. 30 s."""
+        backoff = 1.0
+        next_health = 0.0
+        while not stop.is_set():
+            self.collect(self.clock.now_ms())
+            self.seal_all()
+            self.flush()
+            if self.outbox.stats().sealed_batches:
+                wait = backoff
+                backoff = min(backoff * 2, 30.0)
+            else:
+                wait = self.settings.publish_interval_s
+                backoff = 1.0
+            if time.monotonic() >= next_health:
+                self.publish_health()
+                next_health = time.monotonic() + self.settings.health_interval_s
+            stop.wait(wait)
+        self.seal_all()
+        self.flush(timeout=5)
+
+    def close(self) -> None:
+        self.driver.close()
+        self.outbox.close()

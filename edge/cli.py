@@ -1,0 +1,78 @@
+"""``civicmesh edge``: key generation, the agent service, outbox status."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from civicmesh.config import load_settings
+from civicmesh.drivers import load_driver
+from civicmesh.errors import MqttError
+from civicmesh.identity import Ed25519Signer
+from civicmesh.mqtt import MqttLink
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("edge", help="edge agent: keys, run, status")
+    cmds = group.add_subparsers(dest="edge_command", metavar="ACTION", required=True)
+    keygen = cmds.add_parser("keygen", help="make this device's Ed25519 key (file mode 0600)")
+    keygen.add_argument("--key", type=Path, required=True, help="where to write the key")
+    keygen.set_defaults(func=_keygen)
+    run = cmds.add_parser("run", help="run the agent until SIGINT/SIGTERM")
+    run.add_argument("--config", type=Path, help="TOML config (see edge/example.toml)")
+    run.set_defaults(func=_run)
+    status = cmds.add_parser("status", help="print the outbox state")
+    status.add_argument("--config", type=Path)
+    status.set_defaults(func=_status)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    signer = Ed25519Signer.generate()
+    signer.save(args.key)
+    public = signer.verify_key().to_text()
+    print(f"device id:  {signer.key_id}")
+    print(f"public key: {public}")
+    print("register it on the operator side with:")
+    print(f"  civicmesh registry add-device --file registry.json --public-key {public} --zone ZONE")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from edge.agent import EdgeAgent
+    from edge.settings import EdgeSettings
+
+    settings = load_settings(EdgeSettings, args.config)
+    signer = Ed25519Signer.load(settings.key_file)
+    driver = load_driver(settings.driver.name, settings.driver.options)
+    link = MqttLink(
+        settings.mqtt.url,
+        settings.mqtt.client_id or f"civicmesh-edge-{signer.key_id}",
+        protocol=settings.mqtt.protocol,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    agent = EdgeAgent(settings, signer, driver, link)
+    try:
+        try:
+            link.connect()
+        except MqttError as exc:  # keep collecting offline; the agent retries
+            print(f"civicmesh edge: broker not reachable yet ({exc}); buffering in the outbox")
+        agent.run(stop)
+    finally:
+        link.close()
+        agent.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from edge.outbox import Outbox
+    from edge.settings import EdgeSettings
+
+    settings = load_settings(EdgeSettings, args.config)
+    outbox = Outbox(settings.state_dir / "outbox.db", max_readings=settings.outbox_max_readings)
+    print(outbox.stats())
+    outbox.close()
+    return 0

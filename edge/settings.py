@@ -1,0 +1,50 @@
+"""Edge agent settings: TOML file + ``CIVICMESH_EDGE_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
+
+from civicmesh.config import ServiceSettings
+
+
+class MqttSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="Gateway broker, mqtt:// or mqtts://")
+    client_id: str | None = Field(None, description="MQTT client id (default: derived from id)")
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
+
+
+class DriverSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sim", description="Driver name (see civicmesh.drivers) or module:Class")
+    options: dict[str, Any] = Field(default_factory=dict, description="Driver keyword options")
+
+
+class EdgeSettings(ServiceSettings):
+    """Settings of one edge agent (one device)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CIVICMESH_EDGE_", extra="forbid", env_nested_delimiter="__"
+    )
+
+    key_file: Path = Field(Path("/var/lib/civicmesh/device.key"), description="Device key (0600)")
+    state_dir: Path = Field(Path("/var/lib/civicmesh"), description="Holds outbox.db")
+    mqtt: MqttSection = Field(default_factory=MqttSection)  # type: ignore[arg-type]
+    driver: DriverSection = Field(default_factory=DriverSection)  # type: ignore[arg-type]
+    window_s: int = Field(60, ge=1, le=3600, description="Window length of one reading")
+    batch_max_readings: int = Field(500, ge=1, le=5000, description="Readings per sealed batch")
+    publish_interval_s: float = Field(10.0, gt=0, le=3600, description="Seconds between flushes")
+    outbox_max_readings: int = Field(
+        500_000, ge=1000, le=50_000_000, description="Bound on unsealed readings in the outbox"
+    )
+    outbox_overflow: Literal["drop_oldest"] = Field(
+        "drop_oldest",
+        description="Past the bound the oldest UNSEALED readings are dropped, counted, logged",
+    )
+    health_interval_s: float = Field(60.0, gt=0, description="Seconds between health messages")

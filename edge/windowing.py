@@ -1,0 +1,66 @@
+"""Windowing: raw samples -> one reading per metric and epoch-aligned window.
+
+The reading's time is the window start, its value the mean of the window's samples.
+A window is emitted once the driver's horizon has passed its end, so the result does
+not depend on how the samples were split over ``feed`` calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from civicmesh.drivers import SampleBlock
+from civicmesh.metrics import BY_NAME, Quality
+from civicmesh.protocol import Reading
+
+
+class Windower:
+    def __init__(self, window_ms: int, expected_samples: int, *, simulated: bool = False) -> None:
+        if window_ms <= 0 or expected_samples <= 0:
+            raise ValueError("window_ms and expected_samples must be positive")
+        self.window_ms = window_ms
+        self.expected_samples = expected_samples
+        self.base_flags = int(Quality.SIMULATED) if simulated else 0
+        self._held: dict[str, tuple[NDArray[np.int64], NDArray[np.float64]]] = {}
+
+    def feed(self, blocks: Iterable[SampleBlock], until_ms: int) -> list[Reading]:
+        """Add samples; return readings of every window that ends at or before ``until_ms``."""
+        for block in blocks:
+            times = np.asarray(block.times_ms, dtype=np.int64)
+            values = np.asarray(block.values, dtype=np.float64)
+            held = self._held.get(block.metric)
+            if held is not None:
+                times = np.concatenate([held[0], times])
+                values = np.concatenate([held[1], values])
+            self._held[block.metric] = (times, values)
+        cutoff = (until_ms // self.window_ms) * self.window_ms
+        readings: list[Reading] = []
+        for metric, (times, values) in list(self._held.items()):
+            done = times < cutoff
+            if not done.any():
+                continue
+            self._held[metric] = (times[~done], values[~done])
+            readings.extend(self._window(metric, times[done], values[done]))
+        readings.sort(key=lambda r: (r.ts_ms, BY_NAME[r.metric].code))
+        return readings
+
+    def _window(
+        self, metric: str, times: NDArray[np.int64], values: NDArray[np.float64]
+    ) -> list[Reading]:
+        starts = (times // self.window_ms) * self.window_ms
+        keys, inverse = np.unique(starts, return_inverse=True)
+        counts = np.bincount(inverse)
+        means = np.bincount(inverse, weights=values) / counts
+        info = BY_NAME[metric]
+        out = []
+        for start, count, mean in zip(keys.tolist(), counts.tolist(), means.tolist(), strict=True):
+            flags = self.base_flags
+            if count < self.expected_samples:
+                flags |= Quality.PARTIAL_WINDOW
+            if not info.plausible(mean):
+                flags |= Quality.OUT_OF_RANGE
+            out.append(Reading(int(start), metric, float(mean), int(flags)))
+        return out
