@@ -162,7 +162,8 @@ def test_agent_buffers_through_an_outage_and_drains_in_order(
     broker = mosquitto
     signer = Ed25519Signer.from_seed(os.urandom(32))
     received: list[Message] = []
-    listener = MqttLink(broker.url, f"listener-{signer.key_id}")  # type: ignore[attr-defined]
+    # Persistent, so the broker keeps its subscription (and queue) across the restart.
+    listener = MqttLink(broker.url, f"listener-{signer.key_id}", persistent=True)  # type: ignore[attr-defined]
     listener.connect()
     listener.subscribe(topics.device_up(signer.key_id), received.append)
     link = MqttLink(broker.url, f"agent-{signer.key_id}")  # type: ignore[attr-defined]
