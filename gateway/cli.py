@@ -1,0 +1,71 @@
+"""``civicmesh gateway``: key generation and the relay service."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from civicmesh.config import load_settings
+from civicmesh.identity import Ed25519Signer
+from civicmesh.mqtt import MqttLink
+from civicmesh.registry import RegistryFile
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    group = sub.add_parser("gateway", help="gateway: keys, run")
+    cmds = group.add_subparsers(dest="gateway_command", metavar="ACTION", required=True)
+    keygen = cmds.add_parser("keygen", help="make the gateway's Ed25519 key (mode 0600)")
+    keygen.add_argument("--key", type=Path, required=True)
+    keygen.set_defaults(func=_keygen)
+    run = cmds.add_parser("run", help="run the relay until SIGINT/SIGTERM")
+    run.add_argument("--config", type=Path, help="TOML config")
+    run.set_defaults(func=_run)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    signer = Ed25519Signer.generate()
+    signer.save(args.key)
+    public = signer.verify_key().to_text()
+    print(f"gateway id: {signer.key_id}")
+    print(f"public key: {public}")
+    print(f"  civicmesh registry add-gateway --file registry.json --public-key {public}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gateway.relay import Gateway
+    from gateway.settings import GatewaySettings
+
+    settings = load_settings(GatewaySettings, args.config)
+    signer = Ed25519Signer.load(settings.key_file)
+    dev = settings.device_mqtt
+    up = settings.upstream_mqtt
+    device_link = MqttLink(
+        dev.url,
+        dev.client_id or f"civicmesh-gw-{signer.key_id}-dev",
+        persistent=True,
+        manual_ack=True,
+        protocol=dev.protocol,
+    )
+    upstream_link = MqttLink(
+        up.url, up.client_id or f"civicmesh-gw-{signer.key_id}-up", protocol=up.protocol
+    )
+    gateway = Gateway(
+        settings, signer, RegistryFile(settings.registry_file), device_link, upstream_link
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Subscribe before connecting, so messages queued in our persistent session find a handler.
+    gateway.start()
+    upstream_link.connect()
+    device_link.connect()
+    try:
+        stop.wait()
+    finally:
+        device_link.close()
+        gateway.stop()
+        upstream_link.close()
+    return 0

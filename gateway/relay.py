@@ -1,0 +1,169 @@
+"""The relay: verify device batches, keep chains, countersign, forward, quarantine.
+
+A device message is acknowledged to the broker only after it was accepted into or
+quarantined in the durable buffer; a forwarder thread publishes the buffer upstream and
+releases only what the upstream broker acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from civicmesh import topics
+from civicmesh.errors import MqttError
+from civicmesh.identity import Signer
+from civicmesh.mqtt import Message, MqttLink
+from civicmesh.protocol import (
+    ChainVerdict,
+    ProtocolError,
+    judge_chain,
+    open_batch,
+    peek_signer,
+    raise_for_verdict,
+    wrap_envelope,
+)
+from civicmesh.quarantine import QuarantineRecord
+from civicmesh.registry import RegistryFile
+from civicmesh.timeutil import now_ms
+from gateway.buffer import GatewayBuffer
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class TopicMismatchError(ProtocolError):
+    reason = "topic.device_mismatch"
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        signer: Signer,
+        registry: RegistryFile,
+        device_link: MqttLink,
+        upstream_link: MqttLink,
+    ) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.registry = registry
+        self.device_link = device_link  # create with persistent=True, manual_ack=True
+        self.upstream_link = upstream_link
+        self.buffer = GatewayBuffer(settings.state_dir / "buffer.db")
+        self.up_topic = topics.gateway_up(signer.key_id)
+        self.quarantine_topic = topics.quarantine("gw", signer.key_id)
+        self._stop = threading.Event()
+        self._forwarder = threading.Thread(
+            target=self._forward_loop, name="gw-forward", daemon=True
+        )
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._quarantined: Counter[str] = Counter()
+
+    def start(self) -> None:
+        """Subscribe to device uplinks and start forwarding (works before or after connect)."""
+        self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
+        self._forwarder.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._forwarder.is_alive():
+            self._forwarder.join(timeout=10)
+        self.buffer.close()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+            quarantined = dict(self._quarantined)
+        return {**counts, "quarantined_by_reason": quarantined, "backlog": self.buffer.backlog()}
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[key] += n
+
+    # ------------------------------------------------------------------ receive
+
+    def _on_message(self, message: Message) -> None:
+        self._count("received")
+        device_id: str | None = None
+        seq: int | None = None
+        try:
+            parsed = topics.id_from_up_topic(message.topic)
+            batch = open_batch(message.payload, self.registry.device_key)
+            device_id, seq = batch.device_id, batch.seq
+            if parsed != ("dev", batch.device_id):
+                raise TopicMismatchError(
+                    f"batch of {batch.device_id} arrived on another device's topic {message.topic}"
+                )
+            head = self.buffer.head(batch.device_id)
+            verdict = judge_chain(head, batch)
+            raise_for_verdict(verdict, batch, head)
+            if verdict is ChainVerdict.GAP:
+                self._count("chain_gaps")
+                log.warning(
+                    "chain gap: device %s jumped to seq %d (head %s)",
+                    batch.device_id,
+                    batch.seq,
+                    None if head is None else head.seq,
+                )
+            envelope = wrap_envelope(self.signer, message.payload, now_ms())
+            self.buffer.accept(
+                batch.device_id, batch.seq, batch.hash, self.up_topic, envelope.message
+            )
+            self._count("accepted")
+        except ProtocolError as exc:
+            if device_id is None:
+                try:
+                    device_id = peek_signer(message.payload)
+                except ProtocolError:
+                    device_id = None
+            record = QuarantineRecord.of(
+                reason=exc.reason,
+                detail=str(exc),
+                source=f"gw:{self.signer.key_id}",
+                topic=message.topic,
+                received_at_ms=now_ms(),
+                payload=message.payload,
+                device_id=device_id,
+                seq=seq,
+            )
+            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+            with self._lock:
+                self._quarantined[exc.reason] += 1
+            log.warning("quarantined message on %s: %s", message.topic, exc.reason)
+        # Acknowledge only now: the message is durably accepted or quarantined.
+        self.device_link.ack(message)
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward_loop(self) -> None:
+        backoff = 0.5
+        next_prune = 0.0
+        while not self._stop.is_set():
+            items = self.buffer.pending(self.settings.forward_batch_size)
+            if not items:
+                self._stop.wait(0.05)
+                continue
+            if not self.upstream_link.is_connected:
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            try:
+                acked = self.upstream_link.publish_many([(t, b) for _, t, b in items], timeout=10)
+            except MqttError as exc:
+                log.warning("upstream publish failed (%s); %d items kept", exc, len(items))
+                acked = 0
+            self.buffer.mark_forwarded([i for i, _, _ in items[:acked]])
+            self._count("forwarded", acked)
+            if acked < len(items):
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                backoff = 0.5
+            if self.settings.keep_forwarded_hours and next_prune < now_ms():
+                keep_ms = int(self.settings.keep_forwarded_hours * 3_600_000)
+                self.buffer.prune(now_ms() - keep_ms)
+                next_prune = now_ms() + 600_000

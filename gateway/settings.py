@@ -1,0 +1,45 @@
+"""Gateway settings: TOML file + ``CIVICMESH_GATEWAY_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import SettingsConfigDict
+
+from civicmesh.config import ServiceSettings
+
+
+class MqttSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="Broker URL, mqtt:// or mqtts://")
+    client_id: str | None = Field(None, description="MQTT client id (default: from gateway id)")
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of one gateway."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CIVICMESH_GATEWAY_", extra="forbid", env_nested_delimiter="__"
+    )
+
+    key_file: Path = Field(Path("/var/lib/civicmesh/gateway.key"), description="Gateway key")
+    registry_file: Path = Field(
+        Path("/etc/civicmesh/registry.json"), description="Device and gateway registry"
+    )
+    state_dir: Path = Field(Path("/var/lib/civicmesh/gateway"), description="Holds buffer.db")
+    device_mqtt: MqttSection = Field(
+        default_factory=MqttSection,  # type: ignore[arg-type]
+        description="Broker the devices publish to",
+    )
+    upstream_mqtt: MqttSection = Field(
+        default_factory=MqttSection,  # type: ignore[arg-type]
+        description="Broker of the central service (may be the same)",
+    )
+    forward_batch_size: int = Field(200, ge=1, le=5000, description="Envelopes per publish burst")
+    keep_forwarded_hours: float = Field(
+        168.0, ge=0, le=24 * 365, description="Forwarded envelopes kept for replay after a loss"
+    )
