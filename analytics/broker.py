@@ -275,7 +275,8 @@ class EmbeddedBroker:
         finally:
             # Closed and waited for here, so no transport outlives the loop.
             writer.close()
-            with contextlib.suppress(OSError):
+            # Cancelled at shutdown is expected here: the task ends right after.
+            with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
             del self._connections[task]
 
