@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keygen.add_argument("--key", type=Path, required=True, help="where to write the key")
     keygen.set_defaults(func=_keygen)
     run = cmds.add_parser("run", help="run the agent until SIGINT/SIGTERM")
-    run.add_argument("--config", type=Path, help="TOML config (see edge/example.toml)")
+    run.add_argument("--config", type=Path, help="TOML config (see deploy/examples/edge.toml)")
     run.set_defaults(func=_run)
     status = cmds.add_parser("status", help="print the outbox state")
     status.add_argument("--config", type=Path)
