@@ -8,50 +8,18 @@ Load with :func:`civicmesh.config.load_settings`: defaults < TOML file < environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from civicmesh import topics
-from civicmesh.config import ServiceSettings
+from civicmesh.config import MqttSection, ServiceSettings
 
 _NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DAY_MS = 24 * 3600 * 1000
 
 
-class MqttSettings(BaseModel):
-    """The broker ingest subscribes to."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(
-        default="mqtt://127.0.0.1:1883",
-        min_length=8,
-        max_length=2048,
-        description="Broker URL: mqtt://[user:pass@]host[:port] or mqtts://... (TLS)",
-    )
-    client_id: str | None = Field(
-        default=None,
-        min_length=1,
-        max_length=128,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
-        description=(
-            "MQTT client id; must stay the same across restarts of one worker so the broker "
-            "keeps its persistent session. Default: civicmesh-ingest-<worker id>"
-        ),
-    )
-    protocol: Literal["auto", "5", "3.1.1"] = Field(
-        default="auto",
-        description="MQTT protocol: auto tries 5 first and falls back to 3.1.1",
-    )
-
-    @field_validator("url")
-    @classmethod
-    def _check_url(cls, value: str) -> str:
-        if not value.startswith(("mqtt://", "mqtts://", "tcp://")):
-            raise ValueError("must start with mqtt://, mqtts:// or tcp://")
-        return value
+MqttSettings = MqttSection  # the broker ingest subscribes to
 
 
 class IngestSettings(BaseModel):

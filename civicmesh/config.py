@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -24,6 +24,40 @@ from pydantic_settings import (
 from civicmesh.errors import ConfigError
 
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+class MqttSection(BaseModel):
+    """A broker connection, as every service configures it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        default="mqtt://127.0.0.1:1883",
+        min_length=8,
+        max_length=2048,
+        description="Broker URL: mqtt://[user:pass@]host[:port] or mqtts://... (TLS)",
+    )
+    client_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description=(
+            "MQTT client id; keep it stable across restarts so the broker keeps a persistent "
+            "session. Default: derived from the service's id"
+        ),
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT protocol: auto tries 5 first and falls back to 3.1.1",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("mqtt://", "mqtts://", "tcp://")):
+            raise ValueError("must start with mqtt://, mqtts:// or tcp://")
+        return value
 
 
 class ServiceSettings(BaseSettings):

@@ -8,15 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
-from civicmesh.config import ServiceSettings
-
-
-class MqttSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field("mqtt://127.0.0.1:1883", description="Gateway broker, mqtt:// or mqtts://")
-    client_id: str | None = Field(None, description="MQTT client id (default: derived from id)")
-    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
+from civicmesh.config import MqttSection, ServiceSettings
 
 
 class DriverSection(BaseModel):
@@ -35,7 +27,7 @@ class EdgeSettings(ServiceSettings):
 
     key_file: Path = Field(Path("/var/lib/civicmesh/device.key"), description="Device key (0600)")
     state_dir: Path = Field(Path("/var/lib/civicmesh"), description="Holds outbox.db")
-    mqtt: MqttSection = Field(default_factory=MqttSection)  # type: ignore[arg-type]
+    mqtt: MqttSection = Field(default_factory=MqttSection)
     driver: DriverSection = Field(default_factory=DriverSection)  # type: ignore[arg-type]
     window_s: int = Field(60, ge=1, le=3600, description="Window length of one reading")
     batch_max_readings: int = Field(500, ge=1, le=5000, description="Readings per sealed batch")

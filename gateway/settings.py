@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from civicmesh.config import ServiceSettings
-
-
-class MqttSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field("mqtt://127.0.0.1:1883", description="Broker URL, mqtt:// or mqtts://")
-    client_id: str | None = Field(None, description="MQTT client id (default: from gateway id)")
-    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT protocol version")
+from civicmesh.config import MqttSection, ServiceSettings
 
 
 class GatewaySettings(ServiceSettings):
@@ -32,11 +23,11 @@ class GatewaySettings(ServiceSettings):
     )
     state_dir: Path = Field(Path("/var/lib/civicmesh/gateway"), description="Holds buffer.db")
     device_mqtt: MqttSection = Field(
-        default_factory=MqttSection,  # type: ignore[arg-type]
+        default_factory=MqttSection,
         description="Broker the devices publish to",
     )
     upstream_mqtt: MqttSection = Field(
-        default_factory=MqttSection,  # type: ignore[arg-type]
+        default_factory=MqttSection,
         description="Broker of the central service (may be the same)",
     )
     forward_batch_size: int = Field(200, ge=1, le=5000, description="Envelopes per publish burst")
