@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
         text=True,
     )
     assert proc.stdout is not None
+    proc_closers: list[Callable[[], None]] = []
     try:
         url = None
         deadline = time.monotonic() + 400
@@ -53,6 +55,7 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
             assert time.monotonic() < deadline, "demo did not come up in time"
         assert url, "demo exited before serving the API"
         api = httpx.Client(base_url=f"{url}/api/v1", timeout=30)
+        proc_closers.append(api.close)
         zones = [z["zone"] for z in api.get("/zones").json()]
         assert len(zones) == 4
         assert len(api.get("/devices").json()) == 20
@@ -75,6 +78,8 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
                 assert len(points) >= 7, (zone, metric.name, len(points))
                 assert sum(p["count"] for p in points) > 0
     finally:
+        for close in proc_closers:
+            close()
         proc.terminate()
         proc.wait(120)
         proc.stdout.close()
