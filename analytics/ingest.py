@@ -6,7 +6,12 @@ verifies every gateway envelope and the device batch inside it, and writes the g
 with ONE ``Store.write_batches`` call plus the quarantine records of everything rejected.
 Only after the store returned are the group's messages acknowledged to the broker, so a
 crash before the commit means a redelivery, never a loss; the store is idempotent on
-``(device_id, seq)``, so a redelivery stores nothing twice.
+``(device_id, seq)``, so a redelivery stores nothing twice (it is counted as a duplicate,
+not quarantined: with at-least-once delivery it is expected).
+
+After the acknowledgement each gateway gets a receipt naming the messages of its that
+are now committed, stored or quarantined; the gateway forwards again whatever no receipt
+named within its ``resend_after_s``, so a broker that lost a queued message loses nothing.
 
 When the store fails (database down) the group is kept unacknowledged and retried with
 backoff; the queue fills, the MQTT thread waits, and further messages stay queued at the
@@ -30,13 +35,17 @@ from typing import Any
 from analytics.settings import AnalyticsSettings, IngestSettings
 from analytics.store.base import Store, StoredBatch, StoreError, WriteOutcome
 from civicmesh import topics
-from civicmesh.errors import CivicmeshError, RegistryError
+from civicmesh.errors import CivicmeshError, MqttError, RegistryError
 from civicmesh.metrics import BY_NAME
 from civicmesh.mqtt import Message, MqttLink
 from civicmesh.protocol import (
+    MAX_RECEIPT_DIGESTS,
     ProtocolError,
     Reading,
+    Receipt,
     SchemaError,
+    encode_receipt,
+    message_digest,
     open_batch,
     open_envelope,
     peek_signer,
@@ -306,9 +315,31 @@ class IngestWorker:
             return  # stopping with the store down: nothing acknowledged, broker redelivers
         for item in group:
             self.link.ack(item.message)
+        self._send_receipts(group)
         with self._lock:
             self._counters["acked"] += len(group)
             self._pending = 0
+
+    def _send_receipts(self, group: Sequence[_Inbound]) -> None:
+        """Tell each gateway which of its messages are now committed (stored or quarantined).
+
+        At QoS 0: a lost receipt only makes the gateway forward the message again,
+        which the store recognises as a duplicate and this worker receipts again.
+        """
+        by_gateway: dict[str, list[bytes]] = {}
+        for item in group:
+            gateway_id = topics.gateway_from_topic(item.message.topic)
+            if gateway_id is not None:
+                by_gateway.setdefault(gateway_id, []).append(message_digest(item.message.payload))
+        for gateway_id, digests in by_gateway.items():
+            for start in range(0, len(digests), MAX_RECEIPT_DIGESTS):
+                receipt = Receipt(self.source, tuple(digests[start : start + MAX_RECEIPT_DIGESTS]))
+                try:
+                    self.link.publish(
+                        topics.gateway_receipt(gateway_id), encode_receipt(receipt), qos=0
+                    )
+                except MqttError as exc:
+                    log.info("receipt to gateway %s not sent (%s)", gateway_id, exc)
 
     def _write(
         self,
@@ -457,21 +488,21 @@ class IngestWorker:
     def _outcome_records(
         self, verified: Sequence[_Verified], outcomes: Sequence[WriteOutcome]
     ) -> list[QuarantineRecord]:
+        """Quarantine records for forks: (device, seq) already stored with another hash.
+
+        A duplicate (same hash) is a redelivery and only counted."""
         records = []
         for entry, outcome in zip(verified, outcomes, strict=True):
+            if outcome is not WriteOutcome.CONFLICT:
+                continue
             batch = entry.batch
             where = f"device {batch.device_id} seq {batch.seq}"
-            if outcome is WriteOutcome.DUPLICATE:
-                reason = "chain.replay"
-                detail = f"{where} is already stored with the same hash: a redelivery or a replay"
-            elif outcome is WriteOutcome.CONFLICT:
-                reason = "chain.fork"
-                detail = f"{where} is already stored with another hash: the chain forks"
-                log.warning("fork: %s arrived with another payload hash than the stored one", where)
-            else:
-                continue
+            detail = f"{where} is already stored with another hash: the chain forks"
+            log.warning("fork: %s arrived with another payload hash than the stored one", where)
             records.append(
-                self._record(entry.item, reason, detail, device_id=batch.device_id, seq=batch.seq)
+                self._record(
+                    entry.item, "chain.fork", detail, device_id=batch.device_id, seq=batch.seq
+                )
             )
         return records
 

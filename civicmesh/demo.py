@@ -36,6 +36,8 @@ from civicmesh.timeutil import now_ms
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+# The embedded broker keeps nothing over a restart: re-send what has no receipt soon.
+DEMO_RESEND_AFTER_S = 20.0
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,6 +181,9 @@ class Demo:
                     "database_url": database_url,
                     "registry_file": str(registry_path),
                     "mqtt": {"url": mqtt_url},
+                    # Its own group: on a shared broker (--mqtt-url) the demo's persistent
+                    # session must never take a share of a real ingest's messages.
+                    "ingest": {"shared_group": "civicmesh-demo"},
                 },
             )
             ingest_link = MqttLink(
@@ -200,6 +205,7 @@ class Demo:
                     "state_dir": str(self.state / "gateway"),
                     "device_mqtt": {"url": mqtt_url},
                     "upstream_mqtt": {"url": mqtt_url},
+                    "resend_after_s": DEMO_RESEND_AFTER_S,
                 },
             )
             gw_device_link = MqttLink(
@@ -240,6 +246,7 @@ class Demo:
                         "state_dir": str(self.state / "devices" / device.name),
                         "mqtt": {"url": mqtt_url},
                         "driver": {"name": "sim", "options": options},
+                        "resend_after_s": DEMO_RESEND_AFTER_S,
                     },
                 )
                 agent = EdgeAgent(
@@ -294,13 +301,17 @@ class Demo:
         return 0
 
     def _wait_for_ingest(self, store: Any, devices: list[DemoDevice], timeout: float) -> int:
-        """Wait until the store holds every batch the agents have had acknowledged."""
+        """Wait until the store holds every batch the agents have sealed and every outbox
+        has its receipts (flushing meanwhile, so what a receipt never named is re-sent)."""
         deadline = time.monotonic() + timeout
         expected = {d.signer.key_id: d.agent.health()["outbox"]["last_seq"] for d in devices}
         while time.monotonic() < deadline:
             status = {s.device_id: s.last_seq for s in store.devices()}
-            if all((status.get(dev) or 0) >= (seq or 0) for dev, seq in expected.items()):
+            stored = all((status.get(dev) or 0) >= (seq or 0) for dev, seq in expected.items())
+            if stored and not any(d.agent.health()["outbox"]["sealed_batches"] for d in devices):
                 break
+            for device in devices:
+                device.agent.flush(timeout=10)
             time.sleep(0.25)
         else:
             log.warning("ingest has not caught up after %.0f s; data stays queued", timeout)

@@ -15,7 +15,9 @@ acknowledge a message only after the database committed it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -232,6 +234,7 @@ class MqttLink:
             self._refused = str(reason)
             log.info("MQTT broker refused connection: %s", reason)
             return
+        _no_delay(client)
         with self._lock:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, (qos, _handler) in subscriptions:
@@ -285,7 +288,10 @@ class MqttLink:
     def publish(
         self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, timeout: float = 10
     ) -> None:
-        """Publish and, for QoS >= 1, wait for the broker's acknowledgement."""
+        """Publish and, for QoS >= 1, wait for the broker's acknowledgement.
+
+        QoS 0 returns at once, so it is also what a handler running in paho's own thread
+        may publish (waiting for a PUBACK there would deadlock)."""
         client = self._require()
         if not self._connected.is_set():
             raise MqttError("not connected to the broker")
@@ -363,3 +369,13 @@ class MqttLink:
         """Acknowledge a message received with ``manual_ack=True``."""
         if self.manual_ack and message.qos > 0 and self._client is not None:
             self._client.ack(message.mid, message.qos)
+
+
+def _no_delay(client: paho.Client) -> None:
+    """Turn off Nagle's algorithm: paho leaves it on, and a small PUBLISH or PUBACK then
+    waits for the peer's delayed ACK (tens of ms per round trip when traffic flows both
+    ways on the connection, as receipts make it)."""
+    sock = client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

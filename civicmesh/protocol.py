@@ -19,6 +19,16 @@ A gateway **envelope** is a COSE_Sign1 signed by the gateway whose payload is::
     1: protocol version (1)   3: received_at, epoch ms
     2: gateway id             4: the device's COSE_Sign1 bytes, unchanged
 
+A **receipt** says that the receiver has taken durable custody of messages (the
+gateway: buffered them; ingest: committed them to the store or to quarantine). It is a
+plain CBOR map, not signed (topic ACLs guard who may publish it)::
+
+    1: protocol version (1)   2: issuer id (text)   3: array of message digests
+
+where a message digest is :func:`message_digest` of the exact bytes received. The
+sender keeps a message until a receipt names it and re-sends it after a timeout, so a
+broker that loses queued messages (restart without persistence) loses nothing.
+
 Decoding is strict: exact types, no unknown keys, size limits, and every failure raises
 a :class:`ProtocolError` subclass whose ``reason`` names what was wrong.
 """
@@ -48,6 +58,8 @@ MAX_READINGS = 10_000
 MAX_SPAN_MS = 7 * 24 * 3600 * 1000  # readings of one batch lie within a week of t0
 MAX_SEQ = 2**63 - 1
 MAX_TEXT = 64
+MAX_RECEIPT_DIGESTS = 4096
+DIGEST_BYTES = 16
 _MIN_TIME_MS = 946_684_800_000  # 2000-01-01: anything earlier is a broken clock
 _MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01
 
@@ -528,3 +540,55 @@ def make_payload(
 
 def is_finite(value: float) -> bool:
     return math.isfinite(value)
+
+
+# ------------------------------------------------------------------------ receipts
+
+
+def message_digest(message: bytes) -> bytes:
+    """The key a receipt uses for a message: SHA-256 of its exact bytes, first 16 bytes."""
+    return hashlib.sha256(message).digest()[:DIGEST_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Custody of the messages with these digests passed to ``issuer``."""
+
+    issuer: str
+    digests: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not self.issuer or len(self.issuer) > MAX_TEXT:
+            raise ValueError(f"Invalid receipt issuer: {self.issuer!r}")
+        if len(self.digests) > MAX_RECEIPT_DIGESTS:
+            raise ValueError(
+                f"Invalid receipt: {len(self.digests)} digests, at most {MAX_RECEIPT_DIGESTS}"
+            )
+        for digest in self.digests:
+            if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+                raise ValueError(f"Invalid receipt digest: must be {DIGEST_BYTES} bytes")
+
+
+def encode_receipt(receipt: Receipt) -> bytes:
+    return cbor2.dumps(
+        {1: PROTOCOL_VERSION, 2: receipt.issuer, 3: list(receipt.digests)}, canonical=True
+    )
+
+
+def decode_receipt(data: bytes) -> Receipt:
+    """Strictly decode a receipt; raises a :class:`ProtocolError` naming the problem."""
+    limit = 64 + MAX_RECEIPT_DIGESTS * (DIGEST_BYTES + 1) + MAX_TEXT
+    if len(data) > limit:
+        raise TooLargeError(f"receipt is {len(data)} bytes; the limit is {limit}")
+    body = _loads(bytes(data), "receipt")
+    if not isinstance(body, dict) or set(body) != {1, 2, 3}:
+        raise SchemaError("receipt must be a map with keys 1..3")
+    if type(body[1]) is not int or body[1] != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
+    issuer, digests = body[2], body[3]
+    if not isinstance(issuer, str) or not isinstance(digests, list | tuple):
+        raise SchemaError("receipt issuer must be text and its digests an array")
+    try:
+        return Receipt(issuer, tuple(digests))
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None

@@ -19,6 +19,12 @@ def device_cmd(device_id: str) -> str:
     return f"{ROOT}/dev/{device_id}/cmd"
 
 
+def device_receipt(device_id: str) -> str:
+    """Gateway -> device: digests of the batches the gateway has buffered."""
+    _check(device_id)
+    return f"{ROOT}/dev/{device_id}/receipt"
+
+
 def device_health(device_id: str) -> str:
     _check(device_id)
     return f"{ROOT}/dev/{device_id}/health"
@@ -28,6 +34,26 @@ def gateway_up(gateway_id: str) -> str:
     """Gateway -> central: countersigned envelopes."""
     _check(gateway_id)
     return f"{ROOT}/gw/{gateway_id}/up"
+
+
+def gateway_receipt(gateway_id: str) -> str:
+    """Central -> gateway: digests of the messages ingest has committed."""
+    _check(gateway_id)
+    return f"{ROOT}/gw/{gateway_id}/receipt"
+
+
+def gateway_from_topic(topic: str) -> str | None:
+    """The gateway id of a gateway uplink or gateway quarantine topic; None otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != ROOT:
+        return None
+    if (parts[2], parts[4]) == ("gw", "up"):
+        ident = parts[3]
+    elif parts[2:4] == ["quarantine", "gw"]:
+        ident = parts[4]
+    else:
+        return None
+    return ident if is_valid_id(ident) else None
 
 
 def model_release(name: str) -> str:

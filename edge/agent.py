@@ -1,7 +1,8 @@
 """The edge agent loop: collect -> window -> outbox -> seal -> publish.
 
-A batch leaves the outbox only after the broker acknowledged it; while the link is down
-the outbox grows and drains in seq order once the link returns.
+A batch leaves the outbox only after the gateway's receipt names it (see
+:mod:`edge.outbox`); while the link is down the outbox grows and drains in seq order
+once the link returns.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from civicmesh import topics
+from civicmesh.custody import ResendPlan, ResendPolicy
 from civicmesh.drivers import SensorDriver
 from civicmesh.errors import MqttError
 from civicmesh.identity import Signer
-from civicmesh.mqtt import MqttLink
+from civicmesh.mqtt import Message, MqttLink
+from civicmesh.protocol import ProtocolError, decode_receipt
 from civicmesh.timeutil import now_ms
 from edge import __version__
 from edge.outbox import Outbox
@@ -73,9 +76,40 @@ class EdgeAgent:
             simulated=settings.driver.name == "sim",
         )
         self.outbox = Outbox(
-            settings.state_dir / "outbox.db", max_readings=settings.outbox_max_readings
+            settings.state_dir / "outbox.db",
+            max_readings=settings.outbox_max_readings,
+            await_receipts=settings.await_receipts,
         )
         self.published = 0
+        self.confirmed = 0
+        self.resend = ResendPolicy(settings.resend_after_s)
+        self._receipts: list[bytes] = []
+        self._receipts_lock = threading.Lock()
+        if link is not None and settings.await_receipts:
+            # subscribe() also works before connect(): it is renewed on every connect.
+            link.subscribe(topics.device_receipt(self.device_id), self._on_receipt)
+
+    def _on_receipt(self, message: Message) -> None:
+        """Runs in the MQTT thread: note the digests; :meth:`apply_receipts` releases them
+        (a disk write here would hold up the PUBACKs this thread also delivers)."""
+        try:
+            receipt = decode_receipt(message.payload)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed receipt on %s: %s", message.topic, exc.reason)
+            return
+        with self._receipts_lock:
+            self._receipts.extend(receipt.digests)
+
+    def apply_receipts(self) -> int:
+        """Release the batches named by the receipts received so far (one transaction)."""
+        with self._receipts_lock:
+            digests, self._receipts = self._receipts, []
+        if not digests:
+            return 0
+        count, newest_sent = self.outbox.confirm(digests)
+        self.confirmed += count
+        self.resend.confirmed(newest_sent)
+        return count
 
     @property
     def device_id(self) -> str:
@@ -95,11 +129,13 @@ class EdgeAgent:
 
     def flush(self, timeout: float = 10.0) -> int:
         """Publish unsent batches in seq order; release only the acknowledged prefix."""
+        self.apply_receipts()
         if self.link is None or not self.link.is_connected:
             return 0
         published = 0
+        plan = self.resend.plan()
         while True:
-            unsent = self.outbox.unsent(200)
+            unsent = self.outbox.unsent(200, plan)
             if not unsent:
                 break
             try:
@@ -110,6 +146,9 @@ class EdgeAgent:
                 log.warning("publish failed, %d batches stay in the outbox: %s", len(unsent), exc)
                 break
             self.outbox.mark_sent([seq for seq, _ in unsent[:acked]])
+            if acked and plan.probe:
+                self.resend.probed()  # anything sent on a quiet path serves as its probe
+                plan = ResendPlan(plan.before_ms, 0, plan.probe_before_ms)
             published += acked
             if acked < len(unsent):
                 break
@@ -126,6 +165,7 @@ class EdgeAgent:
             self.flush()
 
     def health(self) -> dict[str, Any]:
+        self.apply_receipts()
         return {
             "device_id": self.device_id,
             "agent_version": __version__,
@@ -133,6 +173,7 @@ class EdgeAgent:
             "driver": self.settings.driver.name,
             "outbox": asdict(self.outbox.stats()),
             "published": self.published,
+            "confirmed": self.confirmed,
             "time_ms": self.clock.now_ms(),
         }
 
@@ -154,7 +195,7 @@ class EdgeAgent:
             self.collect(self.clock.now_ms())
             self.seal_all()
             self.flush()
-            if self.outbox.stats().sealed_batches:
+            if self.outbox.stats().unpublished_batches:
                 wait = backoff
                 backoff = min(backoff * 2, 30.0)
             else:

@@ -3,22 +3,37 @@
 SQLite in WAL mode with ``synchronous=FULL``: a committed reading or sealed batch
 survives a power cut. Sealing takes the oldest unsealed readings, signs them as the next
 batch of the device's hash chain and stores the exact bytes in one transaction; the
-same bytes are re-sent until the broker acknowledges them, so a seq never changes
-content. Over the bound, the oldest *unsealed* readings are dropped, counted and logged.
+same bytes are re-sent until they are confirmed, so a seq never changes content.
+
+A sealed batch leaves the outbox when the gateway's receipt names it (the gateway has
+buffered it durably); the broker's PUBACK alone only marks it published, and a batch
+published but not confirmed is published again when :mod:`civicmesh.custody` says so.
+A broker that loses its queue on restart therefore loses nothing. (With ``await_receipts`` off, the
+PUBACK releases it, for a setup without a civicmesh gateway.)
+
+Over the bound, the oldest *unsealed* readings are dropped, counted and logged.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from civicmesh.custody import ResendPlan
 from civicmesh.identity import Signer
 from civicmesh.metrics import BY_CODE, BY_NAME
-from civicmesh.protocol import GENESIS_HASH, Reading, SignedBatch, make_payload, seal_batch
+from civicmesh.protocol import (
+    GENESIS_HASH,
+    Reading,
+    SignedBatch,
+    make_payload,
+    message_digest,
+    seal_batch,
+)
+from civicmesh.sqlite_state import open_state
 from civicmesh.timeutil import now_ms
 
 log = logging.getLogger(__name__)
@@ -44,51 +59,38 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
         INSERT INTO head (id, seq, hash) VALUES (1, 0, zeroblob(32));
         """,
     ),
+    (
+        2,
+        "receipts",
+        """
+        ALTER TABLE sealed ADD COLUMN digest BLOB;
+        ALTER TABLE sealed ADD COLUMN published_ms INTEGER;
+        UPDATE sealed SET digest = message_digest(message);
+        CREATE INDEX sealed_digest ON sealed (digest)
+        """,
+    ),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxStats:
     pending_readings: int
-    sealed_batches: int
+    sealed_batches: int  # sealed and not yet confirmed by a receipt
+    unpublished_batches: int  # of those, not yet acknowledged by the broker
     oldest_pending_ms: int | None
     last_seq: int
     dropped_total: int
 
 
 class Outbox:
-    def __init__(self, path: Path, *, max_readings: int = 500_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, path: Path, *, max_readings: int = 500_000, await_receipts: bool = True
+    ) -> None:
         self.path = path
         self.max_readings = max_readings
+        self.await_receipts = await_receipts
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
-
-    def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-            )
-            done = {row[0] for row in self._db.execute("SELECT version FROM schema_migrations")}
-            for version, name, sql in MIGRATIONS:
-                if version in done:
-                    continue
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for statement in sql.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)", (version, name, now_ms())
-                    )
-                    self._db.execute("COMMIT")
-                except sqlite3.Error:
-                    self._db.execute("ROLLBACK")
-                    raise
+        self._db = open_state(path, MIGRATIONS)
 
     def close(self) -> None:
         with self._lock:
@@ -150,8 +152,15 @@ class Outbox:
                 )
                 batch = seal_batch(signer, payload)
                 self._db.execute(
-                    "INSERT INTO sealed (seq, hash, message, sealed_ms) VALUES (?, ?, ?, ?)",
-                    (batch.seq, batch.hash, batch.message, payload.sealed_at_ms),
+                    "INSERT INTO sealed (seq, hash, message, sealed_ms, digest) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        batch.seq,
+                        batch.hash,
+                        batch.message,
+                        payload.sealed_at_ms,
+                        message_digest(batch.message),
+                    ),
                 )
                 self._db.execute("DELETE FROM pending WHERE id <= ?", (rows[-1][0],))
                 self._db.execute(
@@ -163,24 +172,59 @@ class Outbox:
                 raise
         return batch
 
-    def unsent(self, limit: int = 200) -> list[tuple[int, bytes]]:
+    def unsent(self, limit: int = 200, plan: ResendPlan | None = None) -> list[tuple[int, bytes]]:
+        """Sealed batches to publish, in seq order: those never published, and those the
+        resend ``plan`` (see :mod:`civicmesh.custody`) says to publish again."""
+        plan = plan or ResendPlan(0, 0, 0)
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, message FROM sealed ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, message FROM sealed WHERE published_ms IS NULL OR published_ms < ? "
+                "UNION SELECT * FROM (SELECT seq, message FROM sealed WHERE published_ms < ? "
+                "ORDER BY seq LIMIT ?) ORDER BY seq LIMIT ?",
+                (plan.before_ms, plan.probe_before_ms, plan.probe, limit),
             ).fetchall()
         return [(seq, bytes(message)) for seq, message in rows]
 
     def mark_sent(self, seqs: Sequence[int]) -> None:
+        """The broker acknowledged these batches. Awaiting receipts, they stay until
+        :meth:`confirm`; otherwise they leave the outbox now."""
         if not seqs:
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany("DELETE FROM sealed WHERE seq = ?", [(s,) for s in seqs])
+            if self.await_receipts:
+                stamp = now_ms()
+                self._db.executemany(
+                    "UPDATE sealed SET published_ms = ? WHERE seq = ?", [(stamp, s) for s in seqs]
+                )
+            else:
+                self._db.executemany("DELETE FROM sealed WHERE seq = ?", [(s,) for s in seqs])
             self._db.execute("COMMIT")
+
+    def confirm(self, digests: Sequence[bytes]) -> tuple[int, int | None]:
+        """A receipt names these message digests: those batches leave the outbox.
+
+        Returns how many left and the latest time one of them was published."""
+        if not digests:
+            return 0, None
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            removed, newest = 0, None
+            for digest in digests:
+                for (published,) in self._db.execute(
+                    "DELETE FROM sealed WHERE digest = ? RETURNING published_ms", (digest,)
+                ).fetchall():
+                    removed += 1
+                    if published is not None and (newest is None or published > newest):
+                        newest = int(published)
+            self._db.execute("COMMIT")
+        return removed, newest
 
     def stats(self) -> OutboxStats:
         with self._lock:
             pending, oldest = self._db.execute("SELECT count(*), min(ts) FROM pending").fetchone()
-            (sealed,) = self._db.execute("SELECT count(*) FROM sealed").fetchone()
+            sealed, unpublished = self._db.execute(
+                "SELECT count(*), count(*) - count(published_ms) FROM sealed"
+            ).fetchone()
             seq, dropped = self._db.execute("SELECT seq, dropped_total FROM head").fetchone()
-        return OutboxStats(pending, sealed, oldest, seq, dropped)
+        return OutboxStats(pending, sealed, unpublished, oldest, seq, dropped)

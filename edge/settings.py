@@ -39,4 +39,12 @@ class EdgeSettings(ServiceSettings):
         "drop_oldest",
         description="Past the bound the oldest UNSEALED readings are dropped, counted, logged",
     )
+    await_receipts: bool = Field(
+        True,
+        description="Keep a published batch until the gateway's receipt names it "
+        "(off: the broker's PUBACK releases it, for a setup without a civicmesh gateway)",
+    )
+    resend_after_s: float = Field(
+        60.0, gt=0, le=86_400, description="Publish again a batch still without a receipt"
+    )
     health_interval_s: float = Field(60.0, gt=0, description="Seconds between health messages")

@@ -2,48 +2,61 @@
 
 Accepting a batch updates its device's chain head and enqueues its envelope in one
 transaction, so a killed gateway neither loses a batch nor forwards one twice as new.
-Forwarded envelopes are kept for ``keep_forwarded_hours`` for replay after a central loss.
+An envelope is *forwarded* once the upstream broker acknowledged it and *confirmed* once
+ingest's receipt names it; forwarded but unconfirmed envelopes are forwarded again as
+:mod:`civicmesh.custody` decides. Confirmed envelopes are kept for
+``keep_forwarded_hours``, for replay after a central loss and to recognise a device
+re-sending a batch the gateway already has.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
-from civicmesh.protocol import ChainHead
+from civicmesh.custody import ResendPlan
+from civicmesh.protocol import ChainHead, message_digest
+from civicmesh.sqlite_state import open_state
 from civicmesh.timeutil import now_ms
 
-SCHEMA = (
-    "CREATE TABLE heads (device_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL)",
-    "CREATE TABLE outgoing (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
-    "body BLOB NOT NULL, created_ms INTEGER NOT NULL, forwarded_ms INTEGER)",
-    "CREATE INDEX outgoing_pending ON outgoing (id) WHERE forwarded_ms IS NULL",
+MIGRATIONS = (
+    (
+        1,
+        "initial",
+        """
+        CREATE TABLE heads (device_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash BLOB NOT NULL);
+        CREATE TABLE outgoing (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+            body BLOB NOT NULL, created_ms INTEGER NOT NULL, forwarded_ms INTEGER);
+        CREATE INDEX outgoing_pending ON outgoing (id) WHERE forwarded_ms IS NULL
+        """,
+    ),
+    (
+        2,
+        "receipts",
+        """
+        ALTER TABLE outgoing ADD COLUMN digest BLOB;
+        ALTER TABLE outgoing ADD COLUMN confirmed_ms INTEGER;
+        ALTER TABLE outgoing ADD COLUMN device_id TEXT;
+        ALTER TABLE outgoing ADD COLUMN seq INTEGER;
+        ALTER TABLE outgoing ADD COLUMN device_digest BLOB;
+        ALTER TABLE outgoing ADD COLUMN batch_hash BLOB;
+        ALTER TABLE outgoing ADD COLUMN prev_hash BLOB;
+        UPDATE outgoing SET digest = message_digest(body);
+        UPDATE outgoing SET confirmed_ms = forwarded_ms;
+        CREATE INDEX outgoing_digest ON outgoing (digest);
+        CREATE INDEX outgoing_device_seq ON outgoing (device_id, seq);
+        CREATE INDEX outgoing_unconfirmed ON outgoing (forwarded_ms) WHERE confirmed_ms IS NULL
+        """,
+    ),
 )
 
 
 class GatewayBuffer:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, await_receipts: bool = True) -> None:
+        self.await_receipts = await_receipts
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
-
-    def _migrate(self) -> None:
-        with self._lock:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
-            )
-            if self._db.execute("SELECT 1 FROM schema_migrations WHERE version = 1").fetchone():
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            for statement in SCHEMA:
-                self._db.execute(statement)
-            self._db.execute("INSERT INTO schema_migrations VALUES (1, 'initial', ?)", (now_ms(),))
-            self._db.execute("COMMIT")
+        self._db = open_state(path, MIGRATIONS)
 
     def head(self, device_id: str) -> ChainHead | None:
         with self._lock:
@@ -52,19 +65,75 @@ class GatewayBuffer:
             ).fetchone()
         return None if row is None else ChainHead(int(row[0]), bytes(row[1]))
 
-    def accept(self, device_id: str, seq: int, digest: bytes, topic: str, body: bytes) -> None:
-        """Advance the device's chain head and enqueue its envelope, atomically."""
+    def known_digest(self, device_id: str, seq: int) -> bytes | None:
+        """The digest of the device message accepted as (device, seq), while it is kept."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT device_digest FROM outgoing WHERE device_id = ? AND seq = ?",
+                (device_id, seq),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def links_behind_head(
+        self, device_id: str, seq: int, batch_hash: bytes, prev_hash: bytes
+    ) -> str | None:
+        """Can a batch behind the device's head be accepted? None when it can, else why not.
+
+        A batch lost on the way and re-sent arrives after its successors were accepted
+        across a gap. It fills the gap when its seq is still free and it links to the
+        neighbours the buffer knows: a taken seq or a broken link is a fork."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, batch_hash, prev_hash FROM outgoing "
+                "WHERE device_id = ? AND seq BETWEEN ? AND ?",
+                (device_id, seq - 1, seq + 1),
+            ).fetchall()
+        for other, other_hash, other_prev in rows:
+            if other == seq:
+                return f"seq {seq} was already accepted with other content"
+            if other == seq + 1 and other_prev is not None and bytes(other_prev) != batch_hash:
+                return f"seq {seq + 1} names another batch as its predecessor"
+            if other == seq - 1 and other_hash is not None and bytes(other_hash) != prev_hash:
+                return f"it names another batch than the accepted seq {seq - 1} as previous"
+        return None
+
+    def accept(
+        self,
+        device_id: str,
+        seq: int,
+        digest: bytes,
+        topic: str,
+        body: bytes,
+        device_message: bytes,
+        *,
+        prev_hash: bytes | None = None,
+        advance_head: bool = True,
+    ) -> None:
+        """Advance the device's chain head (unless filling a gap behind it) and enqueue
+        its envelope, atomically."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if advance_head:
+                    self._db.execute(
+                        "INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT (device_id) "
+                        "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                        (device_id, seq, digest),
+                    )
                 self._db.execute(
-                    "INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT (device_id) "
-                    "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                    (device_id, seq, digest),
-                )
-                self._db.execute(
-                    "INSERT INTO outgoing (topic, body, created_ms) VALUES (?, ?, ?)",
-                    (topic, body, now_ms()),
+                    "INSERT INTO outgoing (topic, body, created_ms, digest, device_id, seq, "
+                    "device_digest, batch_hash, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        topic,
+                        body,
+                        now_ms(),
+                        message_digest(body),
+                        device_id,
+                        seq,
+                        message_digest(device_message),
+                        digest,
+                        prev_hash,
+                    ),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -74,42 +143,73 @@ class GatewayBuffer:
     def enqueue(self, topic: str, body: bytes) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO outgoing (topic, body, created_ms) VALUES (?, ?, ?)",
-                (topic, body, now_ms()),
+                "INSERT INTO outgoing (topic, body, created_ms, digest) VALUES (?, ?, ?, ?)",
+                (topic, body, now_ms(), message_digest(body)),
             )
 
-    def pending(self, limit: int) -> list[tuple[int, str, bytes]]:
+    def pending(self, limit: int, plan: ResendPlan | None = None) -> list[tuple[int, str, bytes]]:
+        """Envelopes to forward, in order: never forwarded, or forwarded and unconfirmed
+        where the resend ``plan`` (see :mod:`civicmesh.custody`) says to send again."""
+        plan = plan or ResendPlan(0, 0, 0)
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, topic, body FROM outgoing WHERE forwarded_ms IS NULL "
+                "UNION SELECT id, topic, body FROM outgoing "
+                "WHERE confirmed_ms IS NULL AND forwarded_ms < ? "
+                "UNION SELECT * FROM (SELECT id, topic, body FROM outgoing "
+                "WHERE confirmed_ms IS NULL AND forwarded_ms < ? ORDER BY id LIMIT ?) "
                 "ORDER BY id LIMIT ?",
-                (limit,),
+                (plan.before_ms, plan.probe_before_ms, plan.probe, limit),
             ).fetchall()
         return [(int(i), str(t), bytes(b)) for i, t, b in rows]
 
-    def mark_forwarded(self, ids: list[int]) -> None:
+    def mark_forwarded(self, ids: Sequence[int]) -> None:
         if not ids:
             return
         stamp = now_ms()
+        confirmed = None if self.await_receipts else stamp
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "UPDATE outgoing SET forwarded_ms = ? WHERE id = ?", [(stamp, i) for i in ids]
+                "UPDATE outgoing SET forwarded_ms = ?, confirmed_ms = ? WHERE id = ?",
+                [(stamp, confirmed, i) for i in ids],
             )
             self._db.execute("COMMIT")
+
+    def confirm(self, digests: Sequence[bytes]) -> tuple[int, int | None]:
+        """Ingest's receipt names these envelope digests: they need no more forwarding.
+
+        Returns how many were confirmed and the latest time one of them was forwarded."""
+        if not digests:
+            return 0, None
+        stamp = now_ms()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            confirmed, newest = 0, None
+            for digest in digests:
+                for (forwarded,) in self._db.execute(
+                    "UPDATE outgoing SET confirmed_ms = ?, forwarded_ms = coalesce(forwarded_ms, ?)"
+                    " WHERE digest = ? AND confirmed_ms IS NULL RETURNING forwarded_ms",
+                    (stamp, stamp, digest),
+                ).fetchall():
+                    confirmed += 1
+                    newest = forwarded if newest is None else max(newest, forwarded)
+            self._db.execute("COMMIT")
+        return confirmed, newest
 
     def prune(self, older_than_ms: int) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "DELETE FROM outgoing WHERE forwarded_ms IS NOT NULL AND forwarded_ms < ?",
+                "DELETE FROM outgoing WHERE confirmed_ms IS NOT NULL AND confirmed_ms < ?",
                 (older_than_ms,),
             )
         return int(cursor.rowcount)
 
     def backlog(self) -> int:
+        """Envelopes not yet confirmed (with receipts) or not yet forwarded (without)."""
         with self._lock:
             (count,) = self._db.execute(
-                "SELECT count(*) FROM outgoing WHERE forwarded_ms IS NULL"
+                "SELECT count(*) FROM outgoing WHERE confirmed_ms IS NULL"
             ).fetchone()
         return int(count)
 

@@ -1,8 +1,11 @@
 """The relay: verify device batches, keep chains, countersign, forward, quarantine.
 
 A device message is acknowledged to the broker only after it was accepted into or
-quarantined in the durable buffer; a forwarder thread publishes the buffer upstream and
-releases only what the upstream broker acknowledged.
+quarantined in the durable buffer, and the device gets a receipt for every batch the
+buffer holds (so its outbox can let go). A forwarder thread publishes the buffer
+upstream; an envelope is done when ingest's receipt names it, and is forwarded again
+when :mod:`civicmesh.custody` finds it lost. A device re-sending a batch the gateway
+already holds (its receipt was lost) gets the receipt again, and nothing is forwarded.
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ from collections import Counter
 from typing import Any
 
 from civicmesh import topics
+from civicmesh.custody import ResendPolicy
 from civicmesh.errors import MqttError
 from civicmesh.identity import Signer
 from civicmesh.mqtt import Message, MqttLink
 from civicmesh.protocol import (
+    MAX_RECEIPT_DIGESTS,
+    ChainForkError,
     ChainVerdict,
     ProtocolError,
+    Receipt,
+    decode_receipt,
+    encode_receipt,
     judge_chain,
+    message_digest,
     open_batch,
     peek_signer,
     raise_for_verdict,
@@ -52,7 +62,9 @@ class Gateway:
         self.registry = registry
         self.device_link = device_link  # create with persistent=True, manual_ack=True
         self.upstream_link = upstream_link
-        self.buffer = GatewayBuffer(settings.state_dir / "buffer.db")
+        self.buffer = GatewayBuffer(
+            settings.state_dir / "buffer.db", await_receipts=settings.await_receipts
+        )
         self.up_topic = topics.gateway_up(signer.key_id)
         self.quarantine_topic = topics.quarantine("gw", signer.key_id)
         self._stop = threading.Event()
@@ -62,9 +74,15 @@ class Gateway:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._quarantined: Counter[str] = Counter()
+        self._device_receipts: dict[str, list[bytes]] = {}
+        self.resend = ResendPolicy(settings.resend_after_s)
 
     def start(self) -> None:
         """Subscribe to device uplinks and start forwarding (works before or after connect)."""
+        if self.settings.await_receipts:
+            self.upstream_link.subscribe(
+                topics.gateway_receipt(self.signer.key_id), self._on_upstream_receipt
+            )
         self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
         self._forwarder.start()
 
@@ -99,21 +117,48 @@ class Gateway:
                     f"batch of {batch.device_id} arrived on another device's topic {message.topic}"
                 )
             head = self.buffer.head(batch.device_id)
-            verdict = judge_chain(head, batch)
-            raise_for_verdict(verdict, batch, head)
-            if verdict is ChainVerdict.GAP:
-                self._count("chain_gaps")
-                log.warning(
-                    "chain gap: device %s jumped to seq %d (head %s)",
-                    batch.device_id,
-                    batch.seq,
-                    None if head is None else head.seq,
+            advance_head = True
+            if head is not None and batch.seq <= head.seq:
+                if self._is_resent(batch.device_id, batch.seq, message.payload):
+                    self._count("duplicates")
+                    self._receipt_for(batch.device_id, message.payload)
+                    self.device_link.ack(message)
+                    return
+                why_not = self.buffer.links_behind_head(
+                    batch.device_id, batch.seq, batch.hash, batch.payload.prev_hash
                 )
+                if why_not is not None:
+                    raise ChainForkError(
+                        f"device {batch.device_id} seq {batch.seq} forks the chain: {why_not}"
+                    )
+                # A re-sent batch that was lost while its successors got through.
+                advance_head = False
+                self._count("gaps_filled")
+                log.info("device %s seq %d fills a gap", batch.device_id, batch.seq)
+            if advance_head:
+                verdict = judge_chain(head, batch)
+                raise_for_verdict(verdict, batch, head)
+                if verdict is ChainVerdict.GAP:
+                    self._count("chain_gaps")
+                    log.warning(
+                        "chain gap: device %s jumped to seq %d (head %s)",
+                        batch.device_id,
+                        batch.seq,
+                        None if head is None else head.seq,
+                    )
             envelope = wrap_envelope(self.signer, message.payload, now_ms())
             self.buffer.accept(
-                batch.device_id, batch.seq, batch.hash, self.up_topic, envelope.message
+                batch.device_id,
+                batch.seq,
+                batch.hash,
+                self.up_topic,
+                envelope.message,
+                message.payload,
+                prev_hash=batch.payload.prev_hash,
+                advance_head=advance_head,
             )
             self._count("accepted")
+            self._receipt_for(batch.device_id, message.payload)
         except ProtocolError as exc:
             if device_id is None:
                 try:
@@ -137,13 +182,59 @@ class Gateway:
         # Acknowledge only now: the message is durably accepted or quarantined.
         self.device_link.ack(message)
 
+    def _is_resent(self, device_id: str, seq: int, device_message: bytes) -> bool:
+        """Is this exactly the message already accepted as (device, seq)?"""
+        return self.buffer.known_digest(device_id, seq) == message_digest(device_message)
+
+    def _receipt_for(self, device_id: str, device_message: bytes) -> None:
+        with self._lock:
+            self._device_receipts.setdefault(device_id, []).append(message_digest(device_message))
+
+    def _send_device_receipts(self) -> None:
+        """Publish the receipts collected since the last call, one message per device.
+
+        At QoS 0: a lost receipt only makes the device re-send the batch,
+        which :meth:`_on_message` recognises and answers with the receipt again.
+        """
+        with self._lock:
+            pending, self._device_receipts = self._device_receipts, {}
+        if not pending or not self.device_link.is_connected:
+            if pending:
+                with self._lock:
+                    for device_id, digests in pending.items():
+                        self._device_receipts.setdefault(device_id, []).extend(digests)
+            return
+        for device_id, digests in pending.items():
+            for start in range(0, len(digests), MAX_RECEIPT_DIGESTS):
+                receipt = Receipt(
+                    self.signer.key_id, tuple(digests[start : start + MAX_RECEIPT_DIGESTS])
+                )
+                try:
+                    self.device_link.publish(
+                        topics.device_receipt(device_id), encode_receipt(receipt), qos=0
+                    )
+                except MqttError as exc:
+                    log.info("receipt to device %s not sent (%s); it will re-send", device_id, exc)
+
+    def _on_upstream_receipt(self, message: Message) -> None:
+        try:
+            receipt = decode_receipt(message.payload)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed receipt on %s: %s", message.topic, exc.reason)
+            return
+        count, newest_forwarded = self.buffer.confirm(receipt.digests)
+        self._count("confirmed", count)
+        self.resend.confirmed(newest_forwarded)
+
     # ------------------------------------------------------------------ forward
 
     def _forward_loop(self) -> None:
         backoff = 0.5
         next_prune = 0.0
         while not self._stop.is_set():
-            items = self.buffer.pending(self.settings.forward_batch_size)
+            self._send_device_receipts()
+            plan = self.resend.plan() if self.settings.await_receipts else None
+            items = self.buffer.pending(self.settings.forward_batch_size, plan)
             if not items:
                 self._stop.wait(0.05)
                 continue
@@ -157,6 +248,8 @@ class Gateway:
                 log.warning("upstream publish failed (%s); %d items kept", exc, len(items))
                 acked = 0
             self.buffer.mark_forwarded([i for i, _, _ in items[:acked]])
+            if acked and plan is not None and plan.probe:
+                self.resend.probed()  # anything forwarded on a quiet path serves as its probe
             self._count("forwarded", acked)
             if acked < len(items):
                 self._stop.wait(backoff)

@@ -31,6 +31,14 @@ class GatewaySettings(ServiceSettings):
         description="Broker of the central service (may be the same)",
     )
     forward_batch_size: int = Field(200, ge=1, le=5000, description="Envelopes per publish burst")
+    await_receipts: bool = Field(
+        True,
+        description="Keep a forwarded envelope until ingest's receipt names it "
+        "(off: the upstream broker's PUBACK releases it)",
+    )
+    resend_after_s: float = Field(
+        60.0, gt=0, le=86_400, description="Forward again an envelope still without a receipt"
+    )
     keep_forwarded_hours: float = Field(
         168.0, ge=0, le=24 * 365, description="Forwarded envelopes kept for replay after a loss"
     )

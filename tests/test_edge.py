@@ -15,11 +15,19 @@ import pytest
 
 from civicmesh import topics
 from civicmesh.config import load_settings
+from civicmesh.custody import ResendPlan
 from civicmesh.drivers import SampleBlock
 from civicmesh.identity import Ed25519Signer
 from civicmesh.metrics import Quality
 from civicmesh.mqtt import Message, MqttLink
-from civicmesh.protocol import GENESIS_HASH, Reading, open_batch
+from civicmesh.protocol import (
+    GENESIS_HASH,
+    Reading,
+    Receipt,
+    encode_receipt,
+    message_digest,
+    open_batch,
+)
 from edge.agent import EdgeAgent
 from edge.outbox import Outbox
 from edge.settings import EdgeSettings
@@ -96,8 +104,55 @@ def test_outbox_seals_a_hash_chain_and_survives_reopen(tmp_path: Path) -> None:
     assert [len(b.payload.readings) for b in (first, second, third)] == [8, 8, 4]
     assert [seq for seq, _ in outbox.unsent()] == [1, 2, 3]
     assert outbox.unsent()[0][1] == first.message  # re-sent byte for byte
-    outbox.mark_sent([1, 2])
-    assert outbox.stats().sealed_batches == 1 and outbox.stats().last_seq == 3
+    outbox.close()
+    without_gateway = Outbox(tmp_path / "o.db", await_receipts=False)
+    without_gateway.mark_sent([1, 2])  # the PUBACK alone releases them
+    assert without_gateway.stats().sealed_batches == 1 and without_gateway.stats().last_seq == 3
+    without_gateway.close()
+
+
+def test_outbox_releases_on_receipt_and_resends_what_has_none(tmp_path: Path) -> None:
+    signer = Ed25519Signer.from_seed(b"g" * 32)
+    outbox = Outbox(tmp_path / "o.db")
+    outbox.add([Reading(T0 + i * 60_000, "no2", float(i)) for i in range(3)])
+    batches = [outbox.seal(signer, 1) for _ in range(3)]
+    messages = [b.message for b in batches if b is not None]
+    assert [m for _, m in outbox.unsent()] == messages
+
+    before = time.time_ns() // 10**6
+    outbox.mark_sent([1, 2, 3])  # PUBACK: published, still kept
+    after = time.time_ns() // 10**6
+    assert outbox.unsent() == []
+    assert outbox.unsent(plan=ResendPlan(before, 0, 0)) == []
+    stats = outbox.stats()
+    assert (stats.sealed_batches, stats.unpublished_batches) == (3, 0)
+
+    removed, newest = outbox.confirm([message_digest(messages[1])])
+    assert removed == 1 and newest is not None and before <= newest <= after
+    assert outbox.confirm([message_digest(b"not one of ours")]) == (0, None)
+    assert outbox.confirm([message_digest(messages[1])]) == (0, None)  # harmless twice
+    # What the plan names is published again: the same bytes, in seq order.
+    assert outbox.unsent(plan=ResendPlan(after + 1, 0, 0)) == [(1, messages[0]), (3, messages[2])]
+    assert outbox.unsent(plan=ResendPlan(0, 1, after + 1)) == [(1, messages[0])]  # a probe
+    outbox.close()
+    reopened = Outbox(tmp_path / "o.db")
+    assert reopened.stats().sealed_batches == 2
+    assert reopened.confirm([message_digest(m) for m in messages])[0] == 2
+    assert reopened.stats().sealed_batches == 0 and reopened.stats().last_seq == 3
+    reopened.close()
+
+
+def test_outbox_migration_keys_batches_sealed_before_receipts(tmp_path: Path) -> None:
+    from civicmesh.sqlite_state import open_state
+    from edge.outbox import MIGRATIONS
+
+    old = open_state(tmp_path / "o.db", MIGRATIONS[:1])  # an outbox of the first release
+    old.execute("INSERT INTO sealed (seq, hash, message, sealed_ms) VALUES (1, x'00', x'abcd', 0)")
+    old.close()
+    outbox = Outbox(tmp_path / "o.db")
+    assert outbox.unsent() == [(1, b"\xab\xcd")]
+    assert outbox.confirm([message_digest(b"\xab\xcd")]) == (1, None)
+    outbox.close()
 
 
 def test_outbox_bound_drops_oldest_unsealed_and_counts(tmp_path: Path) -> None:
@@ -162,10 +217,17 @@ def test_agent_buffers_through_an_outage_and_drains_in_order(
     broker = mosquitto
     signer = Ed25519Signer.from_seed(os.urandom(32))
     received: list[Message] = []
-    # Persistent, so the broker keeps its subscription (and queue) across the restart.
+    # Plays the gateway: keeps what arrives and answers with a receipt. Persistent, so
+    # the broker keeps its subscription (and queue) across the restart.
     listener = MqttLink(broker.url, f"listener-{signer.key_id}", persistent=True)  # type: ignore[attr-defined]
+
+    def gateway(message: Message) -> None:
+        received.append(message)
+        receipt = Receipt("gateway-test", (message_digest(message.payload),))
+        listener.publish(topics.device_receipt(signer.key_id), encode_receipt(receipt), qos=0)
+
     listener.connect()
-    listener.subscribe(topics.device_up(signer.key_id), received.append)
+    listener.subscribe(topics.device_up(signer.key_id), gateway)
     link = MqttLink(broker.url, f"agent-{signer.key_id}")  # type: ignore[attr-defined]
     link.connect()
     agent = EdgeAgent(settings_for(tmp_path, broker.url), signer, RampDriver(), link)  # type: ignore[attr-defined]
@@ -173,6 +235,10 @@ def test_agent_buffers_through_an_outage_and_drains_in_order(
         agent.collect(T0 + 30 * 60_000)
         agent.seal_all()
         assert agent.flush() == 5  # 30 readings in batches of 7
+        deadline = time.monotonic() + 10
+        while agent.health()["outbox"]["sealed_batches"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert agent.health()["outbox"]["sealed_batches"] == 0, "receipts release the batches"
 
         broker.stop()  # type: ignore[attr-defined]
         agent.collect(T0 + 60 * 60_000)

@@ -1,11 +1,11 @@
 """End to end: simulator -> edge -> gateway -> broker -> ingest (own process) -> store.
 
-Runs on two stacks: a private Mosquitto with PostgreSQL, and the embedded broker (amqtt)
-with the embedded SQLite store. Mid-stream the broker is restarted and the ingest
-process is killed with SIGKILL and started again. Afterwards the store must hold exactly
-the readings the simulator produced (count and values), every stored batch's device and
-gateway signatures must verify, the hash chain must be intact, and no (device, seq) may
-be stored twice.
+Runs on two stacks: a private Mosquitto with PostgreSQL, and the embedded broker (amqtt,
+which keeps nothing over a restart) with the embedded SQLite store. Mid-stream the
+broker is restarted and the ingest process is killed with SIGKILL and started again.
+Afterwards the store must hold exactly the readings the simulator produced (count and
+values), every stored batch's device and gateway signatures must verify, the hash chain
+must be intact, and no (device, seq) may be stored twice.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HOUR_MS = 3600 * 1000
 SPAN_HOURS = 12
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z: fixed, so expected readings are exact
+RESEND_AFTER_S = 3.0  # short, so what a restart lost is sent again within the test
 
 
 def signer_for(name: str) -> Ed25519Signer:
@@ -52,8 +53,7 @@ def signer_for(name: str) -> Ed25519Signer:
 class Stack:
     mqtt_url: str
     database_url: str
-    restart_broker: Any  # () -> None, or None where a restart would lose queued messages
-    disturb: bool = True  # restart the broker and SIGKILL ingest mid-stream
+    restart_broker: Any  # () -> None
 
 
 class IngestProcess:
@@ -120,12 +120,16 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         broker = EmbeddedBroker(host="127.0.0.1", port=0)
         broker.start()
 
-        # amqtt keeps session queues in memory only (a restart loses what it acknowledged
-        # but had not delivered), and after a subscriber is SIGKILLed it does not reliably
-        # redeliver its unacknowledged messages. Until end-to-end commit receipts exist
-        # (ingest -> gateway -> edge), the embedded stack runs undisturbed.
+        def restart() -> None:
+            broker.stop()
+            broker.start()
+
+        # amqtt keeps session queues in memory only: a restart loses what it acknowledged
+        # but had not delivered, and after a SIGKILL it does not reliably redeliver a
+        # subscriber's unacknowledged messages. Receipts (ingest -> gateway -> edge) and
+        # re-sending what has none are what make this stack lose nothing.
         try:
-            yield Stack(broker.url, f"sqlite:///{tmp_path / 'store.db'}", None, disturb=False)
+            yield Stack(broker.url, f"sqlite:///{tmp_path / 'store.db'}", restart)
         finally:
             broker.stop()
 
@@ -173,6 +177,7 @@ def test_pipeline_end_to_end_with_restarts(stack: Stack, tmp_path: Path) -> None
                 "state_dir": str(tmp_path / "gw"),
                 "device_mqtt": {"url": stack.mqtt_url},
                 "upstream_mqtt": {"url": stack.mqtt_url},
+                "resend_after_s": RESEND_AFTER_S,
             },
         )
         gw_dev = MqttLink(stack.mqtt_url, "e2e-gw-dev", persistent=True, manual_ack=True)
@@ -197,6 +202,7 @@ def test_pipeline_end_to_end_with_restarts(stack: Stack, tmp_path: Path) -> None
                     "mqtt": {"url": stack.mqtt_url},
                     "driver": {"name": "sim", "options": options},
                     "batch_max_readings": 120,
+                    "resend_after_s": RESEND_AFTER_S,
                 },
             )
             signer = signers[device.name]
@@ -212,9 +218,9 @@ def test_pipeline_end_to_end_with_restarts(stack: Stack, tmp_path: Path) -> None
                 agent.collect(now)
                 agent.seal_all()
                 agent.flush(timeout=5)
-            if hour == SPAN_HOURS // 3 and stack.restart_broker is not None:
+            if hour == SPAN_HOURS // 3:
                 stack.restart_broker()
-            if hour == 2 * SPAN_HOURS // 3 and stack.disturb:
+            if hour == 2 * SPAN_HOURS // 3:
                 ingest.kill()
                 ingest.start()
 
@@ -226,7 +232,8 @@ def test_pipeline_end_to_end_with_restarts(stack: Stack, tmp_path: Path) -> None
             backlog = sum(a.health()["outbox"]["sealed_batches"] for a in agents.values())
             stored = {s.device_id: s.last_seq or 0 for s in store.devices()}
             last = {dev: a.health()["outbox"]["last_seq"] for dev, a in agents.items()}
-            if backlog == 0 and all(stored.get(dev, 0) >= seq for dev, seq in last.items()):
+            settled = backlog == 0 and gateway.stats()["backlog"] == 0
+            if settled and all(stored.get(dev, 0) >= seq for dev, seq in last.items()):
                 break
             time.sleep(0.5)
         else:

@@ -18,9 +18,19 @@ from analytics.store import open_store
 from analytics.store.base import Store
 from civicmesh import topics
 from civicmesh.config import load_settings
+from civicmesh.custody import ResendPlan
 from civicmesh.identity import Ed25519Signer
 from civicmesh.mqtt import MqttLink
-from civicmesh.protocol import GENESIS_HASH, Reading, SignedBatch, make_payload, seal_batch
+from civicmesh.protocol import (
+    GENESIS_HASH,
+    Reading,
+    Receipt,
+    SignedBatch,
+    decode_receipt,
+    make_payload,
+    message_digest,
+    seal_batch,
+)
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry, RegistryFile
 from gateway.relay import Gateway
 from gateway.settings import GatewaySettings
@@ -56,7 +66,13 @@ class Rig:
         self.store.migrate()
         tag = self.gw.key_id
         settings = load_settings(
-            AnalyticsSettings, None, {"registry_file": str(path), "mqtt": {"url": url}}
+            AnalyticsSettings,
+            None,
+            {
+                "registry_file": str(path),
+                "mqtt": {"url": url},
+                "ingest": {"shared_group": f"t-{tag}"},  # no other session takes a share
+            },
         )
         self.ingest_link = MqttLink(url, f"t-ingest-{tag}", manual_ack=True)
         self.ingest = IngestWorker(settings, self.store, RegistryFile(path), self.ingest_link, tag)
@@ -142,14 +158,16 @@ def test_bad_input_is_quarantined_with_reasons_and_service_keeps_running(rig: Ri
     stranger = Ed25519Signer.from_seed(os.urandom(32))
     unknown = seal_batch(stranger, make_payload(stranger.key_id, 1, GENESIS_HASH, T0, []))
     rig.publish(stranger.key_id, unknown.message)
-    rig.publish(rig.device.key_id, batches[0].message)  # replayed seq
+    rig.publish(rig.device.key_id, batches[0].message)  # re-sent: a duplicate, receipted
+    old = seal_batch(rig.device, make_payload(rig.device.key_id, 1, GENESIS_HASH, T0 + 1, []))
+    rig.publish(rig.device.key_id, old.message)  # an old seq with other content: a fork
     rig.publish(rig.other.key_id, batches[2].message)  # right device's batch, wrong topic
 
     expected = sorted(
         [
             "decode.malformed",
             "signature.invalid",
-            "chain.replay",
+            "chain.fork",
             "topic.device_mismatch",
         ]
     )
@@ -164,18 +182,94 @@ def test_bad_input_is_quarantined_with_reasons_and_service_keeps_running(rig: Ri
     rig.publish(rig.device.key_id, batches[3].message)
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
     stats = rig.gateway.stats()
-    assert stats["quarantined_by_reason"]["chain.replay"] == 1
-    assert stats["backlog"] == 0
+    assert stats["quarantined_by_reason"]["chain.fork"] == 1
+    assert stats["duplicates"] == 1
+    rig.wait(lambda: rig.gateway.stats()["backlog"] == 0)
 
 
 def test_chain_heads_survive_a_gateway_restart(tmp_path: Path) -> None:
     from gateway.buffer import GatewayBuffer
 
     buffer = GatewayBuffer(tmp_path / "b.db")
-    buffer.accept("aaaaaaaaaaaaaaaa", 3, b"h" * 32, "t", b"env")
+    buffer.accept("aaaaaaaaaaaaaaaa", 3, b"h" * 32, "t", b"env", b"device message")
     buffer.close()
     reopened = GatewayBuffer(tmp_path / "b.db")
     head = reopened.head("aaaaaaaaaaaaaaaa")
     assert head is not None and head.seq == 3 and head.hash == b"h" * 32
     assert [(t, b) for _, t, b in reopened.pending(10)] == [("t", b"env")]
     reopened.close()
+
+
+def test_buffer_forwards_again_what_has_no_receipt(tmp_path: Path) -> None:
+    from gateway.buffer import GatewayBuffer
+
+    buffer = GatewayBuffer(tmp_path / "b.db")
+    buffer.accept("aaaaaaaaaaaaaaaa", 1, b"h" * 32, "up", b"envelope-1", b"device-1")
+    buffer.enqueue("quarantine", b"record")
+    ids = [i for i, _, _ in buffer.pending(10)]
+    buffer.mark_forwarded(ids)  # upstream PUBACK
+    now = time.time_ns() // 10**6
+    assert buffer.pending(10) == []
+    assert buffer.backlog() == 2  # forwarded, not yet confirmed
+
+    confirmed, newest = buffer.confirm([message_digest(b"envelope-1")])
+    assert confirmed == 1 and newest is not None and newest <= now
+    assert buffer.confirm([message_digest(b"envelope-1")]) == (0, None)
+    # What the plan names is forwarded again: only the unconfirmed one.
+    plan = ResendPlan(now + 1, 0, 0)
+    assert [(t, b) for _, t, b in buffer.pending(10, plan)] == [("quarantine", b"record")]
+    assert [b for _, _, b in buffer.pending(10, ResendPlan(0, 5, now + 1))] == [b"record"]
+    assert buffer.known_digest("aaaaaaaaaaaaaaaa", 1) == message_digest(b"device-1")
+    assert buffer.known_digest("aaaaaaaaaaaaaaaa", 2) is None
+    buffer.close()
+    reopened = GatewayBuffer(tmp_path / "b.db")
+    assert reopened.backlog() == 1
+    assert reopened.prune(now + 10_000) == 1  # only confirmed envelopes are pruned
+    assert reopened.backlog() == 1
+    reopened.close()
+
+
+def test_devices_get_receipts_for_buffered_and_resent_batches(rig: Rig) -> None:
+    receipts: list[Receipt] = []
+    rig.pub.subscribe(
+        topics.device_receipt(rig.device.key_id),
+        lambda m: receipts.append(decode_receipt(m.payload)),
+    )
+    batches = chain(rig.device, 2)
+    for batch in batches:
+        rig.publish(rig.device.key_id, batch.message)
+    rig.wait(lambda: sum(len(r.digests) for r in receipts) == 2)
+    assert [d for r in receipts for d in r.digests] == [message_digest(b.message) for b in batches]
+    assert all(r.issuer == rig.gw.key_id for r in receipts)
+    # Ingest's receipts confirm the forwarded envelopes: nothing left to forward again.
+    rig.wait(lambda: rig.gateway.stats()["backlog"] == 0)
+    assert rig.gateway.stats()["confirmed"] == 2
+
+    rig.publish(rig.device.key_id, batches[0].message)  # its receipt was "lost"
+    rig.wait(lambda: sum(len(r.digests) for r in receipts) == 3)
+    assert receipts[-1].digests == (message_digest(batches[0].message),)
+    assert rig.gateway.stats()["duplicates"] == 1
+    assert stored_seqs(rig) == [1, 2]
+    assert rig.reasons() == []
+
+
+def test_a_batch_lost_on_the_way_fills_its_gap_when_re_sent(rig: Rig) -> None:
+    batches = chain(rig.device, 4)
+    for batch in (batches[0], batches[2], batches[3]):  # seq 2 lost on the way
+        rig.publish(rig.device.key_id, batch.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 3, 4])
+    assert rig.gateway.stats()["chain_gaps"] == 1
+
+    # A different seq 2 does not link to seq 3: a fork, quarantined.
+    other = seal_batch(rig.device, make_payload(rig.device.key_id, 2, batches[0].hash, T0 + 7, []))
+    rig.publish(rig.device.key_id, other.message)
+    rig.publish(rig.device.key_id, batches[1].message)  # the real one, re-sent
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
+    rig.wait(lambda: rig.reasons() == ["chain.fork"])
+    stats = rig.gateway.stats()
+    assert stats["gaps_filled"] == 1
+    assert rig.store.ledger(rig.device.key_id)[1].device_message == batches[1].message
+    # The head stayed at seq 4: the chain goes on from there.
+    extra = seal_batch(rig.device, make_payload(rig.device.key_id, 5, batches[3].hash, T0 + 9, []))
+    rig.publish(rig.device.key_id, extra.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4, 5])

@@ -37,8 +37,11 @@ from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import (
     GENESIS_HASH,
     Reading,
+    Receipt,
     SignedBatch,
+    decode_receipt,
     make_payload,
+    message_digest,
     seal_batch,
     wrap_envelope,
 )
@@ -335,33 +338,40 @@ def test_batches_stored_exactly_once_with_exact_values(
 
 
 @pytest.mark.integration
-def test_same_envelope_twice_is_stored_once_and_recorded_as_replay(
+def test_same_envelope_twice_is_stored_once_counted_and_receipted_twice(
     fleet: Fleet, harness: Harness, store: Store, publisher: MqttLink
 ) -> None:
+    receipts: list[Receipt] = []
+    publisher.subscribe(
+        topics.gateway_receipt(fleet.gateway.key_id),
+        lambda m: receipts.append(decode_receipt(m.payload)),
+    )
     worker = harness.worker(store)
     device = fleet.devices[0]
     envelope = fleet.envelope(fleet.seal(device))
     publisher.publish(fleet.topic, envelope)
     wait_for(lambda: store.counts().batches == 1, what="the first copy stored")
+    wait_for(lambda: len(receipts) == 1, what="the first receipt")
     publisher.publish(fleet.topic, envelope)
-    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 1, what="the replay record")
+    wait_for(lambda: worker.stats()["duplicates"] == 1, what="the redelivery counted")
+    wait_for(lambda: len(receipts) == 2, what="the second receipt")
 
     assert store.counts().batches == 1
     assert store.counts().readings == 2
-    (record,) = mine(store.quarantined(), fleet)
-    assert record.reason == "chain.replay"
-    assert "a redelivery or a replay" in record.detail
-    assert (record.device_id, record.seq) == (device.key_id, 1)
-    assert record.source == "ingest:t"
-    assert record.payload() == envelope
-    assert worker.stats()["duplicates"] == 1
+    # A redelivery is expected under at-least-once delivery: counted, not quarantined.
+    assert not mine(store.quarantined(), fleet)
+    assert [r.digests for r in receipts] == [(message_digest(envelope),)] * 2
+    assert receipts[0].issuer == "ingest:t"
 
     # Same (device, seq) with other content: a fork, and the stored batch stays.
     fleet.heads.pop(device.key_id)
     fork = fleet.seal(device, fleet.readings(1, values=(99.0, 1.0)))
     publisher.publish(fleet.topic, fleet.envelope(fork))
-    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 2, what="the fork record")
-    assert mine(store.quarantined(), fleet)[0].reason == "chain.fork"
+    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 1, what="the fork record")
+    (record,) = mine(store.quarantined(), fleet)
+    assert record.reason == "chain.fork"
+    assert (record.device_id, record.seq) == (device.key_id, 1)
+    assert record.source == "ingest:t"
     assert [v for _, _, v in stored_values(store, device, fleet)] == [12.5, 30.25]
 
 

@@ -271,3 +271,39 @@ def test_device_id_is_bound_to_key() -> None:
     assert derive_id(DEVICE.public_key) == DEVICE.key_id
     assert derive_id(OTHER.public_key) != DEVICE.key_id
     assert len(DEVICE.key_id) == 16
+
+
+@given(
+    issuer=st.text(min_size=1, max_size=64),
+    digests=st.lists(st.binary(min_size=16, max_size=16), max_size=50),
+)
+def test_receipt_round_trip(issuer: str, digests: list[bytes]) -> None:
+    receipt = protocol.Receipt(issuer, tuple(digests))
+    assert protocol.decode_receipt(protocol.encode_receipt(receipt)) == receipt
+
+
+def test_message_digest_names_exact_bytes() -> None:
+    batch = seal_batch(DEVICE, make_payload(DEVICE.key_id, 1, GENESIS_HASH, T0, []))
+    digest = protocol.message_digest(batch.message)
+    assert len(digest) == protocol.DIGEST_BYTES
+    assert protocol.message_digest(batch.message + b"\x00") != digest
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"\xff", "decode.malformed"),
+        (cbor2.dumps({1: 1, 2: "gw"}), "schema.invalid"),
+        (cbor2.dumps({1: 2, 2: "gw", 3: []}), "schema.version"),
+        (cbor2.dumps({1: True, 2: "gw", 3: []}), "schema.version"),
+        (cbor2.dumps({1: 1, 2: 7, 3: []}), "schema.invalid"),
+        (cbor2.dumps({1: 1, 2: "gw", 3: [b"short"]}), "schema.invalid"),
+        (cbor2.dumps({1: 1, 2: "", 3: []}), "schema.invalid"),
+        (cbor2.dumps({1: 1, 2: "gw", 3: []}) + b"\x00", "decode.malformed"),
+        (cbor2.dumps({1: 1, 2: "gw", 3: [bytes(16)] * 5000}), "decode.too_large"),
+    ],
+)
+def test_malformed_receipts_have_named_reasons(body: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode_receipt(body)
+    assert caught.value.reason == reason
