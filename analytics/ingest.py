@@ -6,8 +6,8 @@ verifies every gateway envelope and the device batch inside it, and writes the g
 with ONE ``Store.write_batches`` call plus the quarantine records of everything rejected.
 Only after the store returned are the group's messages acknowledged to the broker, so a
 crash before the commit means a redelivery, never a loss; the store is idempotent on
-``(device_id, seq)``, so a redelivery stores nothing twice (it is counted as a duplicate,
-not quarantined: with at-least-once delivery it is expected).
+``(device_id, seq)``, so a redelivery stores nothing twice (it is counted as a duplicate
+and recorded as a ``chain.replay`` quarantine entry, since a replay looks the same).
 
 After the acknowledgement each gateway gets a receipt naming the messages of its that
 are now committed, stored or quarantined; the gateway forwards again whatever no receipt
@@ -488,21 +488,24 @@ class IngestWorker:
     def _outcome_records(
         self, verified: Sequence[_Verified], outcomes: Sequence[WriteOutcome]
     ) -> list[QuarantineRecord]:
-        """Quarantine records for forks: (device, seq) already stored with another hash.
-
-        A duplicate (same hash) is a redelivery and only counted."""
+        """Quarantine records for what the store already held: a fork (another hash) or a
+        replay (the same hash: a redelivery after a lost receipt, or a replay; harmless,
+        and recorded so an operator sees it)."""
         records = []
         for entry, outcome in zip(verified, outcomes, strict=True):
-            if outcome is not WriteOutcome.CONFLICT:
-                continue
             batch = entry.batch
             where = f"device {batch.device_id} seq {batch.seq}"
-            detail = f"{where} is already stored with another hash: the chain forks"
-            log.warning("fork: %s arrived with another payload hash than the stored one", where)
+            if outcome is WriteOutcome.DUPLICATE:
+                reason = "chain.replay"
+                detail = f"{where} is already stored with the same hash: a redelivery or a replay"
+            elif outcome is WriteOutcome.CONFLICT:
+                reason = "chain.fork"
+                detail = f"{where} is already stored with another hash: the chain forks"
+                log.warning("fork: %s arrived with another payload hash than the stored one", where)
+            else:
+                continue
             records.append(
-                self._record(
-                    entry.item, "chain.fork", detail, device_id=batch.device_id, seq=batch.seq
-                )
+                self._record(entry.item, reason, detail, device_id=batch.device_id, seq=batch.seq)
             )
         return records
 

@@ -5,7 +5,8 @@ quarantined in the durable buffer, and the device gets a receipt for every batch
 buffer holds (so its outbox can let go). A forwarder thread publishes the buffer
 upstream; an envelope is done when ingest's receipt names it, and is forwarded again
 when :mod:`civicmesh.custody` finds it lost. A device re-sending a batch the gateway
-already holds (its receipt was lost) gets the receipt again, and nothing is forwarded.
+already holds (its receipt was lost) gets the receipt again; it is recorded as a
+``chain.replay`` quarantine entry (a replay looks the same) and not forwarded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from civicmesh.protocol import (
     ChainVerdict,
     ProtocolError,
     Receipt,
+    ReplayError,
     decode_receipt,
     encode_receipt,
     judge_chain,
@@ -120,10 +122,14 @@ class Gateway:
             advance_head = True
             if head is not None and batch.seq <= head.seq:
                 if self._is_resent(batch.device_id, batch.seq, message.payload):
+                    # The same bytes again: a device whose receipt was lost, or a replay.
+                    # Either way it is held already; receipt it again and record it.
                     self._count("duplicates")
                     self._receipt_for(batch.device_id, message.payload)
-                    self.device_link.ack(message)
-                    return
+                    raise ReplayError(
+                        f"device {batch.device_id} seq {batch.seq} is already held with the "
+                        "same bytes: a re-send or a replay"
+                    )
                 why_not = self.buffer.links_behind_head(
                     batch.device_id, batch.seq, batch.hash, batch.payload.prev_hash
                 )

@@ -158,7 +158,7 @@ def test_bad_input_is_quarantined_with_reasons_and_service_keeps_running(rig: Ri
     stranger = Ed25519Signer.from_seed(os.urandom(32))
     unknown = seal_batch(stranger, make_payload(stranger.key_id, 1, GENESIS_HASH, T0, []))
     rig.publish(stranger.key_id, unknown.message)
-    rig.publish(rig.device.key_id, batches[0].message)  # re-sent: a duplicate, receipted
+    rig.publish(rig.device.key_id, batches[0].message)  # replayed: recorded and receipted
     old = seal_batch(rig.device, make_payload(rig.device.key_id, 1, GENESIS_HASH, T0 + 1, []))
     rig.publish(rig.device.key_id, old.message)  # an old seq with other content: a fork
     rig.publish(rig.other.key_id, batches[2].message)  # right device's batch, wrong topic
@@ -168,6 +168,7 @@ def test_bad_input_is_quarantined_with_reasons_and_service_keeps_running(rig: Ri
             "decode.malformed",
             "signature.invalid",
             "chain.fork",
+            "chain.replay",
             "topic.device_mismatch",
         ]
     )
@@ -183,6 +184,7 @@ def test_bad_input_is_quarantined_with_reasons_and_service_keeps_running(rig: Ri
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
     stats = rig.gateway.stats()
     assert stats["quarantined_by_reason"]["chain.fork"] == 1
+    assert stats["quarantined_by_reason"]["chain.replay"] == 1
     assert stats["duplicates"] == 1
     rig.wait(lambda: rig.gateway.stats()["backlog"] == 0)
 
@@ -250,7 +252,7 @@ def test_devices_get_receipts_for_buffered_and_resent_batches(rig: Rig) -> None:
     assert receipts[-1].digests == (message_digest(batches[0].message),)
     assert rig.gateway.stats()["duplicates"] == 1
     assert stored_seqs(rig) == [1, 2]
-    assert rig.reasons() == []
+    rig.wait(lambda: rig.reasons() == ["chain.replay"])  # recorded, not forwarded
 
 
 def test_a_batch_lost_on_the_way_fills_its_gap_when_re_sent(rig: Rig) -> None:

@@ -338,7 +338,7 @@ def test_batches_stored_exactly_once_with_exact_values(
 
 
 @pytest.mark.integration
-def test_same_envelope_twice_is_stored_once_counted_and_receipted_twice(
+def test_same_envelope_twice_is_stored_once_recorded_as_replay_and_receipted_twice(
     fleet: Fleet, harness: Harness, store: Store, publisher: MqttLink
 ) -> None:
     receipts: list[Receipt] = []
@@ -358,8 +358,13 @@ def test_same_envelope_twice_is_stored_once_counted_and_receipted_twice(
 
     assert store.counts().batches == 1
     assert store.counts().readings == 2
-    # A redelivery is expected under at-least-once delivery: counted, not quarantined.
-    assert not mine(store.quarantined(), fleet)
+    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 1, what="the replay record")
+    (record,) = mine(store.quarantined(), fleet)
+    assert record.reason == "chain.replay"
+    assert "a redelivery or a replay" in record.detail
+    assert (record.device_id, record.seq) == (device.key_id, 1)
+    assert record.payload() == envelope
+    # Held either way, so the gateway gets its receipt both times.
     assert [r.digests for r in receipts] == [(message_digest(envelope),)] * 2
     assert receipts[0].issuer == "ingest:t"
 
@@ -367,11 +372,10 @@ def test_same_envelope_twice_is_stored_once_counted_and_receipted_twice(
     fleet.heads.pop(device.key_id)
     fork = fleet.seal(device, fleet.readings(1, values=(99.0, 1.0)))
     publisher.publish(fleet.topic, fleet.envelope(fork))
-    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 1, what="the fork record")
-    (record,) = mine(store.quarantined(), fleet)
-    assert record.reason == "chain.fork"
-    assert (record.device_id, record.seq) == (device.key_id, 1)
-    assert record.source == "ingest:t"
+    wait_for(lambda: len(mine(store.quarantined(), fleet)) == 2, what="the fork record")
+    fork_record = next(r for r in mine(store.quarantined(), fleet) if r.reason == "chain.fork")
+    assert (fork_record.device_id, fork_record.seq) == (device.key_id, 1)
+    assert fork_record.source == "ingest:t"
     assert [v for _, _, v in stored_values(store, device, fleet)] == [12.5, 30.25]
 
 
