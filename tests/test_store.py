@@ -168,11 +168,14 @@ def test_open_store_picks_backend_by_scheme(
 
 def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
     first = backend.open()
-    assert first.migrate() == ["0001_initial"]
+    assert first.migrate() == ["0001_initial", "0002_rollups"]
     assert first.migrate() == []
     second = backend.open()
     assert second.migrate() == []
-    assert backend.query("SELECT version, name FROM schema_migrations") == [(1, "0001_initial")]
+    assert backend.query("SELECT version, name FROM schema_migrations ORDER BY version") == [
+        (1, "0001_initial"),
+        (2, "0002_rollups"),
+    ]
     first.close()
     second.close()
 
@@ -196,7 +199,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert sorted(results) == [[], [], [], ["0001_initial"]]
+    assert sorted(results) == [[], [], [], ["0001_initial", "0002_rollups"]]
     for s in stores:
         s.close()
 

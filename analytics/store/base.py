@@ -89,6 +89,69 @@ class SeriesPoint:
     max: float
 
 
+class Resolution(Enum):
+    """The tables a series can be read from: raw readings, or a rollup."""
+
+    RAW = ("raw", 0)
+    MINUTE = ("1m", 60)
+    HOUR = ("1h", 3600)
+    DAY = ("1d", 86_400)
+
+    def __init__(self, label: str, seconds: int) -> None:
+        self.label = label
+        self.seconds = seconds
+
+    @property
+    def table(self) -> str:
+        return f"rollup_{self.label}"
+
+    @classmethod
+    def parse(cls, label: str) -> Resolution:
+        for resolution in cls:
+            if resolution.label == label:
+                return resolution
+        known = ", ".join(r.label for r in cls)
+        raise ValueError(f"Unknown resolution {label!r}; use one of {known} or auto")
+
+
+ROLLUPS = (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY)
+
+
+def choose_resolution(start_ms: int, end_ms: int, max_points: int) -> Resolution:
+    """The finest rollup that answers ``[start_ms, end_ms)`` in at most ``max_points``
+    buckets (1 day when even that gives more)."""
+    span_s = max(0, end_ms - start_ms) / 1000
+    for resolution in ROLLUPS:
+        if span_s / resolution.seconds <= max_points:
+            return resolution
+    return Resolution.DAY
+
+
+@dataclass(frozen=True, slots=True)
+class Completeness:
+    """Readings received against readings expected over a window, per device."""
+
+    device_id: str
+    zone: str
+    metrics: int  # metrics the device reported in the window
+    expected: int  # metrics x window / interval
+    received: int
+
+    @property
+    def ratio(self) -> float:
+        return 0.0 if self.expected == 0 else min(1.0, self.received / self.expected)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long each table keeps data, in days (None: forever)."""
+
+    raw_days: float | None = None
+    rollup_1m_days: float | None = None
+    rollup_1h_days: float | None = None
+    rollup_1d_days: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
     device_id: str
@@ -177,3 +240,53 @@ class Store(ABC):
 
     @abstractmethod
     def counts(self) -> StoreCounts: ...
+
+    # -- rollups, queries over them, upkeep ------------------------------------
+
+    @abstractmethod
+    def refresh_rollups(self) -> int:
+        """Recompute the rollups over the ranges written since the last refresh; return
+        how many (device, range) pieces were refreshed. Safe to call from several
+        processes: one refreshes, the others return 0."""
+
+    @abstractmethod
+    def rollup_series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        resolution: Resolution,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        """Like :meth:`series`, from the rollup of ``resolution`` (city-wide without
+        ``zone`` and ``device_id``); buckets align to the resolution from the epoch."""
+
+    def auto_series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        max_points: int,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> tuple[Resolution, list[SeriesPoint]]:
+        """The series at the finest resolution giving at most ``max_points`` buckets."""
+        resolution = choose_resolution(start_ms, end_ms, max_points)
+        points = self.rollup_series(
+            metric, start_ms, end_ms, resolution, zone=zone, device_id=device_id
+        )
+        return resolution, points
+
+    @abstractmethod
+    def completeness(
+        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
+    ) -> list[Completeness]:
+        """Per device: readings received in ``[start_ms, end_ms)`` (from the hourly
+        rollup) against one per ``interval_s`` for each metric it reports."""
+
+    @abstractmethod
+    def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        """Drop data older than the policy allows; how many rows (or partitions) went."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from analytics.store.base import StoredBatch, StoreError, WriteOutcome
 from civicmesh.metrics import BY_CODE, BY_NAME
@@ -92,3 +92,35 @@ def quarantine_payload(record: QuarantineRecord) -> bytes:
 
 def payload_b64(payload: bytes) -> str:
     return base64.b64encode(payload).decode("ascii")
+
+
+def oldest_reading_ms(batch: StoredBatch) -> int | None:
+    return min((r.ts_ms for r in batch.readings), default=None)
+
+
+def touched_ranges(batches: Sequence[StoredBatch]) -> list[tuple[str, int, int]]:
+    """Per device, the time range ``(device_id, lo_ms, hi_ms)`` the readings cover: what
+    the rollup refresher must recompute after these batches are written."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for batch in batches:
+        if not batch.readings:
+            continue
+        lo = min(r.ts_ms for r in batch.readings)
+        hi = max(r.ts_ms for r in batch.readings)
+        old = ranges.get(batch.device_id)
+        ranges[batch.device_id] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    return [(device, lo, hi) for device, (lo, hi) in sorted(ranges.items())]
+
+
+def merge_ranges(
+    ranges: Iterable[tuple[str, int, int]], slack_ms: int = 3_600_000
+) -> list[tuple[str, int, int]]:
+    """Merge each device's ranges that overlap or lie within ``slack_ms`` of each other,
+    so a live stream plus one late batch are two small ranges, not one huge one."""
+    merged: list[tuple[str, int, int]] = []
+    for device, lo, hi in sorted(ranges):
+        if merged and merged[-1][0] == device and lo <= merged[-1][2] + slack_ms:
+            merged[-1] = (device, merged[-1][1], max(merged[-1][2], hi))
+        else:
+            merged.append((device, lo, hi))
+    return merged

@@ -21,9 +21,13 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 
 from analytics.store.base import (
+    ROLLUPS,
+    Completeness,
     DeviceStatus,
     LatestReading,
     LedgerEntry,
+    Resolution,
+    RetentionPolicy,
     SeriesPoint,
     Store,
     StoreCounts,
@@ -35,12 +39,15 @@ from analytics.store.base import (
 from analytics.store.common import (
     ALL_METRIC_CODES,
     BatchKey,
+    merge_ranges,
     metric_code,
     metric_name,
     newest_reading_ms,
+    oldest_reading_ms,
     payload_b64,
     quarantine_payload,
     resolve_outcomes,
+    touched_ranges,
     unique_batches,
 )
 from analytics.store.schema import load_migrations
@@ -58,6 +65,7 @@ PARTITION_SPAN = timedelta(days=7)  # ISO weeks: Monday 00:00 UTC to the next Mo
 # pg_advisory_xact_lock keys ("civicmesh" store namespace, per purpose).
 MIGRATION_LOCK = 0x63_6D_73_74_01
 PARTITION_LOCK = 0x63_6D_73_74_02
+ROLLUP_LOCK = 0x63_6D_73_74_03
 CONNECT_TIMEOUT_S = 10
 
 _READING_COLUMNS = ("device_id", "ts", "metric", "value", "quality", "raw", "anomaly", "seq")
@@ -68,13 +76,50 @@ _COPY_READINGS = f"COPY readings ({', '.join(_READING_COLUMNS)}) FROM STDIN (FOR
 _INSERT_BATCHES = """
 INSERT INTO batches (device_id, seq, payload_hash, prev_hash, sealed_at, model_version,
     gateway_id, received_at, ingested_at, n_readings, newest_reading, device_message,
-    gateway_message)
+    gateway_message, oldest_reading)
 SELECT * FROM unnest(%s::text[], %s::bigint[], %s::bytea[], %s::bytea[], %s::timestamptz[],
     %s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::integer[],
-    %s::timestamptz[], %s::bytea[], %s::bytea[])
+    %s::timestamptz[], %s::bytea[], %s::bytea[], %s::timestamptz[])
 ON CONFLICT (device_id, seq) DO NOTHING
 RETURNING device_id, seq
 """
+
+_MARK_DIRTY = """
+INSERT INTO rollup_dirty (device_id, lo, hi)
+SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::timestamptz[])
+"""
+
+# Recompute one rollup level over (device, lo, hi) ranges: delete its buckets there and
+# aggregate them again from the level below (readings for 1 min). {step} is the bucket
+# width; {source}/{aggregates} name the level below and how its rows add up.
+_RANGES = """
+WITH ranges AS (
+    SELECT device_id, date_bin({step}, lo, 'epoch'::timestamptz) AS lo,
+           date_bin({step}, hi, 'epoch'::timestamptz) + {step} AS hi
+    FROM unnest(%(devices)s::text[], %(los)s::timestamptz[], %(his)s::timestamptz[])
+        AS r(device_id, lo, hi)
+)
+"""
+# Two statements, not one with a DELETE in a CTE: the INSERT of the same statement would
+# not see the deletion and collide with the rows it replaces.
+_RECOMPUTE_DELETE = (
+    _RANGES
+    + """DELETE FROM {target} t USING ranges r
+WHERE t.device_id = r.device_id AND t.bucket >= r.lo AND t.bucket < r.hi
+"""
+)
+_RECOMPUTE_INSERT = (
+    _RANGES
+    + """INSERT INTO {target} (device_id, metric, bucket, n, sum, min, max)
+SELECT s.device_id, s.metric, date_bin({step}, s.{time}, 'epoch'::timestamptz),
+       {aggregates}
+FROM {source} s JOIN ranges r
+    ON s.device_id = r.device_id AND s.{time} >= r.lo AND s.{time} < r.hi
+GROUP BY 1, 2, 3
+"""
+)
+_FROM_READINGS = "count(*), sum(s.value), min(s.value), max(s.value)"
+_FROM_ROLLUP = "sum(s.n), sum(s.sum), min(s.min), max(s.max)"
 
 _STORED_HASHES = """
 SELECT b.device_id, b.seq, b.payload_hash
@@ -115,6 +160,14 @@ def partition_start(ms: int) -> date:
 
 def partition_name(start: date) -> str:
     return f"readings_w{start:%Y%m%d}"
+
+
+def _partition_date(name: str) -> date:
+    return datetime.strptime(name.removeprefix("readings_w"), "%Y%m%d").date()
+
+
+def _to_ms(ts: datetime) -> int:
+    return (ts - EPOCH) // _ONE_MS
 
 
 class PostgresStore(Store):
@@ -256,8 +309,10 @@ class PostgresStore(Store):
                 first += PARTITION_SPAN
         with self._lock:
             missing = sorted(needed - self._partitions)
-        if not missing:
-            return
+        if missing:
+            self._create_partitions(missing)
+
+    def _create_partitions(self, missing: Sequence[date]) -> None:
         created: list[str] = []
         with self._transaction("creating readings partitions") as cur:
             # Two workers creating the same partition would race in the catalog.
@@ -306,9 +361,10 @@ class PostgresStore(Store):
             return []
         unique = unique_batches(batches)
         self._ensure_partitions(unique)
-        columns: list[list[Any]] = [[] for _ in range(13)]
+        columns: list[list[Any]] = [[] for _ in range(14)]
         for b in unique:
             newest = newest_reading_ms(b)
+            oldest = oldest_reading_ms(b)
             values = (
                 b.device_id,
                 b.seq,
@@ -323,6 +379,7 @@ class PostgresStore(Store):
                 None if newest is None else ms_to_ts(newest),
                 b.device_message,
                 b.gateway_message,
+                None if oldest is None else ms_to_ts(oldest),
             )
             for column, value in zip(columns, values, strict=True):
                 column.append(value)
@@ -347,6 +404,15 @@ class PostgresStore(Store):
                                 (b.device_id, ms_to_ts(r.ts_ms), metric_code(r.metric),
                                  r.value, r.quality, r.raw, r.anomaly, b.seq)
                             )  # fmt: skip
+                dirty = touched_ranges(fresh)
+                cur.execute(
+                    _MARK_DIRTY,
+                    (
+                        [d for d, _, _ in dirty],
+                        [ms_to_ts(lo) for _, lo, _ in dirty],
+                        [ms_to_ts(hi) for _, _, hi in dirty],
+                    ),
+                )
         return resolve_outcomes(batches, inserted, stored)
 
     def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None:
@@ -513,6 +579,148 @@ class PostgresStore(Store):
             )
             for reason, detail, source, topic, received, size, sha, payload, device, seq in rows
         ]
+
+    # -- rollups --------------------------------------------------------------
+
+    def refresh_rollups(self) -> int:
+        with self._transaction("refreshing rollups") as cur:
+            cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (ROLLUP_LOCK,))
+            row = cur.fetchone()
+            if row is None or not row[0]:
+                return 0  # another worker is refreshing; what it did not take stays
+            cur.execute("DELETE FROM rollup_dirty RETURNING device_id, lo, hi")
+            taken = [(d, _to_ms(lo), _to_ms(hi)) for d, lo, hi in cur.fetchall()]
+            ranges = merge_ranges(taken)
+            if not ranges:
+                return 0
+            params = {
+                "devices": [d for d, _, _ in ranges],
+                "los": [ms_to_ts(lo) for _, lo, _ in ranges],
+                "his": [ms_to_ts(hi) for _, _, hi in ranges],
+            }
+            below = "readings"
+            for resolution in ROLLUPS:
+                names = {
+                    "step": f"interval '{resolution.seconds} seconds'",
+                    "target": resolution.table,
+                    "source": below,
+                    "time": "ts" if below == "readings" else "bucket",
+                    "aggregates": _FROM_READINGS if below == "readings" else _FROM_ROLLUP,
+                }
+                cur.execute(_RECOMPUTE_DELETE.format(**names), params)
+                cur.execute(_RECOMPUTE_INSERT.format(**names), params)
+                below = resolution.table
+        return len(ranges)
+
+    def rollup_series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        resolution: Resolution,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        if resolution is Resolution.RAW:
+            return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
+        where = ["r.metric = %(metric)s", "r.bucket >= %(start)s", "r.bucket < %(end)s"]
+        if device_id is not None:
+            where.append("r.device_id = %(device)s")
+        if zone is not None:
+            where.append("r.device_id IN (SELECT device_id FROM devices WHERE zone = %(zone)s)")
+        sql = f"""
+            SELECT {_ms("r.bucket")}, sum(r.n)::bigint, sum(r.sum) / sum(r.n), min(r.min),
+                   max(r.max)
+            FROM {resolution.table} r
+            WHERE {" AND ".join(where)}
+            GROUP BY r.bucket ORDER BY r.bucket
+        """
+        params = {
+            "metric": metric_code(metric),
+            "start": ms_to_ts(start_ms),
+            "end": ms_to_ts(end_ms),
+            "device": device_id,
+            "zone": zone,
+        }
+        return [SeriesPoint(*row) for row in self._fetch("reading a rollup series", sql, params)]
+
+    def completeness(
+        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
+    ) -> list[Completeness]:
+        if interval_s <= 0:
+            raise StoreError(f"Completeness interval must be positive, not {interval_s}")
+        slots = max(0, (end_ms - start_ms) // (interval_s * 1000))
+        sql = """
+            SELECT d.device_id, d.zone, count(r.metric), coalesce(sum(r.n), 0)::bigint
+            FROM devices d
+            LEFT JOIN (
+                SELECT device_id, metric, sum(n) AS n FROM rollup_1h
+                WHERE bucket >= %(start)s AND bucket < %(end)s
+                GROUP BY device_id, metric
+            ) r ON r.device_id = d.device_id
+            WHERE %(zone)s::text IS NULL OR d.zone = %(zone)s::text
+            GROUP BY d.device_id, d.zone ORDER BY d.device_id
+        """
+        params = {"start": ms_to_ts(start_ms), "end": ms_to_ts(end_ms), "zone": zone}
+        return [
+            Completeness(device, zone_, metrics, metrics * slots, int(received))
+            for device, zone_, metrics, received in self._fetch(
+                "measuring completeness", sql, params
+            )
+        ]
+
+    # -- upkeep ---------------------------------------------------------------
+
+    def ensure_partitions_ahead(self, now_ms: int, weeks: int = 2) -> None:
+        """Create this week's partition and the next ``weeks`` ones before data needs them."""
+        start = partition_start(now_ms)
+        with self._lock:
+            missing = [
+                start + PARTITION_SPAN * i
+                for i in range(weeks + 1)
+                if start + PARTITION_SPAN * i not in self._partitions
+            ]
+        if missing:
+            self._create_partitions(missing)
+
+    def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        dropped: dict[str, int] = {}
+        if policy.raw_days is not None:
+            cutoff = now_ms - int(policy.raw_days * 86_400_000)
+            # Whole weeks only: a partition goes once all of it is older than the cutoff.
+            old = [
+                name
+                for name in self.partitions()
+                if name != "readings_default"
+                and _partition_date(name) + PARTITION_SPAN <= ms_to_ts(cutoff).date()
+            ]
+            with self._transaction("dropping old readings partitions") as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
+                for name in old:
+                    cur.execute(pgsql.SQL("DROP TABLE IF EXISTS {}").format(pgsql.Identifier(name)))
+            with self._lock:
+                self._partitions -= {_partition_date(name) for name in old}
+            dropped["readings_partitions"] = len(old)
+            if old:
+                log.info("%r: retention dropped partitions %s", self, ", ".join(old))
+        for resolution, days in zip(
+            ROLLUPS,
+            (policy.rollup_1m_days, policy.rollup_1h_days, policy.rollup_1d_days),
+            strict=True,
+        ):
+            if days is None:
+                continue
+            cutoff_ts = ms_to_ts(now_ms - int(days * 86_400_000))
+            with self._transaction(f"retention on {resolution.table}") as cur:
+                cur.execute(
+                    pgsql.SQL("DELETE FROM {} WHERE bucket < %s").format(
+                        pgsql.Identifier(resolution.table)
+                    ),
+                    (cutoff_ts,),
+                )
+                dropped[resolution.table] = cur.rowcount
+        return dropped
 
     def counts(self) -> StoreCounts:
         # Readings are counted from the ledger (written together, atomically): far

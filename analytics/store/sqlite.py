@@ -17,9 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from analytics.store.base import (
+    ROLLUPS,
+    Completeness,
     DeviceStatus,
     LatestReading,
     LedgerEntry,
+    Resolution,
+    RetentionPolicy,
     SeriesPoint,
     Store,
     StoreCounts,
@@ -31,12 +35,15 @@ from analytics.store.base import (
 from analytics.store.common import (
     ALL_METRIC_CODES,
     BatchKey,
+    merge_ranges,
     metric_code,
     metric_name,
     newest_reading_ms,
+    oldest_reading_ms,
     payload_b64,
     quarantine_payload,
     resolve_outcomes,
+    touched_ranges,
     unique_batches,
 )
 from analytics.store.schema import load_migrations
@@ -54,14 +61,30 @@ BUSY_TIMEOUT_MS = 10_000
 _INSERT_BATCH = """
 INSERT INTO batches (device_id, seq, payload_hash, prev_hash, sealed_at, model_version,
     gateway_id, received_at, ingested_at, n_readings, newest_reading, device_message,
-    gateway_message)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    gateway_message, oldest_reading)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (device_id, seq) DO NOTHING
 """
 
 _INSERT_READING = """
 INSERT INTO readings (device_id, ts, metric, value, quality, raw, anomaly, seq)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+# Recompute one rollup level over one device's range [lo, hi) (already aligned to the
+# level's bucket width): delete its buckets there, aggregate them again from below.
+_DELETE_ROLLUP = "DELETE FROM {target} WHERE device_id = ? AND bucket >= ? AND bucket < ?"
+_REFILL_FROM_READINGS = """
+INSERT INTO {target} (device_id, metric, bucket, n, sum, min, max)
+SELECT device_id, metric, (ts / {step}) * {step}, count(*), sum(value), min(value), max(value)
+FROM readings WHERE device_id = ? AND ts >= ? AND ts < ?
+GROUP BY metric, (ts / {step}) * {step}
+"""
+_REFILL_FROM_ROLLUP = """
+INSERT INTO {target} (device_id, metric, bucket, n, sum, min, max)
+SELECT device_id, metric, (bucket / {step}) * {step}, sum(n), sum(sum), min(min), max(max)
+FROM {source} WHERE device_id = ? AND bucket >= ? AND bucket < ?
+GROUP BY metric, (bucket / {step}) * {step}
 """
 
 _UPSERT_DEVICE = """
@@ -191,6 +214,7 @@ class SqliteStore(Store):
         stored: dict[BatchKey, bytes] = {}
         with self._transaction(f"writing {len(batches)} batches") as conn:
             rows: list[tuple[Any, ...]] = []
+            fresh: list[StoredBatch] = []
             for batch in unique_batches(batches):
                 key = (batch.device_id, batch.seq)
                 cursor = conn.execute(
@@ -209,11 +233,13 @@ class SqliteStore(Store):
                         newest_reading_ms(batch),
                         batch.device_message,
                         batch.gateway_message,
+                        oldest_reading_ms(batch),
                     ),
                 )
                 if cursor.rowcount == 1:
                     inserted.add(key)
                     rows.extend(_reading_rows(batch))
+                    fresh.append(batch)
                 else:
                     found = conn.execute(
                         "SELECT payload_hash FROM batches WHERE device_id = ? AND seq = ?", key
@@ -221,6 +247,10 @@ class SqliteStore(Store):
                     if found is not None:
                         stored[key] = bytes(found[0])
             conn.executemany(_INSERT_READING, rows)
+            conn.executemany(
+                "INSERT INTO rollup_dirty (device_id, lo, hi) VALUES (?, ?, ?)",
+                touched_ranges(fresh),
+            )
         return resolve_outcomes(batches, inserted, stored)
 
     def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None:
@@ -335,6 +365,102 @@ class SqliteStore(Store):
         }
         rows = self._read("reading a series", lambda c: c.execute(sql, params).fetchall())
         return [SeriesPoint(*row) for row in rows]
+
+    # -- rollups --------------------------------------------------------------
+
+    def refresh_rollups(self) -> int:
+        with self._transaction("refreshing rollups") as conn:
+            taken = conn.execute("DELETE FROM rollup_dirty RETURNING device_id, lo, hi").fetchall()
+            ranges = merge_ranges((str(d), int(lo), int(hi)) for d, lo, hi in taken)
+            for device, lo, hi in ranges:
+                below = "readings"
+                for resolution in ROLLUPS:
+                    step = resolution.seconds * 1000
+                    first, end = (lo // step) * step, (hi // step) * step + step
+                    target = resolution.table
+                    conn.execute(_DELETE_ROLLUP.format(target=target), (device, first, end))
+                    refill = _REFILL_FROM_READINGS if below == "readings" else _REFILL_FROM_ROLLUP
+                    conn.execute(
+                        refill.format(target=target, source=below, step=step), (device, first, end)
+                    )
+                    below = target
+        return len(ranges)
+
+    def rollup_series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        resolution: Resolution,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        if resolution is Resolution.RAW:
+            return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
+        where = ["r.metric = :metric", "r.bucket >= :start", "r.bucket < :end"]
+        if device_id is not None:
+            where.append("r.device_id = :device")
+        if zone is not None:
+            where.append("r.device_id IN (SELECT device_id FROM devices WHERE zone = :zone)")
+        sql = f"""
+            SELECT r.bucket, sum(r.n), sum(r.sum) / sum(r.n), min(r.min), max(r.max)
+            FROM {resolution.table} r
+            WHERE {" AND ".join(where)}
+            GROUP BY r.bucket ORDER BY r.bucket
+        """
+        params = {
+            "metric": metric_code(metric),
+            "start": start_ms,
+            "end": end_ms,
+            "device": device_id,
+            "zone": zone,
+        }
+        rows = self._read("reading a rollup series", lambda c: c.execute(sql, params).fetchall())
+        return [SeriesPoint(*row) for row in rows]
+
+    def completeness(
+        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
+    ) -> list[Completeness]:
+        if interval_s <= 0:
+            raise StoreError(f"Completeness interval must be positive, not {interval_s}")
+        slots = max(0, (end_ms - start_ms) // (interval_s * 1000))
+        sql = """
+            SELECT d.device_id, d.zone, count(r.metric), coalesce(sum(r.n), 0)
+            FROM devices d
+            LEFT JOIN (
+                SELECT device_id, metric, sum(n) AS n FROM rollup_1h
+                WHERE bucket >= :start AND bucket < :end
+                GROUP BY device_id, metric
+            ) r ON r.device_id = d.device_id
+            WHERE :zone IS NULL OR d.zone = :zone
+            GROUP BY d.device_id, d.zone ORDER BY d.device_id
+        """
+        params = {"start": start_ms, "end": end_ms, "zone": zone}
+        rows = self._read("measuring completeness", lambda c: c.execute(sql, params).fetchall())
+        return [
+            Completeness(device, zone_, metrics, metrics * slots, int(received))
+            for device, zone_, metrics, received in rows
+        ]
+
+    def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        dropped: dict[str, int] = {}
+        tables = [("readings", "ts", policy.raw_days)] + [
+            (r.table, "bucket", days)
+            for r, days in zip(
+                ROLLUPS,
+                (policy.rollup_1m_days, policy.rollup_1h_days, policy.rollup_1d_days),
+                strict=True,
+            )
+        ]
+        for table, column, days in tables:
+            if days is None:
+                continue
+            cutoff = now_ms - int(days * 86_400_000)
+            with self._transaction(f"retention on {table}") as conn:
+                cursor = conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
+                dropped[table] = cursor.rowcount
+        return dropped
 
     def readings(
         self, device_id: str, start_ms: int, end_ms: int, metric: str | None = None

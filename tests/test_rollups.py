@@ -1,0 +1,171 @@
+"""Rollups (1 min / 1 h / 1 day) on both stores: exactly the raw aggregates, kept current
+by refresh after every kind of write (live, late, duplicate), zone and city series,
+automatic resolution, completeness, retention and partitions made ahead."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from analytics.store.base import (
+    Resolution,
+    RetentionPolicy,
+    SeriesPoint,
+    Store,
+    choose_resolution,
+)
+from analytics.store.postgres import PostgresStore, partition_name, partition_start
+from civicmesh.protocol import Reading
+from tests.test_store import (  # the store fixtures and the sealed-batch helper
+    DAY,
+    DEVICE_A,
+    DEVICE_B,
+    DEVICE_C,
+    MIN,
+    T0,
+    Backend,
+    backend,
+    device,
+    fresh_schema,
+    pg_database,
+    sealed,
+)
+
+__all__ = ["backend", "pg_database"]  # fixtures used from tests.test_store
+
+HOUR = 60 * MIN
+START = T0 - T0 % DAY  # a UTC midnight
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    opened = backend.open()
+    opened.migrate()
+    opened.upsert_devices(
+        [device(DEVICE_A, "harbour"), device(DEVICE_B, "harbour"), device(DEVICE_C, "old-town")]
+    )
+    yield opened
+    opened.close()
+
+
+def readings(seed: int, start: int, hours: int, every_ms: int = MIN) -> list[Reading]:
+    rng = random.Random(seed)
+    out = []
+    for t in range(start, start + hours * HOUR, every_ms):
+        out.append(Reading(t, "pm25", round(rng.uniform(2, 80), 2)))
+        out.append(Reading(t, "no2", round(rng.uniform(5, 120), 2)))
+    return out
+
+
+def write_in_batches(store: Store, signer: object, rows: list[Reading], first_seq: int = 1) -> int:
+    seq = first_seq
+    for i in range(0, len(rows), 500):
+        store.write_batches([sealed(signer, seq, rows[i : i + 500])])  # type: ignore[arg-type]
+        seq += 1
+    return seq
+
+
+def close(a: list[SeriesPoint], b: list[SeriesPoint]) -> bool:
+    return len(a) == len(b) and all(
+        (x.bucket_ms, x.count) == (y.bucket_ms, y.count)
+        and math.isclose(x.mean, y.mean, rel_tol=1e-9)
+        and (x.min, x.max) == (y.min, y.max)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_rollups_equal_raw_aggregates_at_every_level(store: Store) -> None:
+    write_in_batches(store, DEVICE_A, readings(1, START, 50))
+    write_in_batches(store, DEVICE_B, readings(2, START + 3 * HOUR, 30, every_ms=2 * MIN))
+    write_in_batches(store, DEVICE_C, readings(3, START, 26))
+    assert store.refresh_rollups() == 3
+    assert store.refresh_rollups() == 0  # nothing new
+    end = START + 3 * DAY
+    for resolution in (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY):
+        for scope in ({}, {"zone": "harbour"}, {"device_id": DEVICE_C.key_id}):
+            for metric in ("pm25", "no2"):
+                from_rollup = store.rollup_series(metric, START, end, resolution, **scope)
+                from_raw = store.series(metric, START, end, resolution.seconds, **scope)
+                assert from_rollup, (resolution, scope, metric)
+                assert close(from_rollup, from_raw), (resolution, scope, metric)
+
+
+def test_late_and_duplicate_batches_keep_rollups_exact(store: Store) -> None:
+    live = readings(4, START + 10 * HOUR, 2)
+    next_seq = write_in_batches(store, DEVICE_A, live)
+    store.refresh_rollups()
+    # A late batch for an hour already rolled up, and a redelivered one.
+    late = [Reading(START + 10 * HOUR + 30 * MIN + 1_000, "pm25", 999.0)]
+    store.write_batches([sealed(DEVICE_A, next_seq, late)])
+    store.write_batches([sealed(DEVICE_A, 1, live[:500])])  # duplicate: changes nothing
+    assert store.refresh_rollups() == 1
+    for resolution in (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY):
+        got = store.rollup_series("pm25", START, START + DAY, resolution)
+        assert close(got, store.series("pm25", START, START + DAY, resolution.seconds))
+        assert max(p.max for p in got) == 999.0
+
+
+def test_auto_resolution_picks_the_finest_that_fits() -> None:
+    assert choose_resolution(0, 6 * HOUR, 500) is Resolution.MINUTE
+    assert choose_resolution(0, 30 * DAY, 1000) is Resolution.HOUR
+    assert choose_resolution(0, 30 * DAY, 100) is Resolution.DAY
+    assert choose_resolution(0, 5000 * DAY, 100) is Resolution.DAY
+    with pytest.raises(ValueError, match="auto"):
+        Resolution.parse("5m")
+
+
+def test_auto_series_reads_the_chosen_rollup(store: Store) -> None:
+    write_in_batches(store, DEVICE_A, readings(5, START, 48))
+    store.refresh_rollups()
+    resolution, points = store.auto_series("no2", START, START + 2 * DAY, 100)
+    assert resolution is Resolution.HOUR and len(points) == 48
+    resolution, points = store.auto_series("no2", START, START + 2 * DAY, 10)
+    assert resolution is Resolution.DAY and len(points) == 2
+    assert sum(p.count for p in points) == 48 * 60
+
+
+def test_completeness_counts_received_against_expected(store: Store) -> None:
+    full = readings(6, START, 24)
+    write_in_batches(store, DEVICE_A, full)
+    half = [r for r in readings(7, START, 24) if (r.ts_ms // MIN) % 2 == 0]
+    write_in_batches(store, DEVICE_B, half)
+    store.refresh_rollups()
+    by_device = {c.device_id: c for c in store.completeness(START, START + DAY, 60)}
+    assert by_device[DEVICE_A.key_id].ratio == 1.0
+    assert by_device[DEVICE_A.key_id].expected == 2 * 1440
+    assert by_device[DEVICE_B.key_id].ratio == pytest.approx(0.5)
+    assert by_device[DEVICE_C.key_id].received == 0  # silent: no metrics, nothing expected
+    harbour = store.completeness(START, START + DAY, 60, zone="harbour")
+    assert {c.device_id for c in harbour} == {DEVICE_A.key_id, DEVICE_B.key_id}
+
+
+def test_retention_drops_old_raw_data_and_rollups(store: Store, backend: Backend) -> None:
+    old = readings(8, START - 30 * DAY, 2)
+    recent = readings(9, START, 2)
+    seq = write_in_batches(store, DEVICE_A, old)
+    write_in_batches(store, DEVICE_A, recent, first_seq=seq)
+    store.refresh_rollups()
+    policy = RetentionPolicy(raw_days=14, rollup_1m_days=7, rollup_1h_days=20)
+    dropped = store.apply_retention(START + DAY, policy)
+    assert dropped["rollup_1m"] == 2 * 120 and dropped["rollup_1h"] == 2 * 2
+    assert "rollup_1d" not in dropped  # kept forever
+    assert store.readings(DEVICE_A.key_id, START - 31 * DAY, START - 20 * DAY) == []
+    assert len(store.readings(DEVICE_A.key_id, START, START + DAY)) == len(recent)
+    assert store.rollup_series("pm25", START - 31 * DAY, START + DAY, Resolution.DAY)
+    if backend.name == "postgresql":
+        assert dropped["readings_partitions"] >= 1
+        assert partition_name(partition_start(START - 30 * DAY)) not in store.partitions()  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_postgres_creates_partitions_ahead(pg_database: str) -> None:
+    store = PostgresStore(fresh_schema(pg_database))
+    store.migrate()
+    store.ensure_partitions_ahead(START, weeks=2)
+    names = store.partitions()
+    for week in range(3):
+        assert partition_name(partition_start(START + week * 7 * DAY)) in names
+    store.close()
