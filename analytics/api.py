@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from analytics.store.base import Store, StoreError
+from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
+from analytics.store.base import Resolution, Store, StoreError, choose_resolution
 from civicmesh import __version__
 from civicmesh.metrics import BY_NAME, METRICS
 from civicmesh.registry import RegistryFile
@@ -108,7 +109,19 @@ class SeriesOut(BaseModel):
     start: datetime
     end: datetime
     bucket_s: int
+    resolution: str = Field(
+        description='"raw" (bucketed from raw readings) or the rollup read: 1m, 1h or 1d'
+    )
     points: list[SeriesPointOut]
+
+
+class CompletenessOut(BaseModel):
+    device_id: str
+    zone: str
+    metrics: int = Field(description="Metrics the device reported in the window")
+    expected: int = Field(description="metrics x window / interval")
+    received: int
+    ratio: float = Field(description="received / expected, at most 1")
 
 
 class LedgerEntryOut(BaseModel):
@@ -318,14 +331,32 @@ def series(
         datetime | None, Query(description="Range end, exclusive (default: now)")
     ] = None,
     bucket: Annotated[
-        int,
-        Query(ge=MIN_BUCKET_S, le=MAX_BUCKET_S, description="Bucket size in seconds"),
-    ] = 3600,
+        int | None,
+        Query(
+            ge=MIN_BUCKET_S,
+            le=MAX_BUCKET_S,
+            description="Bucket size in seconds, aggregated from raw readings "
+            "(omit it to read a rollup chosen by `resolution`)",
+        ),
+    ] = None,
+    resolution: Annotated[
+        str,
+        Query(
+            pattern="^(auto|1m|1h|1d)$",
+            description="Rollup to read when no bucket is given: auto picks the finest "
+            "that answers the range in at most `points` buckets",
+        ),
+    ] = "auto",
+    points: Annotated[
+        int, Query(ge=1, le=MAX_SERIES_POINTS, description="Most buckets wanted (auto)")
+    ] = 500,
 ) -> SeriesOut:
     """Count, mean, min and max of ``metric`` per bucket in ``[start, end)``.
 
     Buckets are aligned to the epoch; give ``zone`` or ``device`` (or neither for the
-    whole city), not both.
+    whole city), not both. Without ``bucket`` the answer comes from the 1-minute, 1-hour
+    or 1-day rollup (milliseconds over months of data); with ``bucket`` it is aggregated
+    from raw readings.
     """
     if metric not in BY_NAME:
         raise HTTPException(422, f"Unknown metric {metric!r}; known metrics: {KNOWN_METRICS}")
@@ -337,18 +368,28 @@ def series(
         start_ms = _utc_ms(start)
     if start_ms >= end_ms:
         raise HTTPException(422, "start must be before end")
-    points = (end_ms - start_ms) // (bucket * 1000)
-    if points > MAX_SERIES_POINTS:
-        raise HTTPException(
-            422,
-            f"The range holds {points} buckets of {bucket} s; the limit is "
-            f"{MAX_SERIES_POINTS}: choose a larger bucket or a shorter range",
-        )
+    if bucket is not None:
+        buckets = (end_ms - start_ms) // (bucket * 1000)
+        if buckets > MAX_SERIES_POINTS:
+            raise HTTPException(
+                422,
+                f"The range holds {buckets} buckets of {bucket} s; the limit is "
+                f"{MAX_SERIES_POINTS}: choose a larger bucket or a shorter range",
+            )
     if zone is not None:
         _require_zone(store, zone)
     if device is not None:
         _require_device(store, device)
-    rows = store.series(metric, start_ms, end_ms, bucket, zone=zone, device_id=device)
+    if bucket is not None:
+        chosen = Resolution.RAW
+        rows = store.series(metric, start_ms, end_ms, bucket, zone=zone, device_id=device)
+    else:
+        chosen = (
+            choose_resolution(start_ms, end_ms, points)
+            if resolution == "auto"
+            else Resolution.parse(resolution)
+        )
+        rows = store.rollup_series(metric, start_ms, end_ms, chosen, zone=zone, device_id=device)
     return SeriesOut(
         metric=metric,
         unit=BY_NAME[metric].unit,
@@ -356,7 +397,8 @@ def series(
         device_id=device,
         start=_iso(start_ms),
         end=_iso(end_ms),
-        bucket_s=bucket,
+        bucket_s=bucket if bucket is not None else chosen.seconds,
+        resolution=chosen.label,
         points=[
             SeriesPointOut(
                 start=_iso(p.bucket_ms),
@@ -369,6 +411,50 @@ def series(
             for p in rows
         ],
     )
+
+
+@router.get(
+    "/completeness",
+    response_model=list[CompletenessOut],
+    summary="Data completeness per device",
+    tags=["readings"],
+    responses={404: {"model": ErrorOut, "description": "Unknown zone"}},
+)
+def completeness(
+    store: StoreDep,
+    zone: Annotated[
+        str | None, Query(min_length=1, max_length=128, description="Only this zone")
+    ] = None,
+    start: Annotated[
+        datetime | None, Query(description="Window start (default: end - 24 h)")
+    ] = None,
+    end: Annotated[datetime | None, Query(description="Window end (default: now)")] = None,
+    interval: Annotated[
+        int, Query(ge=1, le=86_400, description="Expected seconds between readings")
+    ] = DEFAULT_WINDOW_S,
+) -> list[CompletenessOut]:
+    """Readings received against readings expected (one per ``interval`` and metric)."""
+    end_ms = now_ms() if end is None else _utc_ms(end)
+    start_ms = (
+        end_ms - int(DEFAULT_SERIES_SPAN.total_seconds() * 1000)
+        if start is None
+        else _utc_ms(start)
+    )
+    if start_ms >= end_ms:
+        raise HTTPException(422, "start must be before end")
+    if zone is not None:
+        _require_zone(store, zone)
+    return [
+        CompletenessOut(
+            device_id=c.device_id,
+            zone=c.zone,
+            metrics=c.metrics,
+            expected=c.expected,
+            received=c.received,
+            ratio=c.ratio,
+        )
+        for c in store.completeness(start_ms, end_ms, interval, zone=zone)
+    ]
 
 
 @router.get(
@@ -472,4 +558,12 @@ def create_app(
     app.state.window_s = window_s
     app.add_exception_handler(StoreError, _store_unavailable)
     app.include_router(router)
+    if stats_provider is not None:
+        registry_ = metrics_registry(stats_provider)
+
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            """Prometheus text format: the in-process ingest worker's counters."""
+            return Response(render(registry_), media_type=CONTENT_TYPE)
+
     return app

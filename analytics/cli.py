@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(run)
     run.add_argument("--mqtt-url", help="broker URL (overrides mqtt.url)")
     run.add_argument("--worker-id", help="stable worker name (overrides ingest.worker_id)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (off by default)",
+    )
     run.set_defaults(func=_ingest_run)
 
     api = sub.add_parser("api", help="HTTP API of the central service")
@@ -106,6 +111,7 @@ def _migrated_store(url: str, stop: threading.Event) -> Store | None:
 
 def _ingest_run(args: argparse.Namespace) -> int:
     from analytics.ingest import IngestWorker
+    from analytics.upkeep import StoreUpkeep
 
     settings = _settings(args)
     stop = _stop_event()
@@ -122,6 +128,15 @@ def _ingest_run(args: argparse.Namespace) -> int:
     )
     registry = RegistryFile(settings.registry_file)
     worker = IngestWorker(settings, store, registry, link, worker_id)
+    upkeep = StoreUpkeep(store, settings.storage)
+    upkeep.start()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        from analytics.metrics_export import metrics_registry
+
+        start_http_server(args.metrics_port, "127.0.0.1", metrics_registry(worker.stats))
+        log.info("Prometheus metrics at http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
         delay = RETRY_MIN_S
         while not stop.is_set():
@@ -136,6 +151,7 @@ def _ingest_run(args: argparse.Namespace) -> int:
             log.info("ingest stats: %s", worker.stats())
     finally:
         worker.stop()
+        upkeep.stop()
         link.close()
         store.close()
         log.info("ingest worker %s stopped: %s", worker_id, worker.stats())

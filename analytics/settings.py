@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from analytics.store.base import RetentionPolicy
 from civicmesh import topics
 from civicmesh.config import MqttSection, ServiceSettings
 
@@ -66,6 +67,52 @@ class IngestSettings(BaseModel):
     )
 
 
+class StorageSettings(BaseModel):
+    """Rollups, partitions, retention and (on TimescaleDB) chunks and compression."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rollup_refresh_s: float = Field(
+        default=5.0, gt=0, le=3600, description="Seconds between rollup refreshes (plain path)"
+    )
+    upkeep_interval_s: float = Field(
+        default=3600.0, gt=0, le=86_400, description="Seconds between partition/retention runs"
+    )
+    partitions_ahead_weeks: int = Field(
+        default=2, ge=0, le=52, description="Weekly readings partitions created ahead"
+    )
+    raw_retention_days: float | None = Field(
+        default=90.0, gt=0, description="Keep raw readings this long (None: forever)"
+    )
+    rollup_1m_retention_days: float | None = Field(
+        default=30.0, gt=0, description="Keep the 1-minute rollup this long (None: forever)"
+    )
+    rollup_1h_retention_days: float | None = Field(
+        default=730.0, gt=0, description="Keep the 1-hour rollup this long (None: forever)"
+    )
+    rollup_1d_retention_days: float | None = Field(
+        default=None, gt=0, description="Keep the 1-day rollup this long (None: forever)"
+    )
+    timescale_chunk_hours: float = Field(
+        default=24.0,
+        gt=0,
+        le=24 * 30,
+        description="TimescaleDB chunk interval of readings: at 23M rows a day, one day's "
+        "chunk (with its indexes) fits in memory on a modest server",
+    )
+    timescale_compress_after_days: float = Field(
+        default=7.0, gt=0, description="TimescaleDB: compress readings chunks older than this"
+    )
+
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            self.raw_retention_days,
+            self.rollup_1m_retention_days,
+            self.rollup_1h_retention_days,
+            self.rollup_1d_retention_days,
+        )
+
+
 class ApiSettings(BaseModel):
     """Where the HTTP API listens."""
 
@@ -100,6 +147,9 @@ class AnalyticsSettings(ServiceSettings):
     )
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection")
     ingest: IngestSettings = Field(default_factory=IngestSettings, description="Ingest worker")
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, description="Rollups, partitions, retention"
+    )
     api: ApiSettings = Field(default_factory=ApiSettings, description="HTTP API")
 
     @field_validator("database_url")

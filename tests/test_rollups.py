@@ -169,3 +169,22 @@ def test_postgres_creates_partitions_ahead(pg_database: str) -> None:
     for week in range(3):
         assert partition_name(partition_start(START + week * 7 * DAY)) in names
     store.close()
+
+
+def test_upkeep_thread_keeps_rollups_current(store: Store) -> None:
+    import time
+
+    from analytics.settings import StorageSettings
+    from analytics.upkeep import StoreUpkeep
+
+    upkeep = StoreUpkeep(store, StorageSettings(rollup_refresh_s=0.05, raw_retention_days=None))
+    upkeep.start()
+    try:
+        write_in_batches(store, DEVICE_A, readings(10, START, 1))
+        deadline = time.monotonic() + 10
+        while not store.rollup_series("pm25", START, START + HOUR, Resolution.HOUR):
+            assert time.monotonic() < deadline, "rollup not refreshed by the upkeep thread"
+            time.sleep(0.05)
+        assert upkeep.stats()["rollup_ranges_refreshed"] >= 1
+    finally:
+        upkeep.stop()

@@ -1,0 +1,71 @@
+"""Store upkeep in the ingest service: rollup refresh, partitions ahead, retention.
+
+One thread per ingest process. With several workers on one database each runs it; the
+store serialises the work (a refresh is taken by one worker at a time, the others find
+nothing to do), so no worker has to be the special one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from analytics.settings import StorageSettings
+from analytics.store.base import Store, StoreError
+from civicmesh.timeutil import now_ms
+
+log = logging.getLogger(__name__)
+
+
+class StoreUpkeep:
+    def __init__(self, store: Store, settings: StorageSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-upkeep", daemon=True)
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._counts)
+
+    def run_once(self, *, upkeep: bool = True) -> None:
+        """One refresh (and, with ``upkeep``, partitions ahead and retention)."""
+        refreshed = self.store.refresh_rollups()
+        with self._lock:
+            self._counts["rollup_ranges_refreshed"] += refreshed
+        if not upkeep:
+            return
+        ensure_ahead = getattr(self.store, "ensure_partitions_ahead", None)
+        if ensure_ahead is not None:
+            ensure_ahead(now_ms(), self.settings.partitions_ahead_weeks)
+        dropped = self.store.apply_retention(now_ms(), self.settings.retention())
+        if any(dropped.values()):
+            log.info("retention: %s", dropped)
+
+    def _run(self) -> None:
+        next_upkeep = 0.0
+        while not self._stop.is_set():
+            due = time.monotonic() >= next_upkeep
+            try:
+                self.run_once(upkeep=due)
+                if due:
+                    next_upkeep = time.monotonic() + self.settings.upkeep_interval_s
+            except StoreError as exc:
+                # The database is down or busy: ingest backs off on its own; try again.
+                with self._lock:
+                    self._counts["errors"] += 1
+                log.warning("store upkeep failed (%s); retrying", exc)
+            self._stop.wait(self.settings.rollup_refresh_s)
