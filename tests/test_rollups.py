@@ -177,7 +177,13 @@ def test_upkeep_thread_keeps_rollups_current(store: Store) -> None:
     from analytics.settings import StorageSettings
     from analytics.upkeep import StoreUpkeep
 
-    upkeep = StoreUpkeep(store, StorageSettings(rollup_refresh_s=0.05, raw_retention_days=None))
+    forever = StorageSettings(  # the test data lie in 2023: no retention here
+        rollup_refresh_s=0.05,
+        raw_retention_days=None,
+        rollup_1m_retention_days=None,
+        rollup_1h_retention_days=None,
+    )
+    upkeep = StoreUpkeep(store, forever)
     upkeep.start()
     try:
         write_in_batches(store, DEVICE_A, readings(10, START, 1))
