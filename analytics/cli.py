@@ -90,13 +90,15 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def _migrated_store(url: str, stop: threading.Event) -> Store | None:
-    """Open and migrate the store, waiting (with backoff) while the database is down."""
+def _migrated_store(settings: AnalyticsSettings, stop: threading.Event) -> Store | None:
+    """Open, migrate and configure the store, waiting (with backoff) while the database
+    is down."""
     delay = RETRY_MIN_S
     while not stop.is_set():
-        store = open_store(url)
+        store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
         try:
             applied = store.migrate()
+            store.configure(settings.storage.policy())
         except StoreError as exc:
             store.close()
             log.warning("store not ready (%s); retrying in %.1f s", exc, delay)
@@ -115,7 +117,7 @@ def _ingest_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     stop = _stop_event()
-    store = _migrated_store(settings.database_url, stop)
+    store = _migrated_store(settings, stop)
     if store is None:
         return 0
     worker_id = settings.ingest.worker_id
@@ -164,7 +166,7 @@ def _api_run(args: argparse.Namespace) -> int:
     from analytics.api import create_app
 
     settings = _settings(args)
-    store = open_store(settings.database_url)
+    store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
     try:
         store.migrate()
         registry = RegistryFile(settings.registry_file) if settings.registry_file.exists() else None
@@ -177,9 +179,11 @@ def _api_run(args: argparse.Namespace) -> int:
 
 def _db_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = open_store(settings.database_url)
+    store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
     try:
         applied = store.migrate()
+        store.configure(settings.storage.policy())
+        print(f"store path: {store.backend}")
     finally:
         store.close()
     print("applied: " + ", ".join(applied) if applied else "store is up to date")

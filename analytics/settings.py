@@ -8,11 +8,12 @@ Load with :func:`civicmesh.config.load_settings`: defaults < TOML file < environ
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from analytics.store.base import RetentionPolicy
+from analytics.store.base import RetentionPolicy, StoragePolicy
 from civicmesh import topics
 from civicmesh.config import MqttSection, ServiceSettings
 
@@ -72,6 +73,11 @@ class StorageSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    timescaledb: Literal["auto", "require", "off"] = Field(
+        default="auto",
+        description="PostgreSQL: take the TimescaleDB path when the extension is available "
+        "(auto), insist on it (require), or never (off); an existing schema keeps its path",
+    )
     rollup_refresh_s: float = Field(
         default=5.0, gt=0, le=3600, description="Seconds between rollup refreshes (plain path)"
     )
@@ -103,6 +109,11 @@ class StorageSettings(BaseModel):
     timescale_compress_after_days: float = Field(
         default=7.0, gt=0, description="TimescaleDB: compress readings chunks older than this"
     )
+
+    def policy(self) -> StoragePolicy:
+        return StoragePolicy(
+            self.timescale_chunk_hours, self.timescale_compress_after_days, self.retention()
+        )
 
     def retention(self) -> RetentionPolicy:
         return RetentionPolicy(

@@ -15,6 +15,7 @@ from analytics.store.base import (
     RetentionPolicy,
     SeriesPoint,
     Store,
+    StoreError,
     choose_resolution,
 )
 from analytics.store.postgres import PostgresStore, partition_name, partition_start
@@ -194,3 +195,31 @@ def test_upkeep_thread_keeps_rollups_current(store: Store) -> None:
         assert upkeep.stats()["rollup_ranges_refreshed"] >= 1
     finally:
         upkeep.stop()
+
+
+@pytest.mark.integration
+def test_timescaledb_detection_falls_back_to_plain_postgresql(pg_database: str) -> None:
+    # This server has no TimescaleDB: auto takes the plain path, require refuses clearly.
+    auto = PostgresStore(fresh_schema(pg_database))
+    auto.migrate()
+    assert (auto.backend, auto.timescale) == ("postgresql", False)
+    auto.close()
+    required = PostgresStore(fresh_schema(pg_database), timescaledb="require")
+    with pytest.raises(StoreError, match="TimescaleDB path is not available"):
+        required.migrate()
+    required.close()
+
+
+def test_timescaledb_migration_splits_into_idempotent_statements() -> None:
+    from analytics.store.postgres import _statements
+    from analytics.store.schema import NO_TRANSACTION, load_migrations
+
+    initial, rollups = load_migrations("timescaledb")
+    assert NO_TRANSACTION not in initial.sql and NO_TRANSACTION in rollups.sql
+    statements = _statements(rollups.sql)
+    assert len(statements) == 12
+    assert all(s.endswith(";") and not s.startswith("--") for s in statements)
+    creates = [s for s in statements if s.startswith("CREATE")]
+    assert all("IF NOT EXISTS" in s for s in creates)  # a cut-short run can be repeated
+    assert sum("timescaledb.continuous" in s for s in statements) == 3
+    assert sum("add_continuous_aggregate_policy" in s for s in statements) == 3

@@ -17,8 +17,11 @@ ACCEPTED_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 __all__ = ["ACCEPTED_SCHEMES", "Store", "StoreError", "open_store"]
 
 
-def open_store(url: str) -> Store:
-    """A new store instance for ``url``; call ``migrate()`` before first use."""
+def open_store(url: str, *, timescaledb: str = "auto") -> Store:
+    """A new store instance for ``url``; call ``migrate()`` before first use.
+
+    ``timescaledb`` (PostgreSQL only): ``auto`` takes the TimescaleDB path when the
+    extension is available to a new schema, ``require`` insists, ``off`` never takes it."""
     if url.startswith("sqlite:///"):
         from analytics.store.sqlite import SqliteStore
 
@@ -33,7 +36,7 @@ def open_store(url: str) -> Store:
         # Imported lazily so the embedded store works without psycopg installed.
         from analytics.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, timescaledb=timescaledb)
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise StoreError(
         f"Unsupported store URL scheme {scheme!r}; use one of "

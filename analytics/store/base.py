@@ -153,6 +153,15 @@ class RetentionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class StoragePolicy:
+    """Chunking, compression and retention, as a TimescaleDB store applies them."""
+
+    chunk_hours: float
+    compress_after_days: float
+    retention: RetentionPolicy
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     device_id: str
     seq: int
@@ -286,6 +295,11 @@ class Store(ABC):
     ) -> list[Completeness]:
         """Per device: readings received in ``[start_ms, end_ms)`` (from the hourly
         rollup) against one per ``interval_s`` for each metric it reports."""
+
+    def configure(self, policy: StoragePolicy) -> None:
+        """Apply storage policies the database enforces itself (TimescaleDB); the other
+        backends are kept by :meth:`apply_retention` and need nothing here."""
+        return None
 
     @abstractmethod
     def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:

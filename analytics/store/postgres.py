@@ -29,6 +29,7 @@ from analytics.store.base import (
     Resolution,
     RetentionPolicy,
     SeriesPoint,
+    StoragePolicy,
     Store,
     StoreCounts,
     StoredBatch,
@@ -50,7 +51,7 @@ from analytics.store.common import (
     touched_ranges,
     unique_batches,
 )
-from analytics.store.schema import load_migrations
+from analytics.store.schema import NO_TRANSACTION, Migration, load_migrations
 from civicmesh.protocol import Reading
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord
@@ -162,6 +163,23 @@ def partition_name(start: date) -> str:
     return f"readings_w{start:%Y%m%d}"
 
 
+def _statements(script: str) -> list[str]:
+    """The statements of a migration file: split after each line ending in ";" (the
+    migrations that run this way hold no function bodies or DO blocks)."""
+    statements: list[str] = []
+    current: list[str] = []
+    for line in script.splitlines():
+        if not current and (not line.strip() or line.strip().startswith("--")):
+            continue  # comments and blank lines between statements
+        current.append(line)
+        if line.rstrip().endswith(";"):
+            statements.append("\n".join(current).strip())
+            current = []
+    if "\n".join(current).strip():
+        statements.append("\n".join(current).strip())
+    return statements
+
+
 def _partition_date(name: str) -> date:
     return datetime.strptime(name.removeprefix("readings_w"), "%Y%m%d").date()
 
@@ -175,7 +193,11 @@ class PostgresStore(Store):
 
     backend = "postgresql"
 
-    def __init__(self, conninfo: str) -> None:
+    def __init__(self, conninfo: str, *, timescaledb: str = "auto") -> None:
+        if timescaledb not in ("auto", "require", "off"):
+            raise StoreError(f"timescaledb must be auto, require or off, not {timescaledb!r}")
+        self._timescale_mode = timescaledb
+        self.timescale = False  # decided by migrate(): the TimescaleDB path is active
         self._conninfo = conninfo
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -257,23 +279,33 @@ class PostgresStore(Store):
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> list[str]:
+        """Pick the path (TimescaleDB when the extension is there, see :meth:`_choose_path`)
+        and apply its pending migrations."""
         applied_now: list[str] = []
+        deferred: list[Migration] = []
         with self._transaction("migration") as cur:
             # Serialises concurrent migrate() calls (several ingest workers starting at
             # once); the lock ends with the transaction.
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
             row = cur.fetchone()
-            if row is None or not row[0]:
+            fresh = row is None or not row[0]
+            if fresh:
                 cur.execute(
                     "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
                     " name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
+            self._choose_path(cur, fresh)
             cur.execute("SELECT version FROM schema_migrations")
             done = {version for (version,) in cur.fetchall()}
             for migration in load_migrations(self.backend):
                 if migration.version in done:
                     continue
+                if NO_TRANSACTION in migration.sql:
+                    deferred.append(migration)  # runs below, outside this transaction
+                    continue
+                if deferred:
+                    break  # keep the order: nothing after a deferred migration yet
                 # Without parameters psycopg sends the script as one simple query, so a
                 # file may hold many statements; all run inside this transaction.
                 cur.execute(migration.sql.encode("utf-8"))
@@ -282,12 +314,124 @@ class PostgresStore(Store):
                     (migration.version, migration.name),
                 )
                 applied_now.append(migration.name)
+        for migration in deferred:
+            applied_now.append(self._migrate_outside_transaction(migration))
+        if deferred:
+            applied_now += self.migrate()  # whatever followed the deferred ones
         if applied_now:
             log.info("%r: applied migrations %s", self, ", ".join(applied_now))
         return applied_now
 
+    def _choose_path(self, cur: psycopg.Cursor[Any], fresh: bool) -> None:
+        """TimescaleDB or plain PostgreSQL, decided once per database and logged.
+
+        An existing schema keeps its path (readings is a hypertable or it is not). A new
+        one takes TimescaleDB when the extension can be had, unless configured ``off``.
+        """
+        cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+        installed = cur.fetchone()
+        if not fresh:
+            timescale = False
+            if installed is not None:
+                cur.execute(
+                    "SELECT 1 FROM timescaledb_information.hypertables"
+                    " WHERE hypertable_name = 'readings' AND hypertable_schema = current_schema()"
+                )
+                timescale = cur.fetchone() is not None
+            version = installed[0] if installed is not None else None
+        else:
+            cur.execute(
+                "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+            )
+            available = cur.fetchone()
+            timescale = self._timescale_mode != "off" and available is not None
+            version = available[0] if available is not None else None
+        if self._timescale_mode == "require" and not timescale:
+            raise StoreError(
+                f"{self!r}: storage.timescaledb is 'require' but the TimescaleDB path is not "
+                "available (install the extension before the first migration, or use 'auto')"
+            )
+        if timescale != self.timescale or not getattr(self, "_path_logged", False):
+            log.info(
+                "%r: store path %s",
+                self,
+                f"TimescaleDB {version} (hypertables, continuous aggregates)"
+                if timescale
+                else "plain PostgreSQL (declarative partitions, rollup tables)"
+                + ("" if version is None else f"; TimescaleDB {version} is available but off"),
+            )
+            self._path_logged = True
+        self.timescale = timescale
+        self.backend = "timescaledb" if timescale else "postgresql"
+
+    def _migrate_outside_transaction(self, migration: Migration) -> str:
+        """Run a migration statement by statement in autocommit mode (TimescaleDB's
+        continuous aggregates refuse to be created inside a transaction block). Its
+        statements are idempotent, so a run cut short can be repeated."""
+        conn = self._conn()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+            try:
+                row = conn.execute(
+                    "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
+                ).fetchone()
+                if row is None:
+                    for statement in _statements(migration.sql):
+                        conn.execute(statement.encode("utf-8"))
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        except psycopg.Error as exc:
+            raise self._failed(conn, f"migration {migration.name}", exc) from exc
+        return migration.name
+
+    def configure(self, settings: StoragePolicy) -> None:
+        """Apply the configurable TimescaleDB policies: chunk interval, compression and
+        retention (re-added when changed). The plain path needs nothing here."""
+        if not self.timescale:
+            return
+        conn = self._conn()
+        chunk = timedelta(hours=settings.chunk_hours)
+        try:
+            conn.execute("SELECT set_chunk_time_interval('readings', %s::interval)", (chunk,))
+            conn.execute("SELECT remove_compression_policy('readings', if_exists => true)")
+            conn.execute(
+                "SELECT add_compression_policy('readings', %s::interval)",
+                (timedelta(days=settings.compress_after_days),),
+            )
+            for relation, days in (
+                ("readings", settings.retention.raw_days),
+                ("rollup_1m", settings.retention.rollup_1m_days),
+                ("rollup_1h", settings.retention.rollup_1h_days),
+                ("rollup_1d", settings.retention.rollup_1d_days),
+            ):
+                conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", (relation,))
+                if days is not None:
+                    conn.execute(
+                        "SELECT add_retention_policy(%s, %s::interval)",
+                        (relation, timedelta(days=days)),
+                    )
+        except psycopg.Error as exc:
+            raise self._failed(conn, "configuring TimescaleDB policies", exc) from exc
+        log.info(
+            "%r: TimescaleDB chunks of %s, compression after %g days, retention %s",
+            self,
+            chunk,
+            settings.compress_after_days,
+            settings.retention,
+        )
+
     def partitions(self) -> list[str]:
-        """Names of the readings partitions, oldest first (the DEFAULT one last)."""
+        """Names of the readings partitions, oldest first (the DEFAULT one last); on
+        TimescaleDB, its chunks."""
+        if self.timescale:
+            return [
+                str(name)
+                for (name,) in self._fetch("listing chunks", "SELECT show_chunks('readings')")
+            ]
         rows = self._fetch(
             "listing partitions",
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
@@ -298,6 +442,8 @@ class PostgresStore(Store):
 
     def _ensure_partitions(self, batches: Sequence[StoredBatch]) -> None:
         """Create the weekly partitions ``batches`` write into, unless known to exist."""
+        if self.timescale:
+            return  # TimescaleDB creates chunks itself
         needed: set[date] = set()
         for batch in batches:
             if not batch.readings:
@@ -583,6 +729,8 @@ class PostgresStore(Store):
     # -- rollups --------------------------------------------------------------
 
     def refresh_rollups(self) -> int:
+        if self.timescale:
+            return self._refresh_continuous_aggregates()
         with self._transaction("refreshing rollups") as cur:
             cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (ROLLUP_LOCK,))
             row = cur.fetchone()
@@ -611,6 +759,39 @@ class PostgresStore(Store):
                 cur.execute(_RECOMPUTE_INSERT.format(**names), params)
                 below = resolution.table
         return len(ranges)
+
+    def _refresh_continuous_aggregates(self) -> int:
+        """Refresh the continuous aggregates over the windows written since last time.
+
+        ``refresh_continuous_aggregate`` cannot run in a transaction block, so the dirty
+        rows are read first and deleted only after every refresh succeeded."""
+        conn = self._conn()
+        try:
+            locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (ROLLUP_LOCK,)).fetchone()
+            if locked is None or not locked[0]:
+                return 0
+            try:
+                rows = conn.execute("SELECT ctid, lo, hi FROM rollup_dirty").fetchall()
+                if not rows:
+                    return 0
+                windows = merge_ranges(("", _to_ms(lo), _to_ms(hi)) for _, lo, hi in rows)
+                for resolution in ROLLUPS:
+                    step = resolution.seconds * 1000
+                    for _, lo, hi in windows:
+                        first, end = (lo // step) * step, (hi // step) * step + step
+                        conn.execute(
+                            "CALL refresh_continuous_aggregate(%s, %s, %s)",
+                            (resolution.table, ms_to_ts(first), ms_to_ts(end)),
+                        )
+                conn.execute(
+                    "DELETE FROM rollup_dirty WHERE ctid = ANY(%s::tid[])",
+                    ([str(ctid) for ctid, _, _ in rows],),
+                )
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK,))
+        except psycopg.Error as exc:
+            raise self._failed(conn, "refreshing continuous aggregates", exc) from exc
+        return len(windows)
 
     def rollup_series(
         self,
@@ -674,6 +855,8 @@ class PostgresStore(Store):
 
     def ensure_partitions_ahead(self, now_ms: int, weeks: int = 2) -> None:
         """Create this week's partition and the next ``weeks`` ones before data needs them."""
+        if self.timescale:
+            return
         start = partition_start(now_ms)
         with self._lock:
             missing = [
@@ -685,6 +868,8 @@ class PostgresStore(Store):
             self._create_partitions(missing)
 
     def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        if self.timescale:
+            return {}  # retention policies (see configure) drop whole chunks themselves
         dropped: dict[str, int] = {}
         if policy.raw_days is not None:
             cutoff = now_ms - int(policy.raw_days * 86_400_000)

@@ -13,6 +13,9 @@ from pathlib import Path
 from analytics.store.base import StoreError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# A migration holding this line runs statement by statement outside a transaction
+# (TimescaleDB's continuous aggregates cannot be created inside one).
+NO_TRANSACTION = "-- civicmesh: no-transaction"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
