@@ -151,6 +151,7 @@ class Demo:
         from analytics.ingest import IngestWorker
         from analytics.settings import AnalyticsSettings
         from analytics.store import open_store
+        from analytics.upkeep import StoreUpkeep
         from civicmesh.config import load_settings
         from civicmesh.drivers import load_driver
         from edge.agent import EdgeAgent, SystemClock
@@ -194,6 +195,9 @@ class Demo:
             ingest = IngestWorker(analytics_settings, store, registry, ingest_link, "demo")
             ingest.start()
             stack.callback(ingest.stop)
+            upkeep = StoreUpkeep(store, analytics_settings.storage)
+            upkeep.start()
+            stack.callback(upkeep.stop)
 
             # Gateway: verifies and countersigns; device side and upstream share the broker.
             gateway_settings = load_settings(

@@ -408,10 +408,12 @@ class PostgresStore(Store):
                 ("rollup_1h", settings.retention.rollup_1h_days),
                 ("rollup_1d", settings.retention.rollup_1d_days),
             ):
-                conn.execute("SELECT remove_retention_policy(%s, if_exists => true)", (relation,))
+                conn.execute(
+                    "SELECT remove_retention_policy(%s::regclass, if_exists => true)", (relation,)
+                )
                 if days is not None:
                     conn.execute(
-                        "SELECT add_retention_policy(%s, %s::interval)",
+                        "SELECT add_retention_policy(%s::regclass, %s::interval)",
                         (relation, timedelta(days=days)),
                     )
         except psycopg.Error as exc:
@@ -780,7 +782,8 @@ class PostgresStore(Store):
                     for _, lo, hi in windows:
                         first, end = (lo // step) * step, (hi // step) * step + step
                         conn.execute(
-                            "CALL refresh_continuous_aggregate(%s, %s, %s)",
+                            "CALL refresh_continuous_aggregate("
+                            "%s::regclass, %s::timestamptz, %s::timestamptz)",
                             (resolution.table, ms_to_ts(first), ms_to_ts(end)),
                         )
                 conn.execute(
