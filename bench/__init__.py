@@ -1,0 +1,1 @@
+"""civicmesh benchmarks: ``python -m bench`` (see README, "Measured figures")."""

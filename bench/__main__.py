@@ -1,0 +1,63 @@
+"""Run the benchmarks and print one table: ``python -m bench [--quick] [--only ingest|queries]``.
+
+Every figure is a ratio against a baseline measured in the same run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small data, for a smoke run")
+    parser.add_argument("--only", choices=["ingest", "queries"], help="run one benchmark")
+    parser.add_argument("--workers", type=int, default=2, help="ingest workers (K)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args(argv)
+    rows: list[tuple[str, str, str]] = []
+    figures: dict[str, object] = {}
+    if args.only in (None, "ingest"):
+        from bench import ingest
+
+        devices, batches = (20, 10) if args.quick else (200, 25)
+        result = ingest.run(devices, batches, 60, args.workers)
+        figures["ingest"] = result
+        rows += [
+            ("ingest, readings/s end to end", f"{result['ingest_rate']:,.0f}",
+             f"{result['workers']} workers, {result['readings']:,} readings in "
+             f"{result['batches']:,} batches, signatures verified, ledger + rollups"),
+            ("raw binary COPY, readings/s", f"{result['copy_rate']:,.0f}",
+             "same rows, same indexed partitioned table, one client"),
+            ("ingest / raw COPY", f"{result['ratio']:.2f}", "target >= 0.5"),
+            ("ingest worker peak RSS, MB",
+             ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]),  # type: ignore[attr-defined]
+             "VmHWM of each worker process; target <= 150"),
+        ]  # fmt: skip
+    if args.only in (None, "queries"):
+        from bench import queries
+
+        days, devices = (3, 20) if args.quick else (30, 200)
+        result = queries.run(days, devices)
+        figures["queries"] = result
+        for name, stats in result["queries"].items():  # type: ignore[attr-defined]
+            rows.append(
+                (f"{name}: p50 / p95 ms", f"{stats['p50']:.1f} / {stats['p95']:.1f}",
+                 f"raw readings: {stats['raw_p50']:.0f} / {stats['raw_p95']:.0f} ms "
+                 f"({stats['raw_p50'] / max(stats['p50'], 1e-6):.0f}x)")
+            )  # fmt: skip
+        rows.append(("query data set", f"{result['rows']:,} readings", result["shape"]))  # type: ignore[arg-type]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    print()
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>{value_width}}  {note}")
+    if args.json:
+        print(json.dumps(figures, default=str, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
