@@ -223,3 +223,25 @@ def test_timescaledb_migration_splits_into_idempotent_statements() -> None:
     assert all("IF NOT EXISTS" in s for s in creates)  # a cut-short run can be repeated
     assert sum("timescaledb.continuous" in s for s in statements) == 3
     assert sum("add_continuous_aggregate_policy" in s for s in statements) == 3
+
+
+def test_zone_and_city_aggregates_from_rollups_equal_raw(store: Store) -> None:
+    write_in_batches(store, DEVICE_A, readings(11, START, 5))
+    write_in_batches(store, DEVICE_B, readings(12, START, 5))
+    write_in_batches(store, DEVICE_C, readings(13, START, 5))
+    store.refresh_rollups()
+    raw = store.zone_aggregates(START, START + DAY, Resolution.RAW)
+    assert sorted((a.zone or "", a.metric) for a in raw) == sorted(
+        (zone, metric) for zone in ("", "harbour", "old-town") for metric in ("pm25", "no2")
+    )
+    assert raw[0].zone is None  # the city first
+    city_pm25 = next(a for a in raw if a.zone is None and a.metric == "pm25")
+    assert city_pm25.count == 3 * 5 * 60
+    for resolution in (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY):
+        rolled = store.zone_aggregates(START, START + DAY, resolution)
+        assert [(a.zone, a.metric, a.count, a.min, a.max) for a in rolled] == [
+            (a.zone, a.metric, a.count, a.min, a.max) for a in raw
+        ]
+        assert all(
+            math.isclose(x.mean, y.mean, rel_tol=1e-9) for x, y in zip(rolled, raw, strict=True)
+        )

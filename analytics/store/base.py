@@ -128,6 +128,18 @@ def choose_resolution(start_ms: int, end_ms: int, max_points: int) -> Resolution
 
 
 @dataclass(frozen=True, slots=True)
+class ZoneAggregate:
+    """One metric over one zone (or the whole city, ``zone`` None) and a time window."""
+
+    zone: str | None
+    metric: str
+    count: int
+    mean: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True, slots=True)
 class Completeness:
     """Readings received against readings expected over a window, per device."""
 
@@ -288,6 +300,14 @@ class Store(ABC):
             metric, start_ms, end_ms, resolution, zone=zone, device_id=device_id
         )
         return resolution, points
+
+    @abstractmethod
+    def zone_aggregates(
+        self, start_ms: int, end_ms: int, resolution: Resolution = Resolution.HOUR
+    ) -> list[ZoneAggregate]:
+        """Count, mean, min and max of every metric per zone, and for the whole city
+        (``zone`` None), over buckets of ``resolution`` starting in ``[start_ms, end_ms)``
+        (``RAW``: the readings themselves)."""
 
     @abstractmethod
     def completeness(

@@ -30,6 +30,7 @@ from analytics.store.base import (
     StoredBatch,
     StoreError,
     WriteOutcome,
+    ZoneAggregate,
     ZoneSummary,
 )
 from analytics.store.common import (
@@ -418,6 +419,42 @@ class SqliteStore(Store):
         }
         rows = self._read("reading a rollup series", lambda c: c.execute(sql, params).fetchall())
         return [SeriesPoint(*row) for row in rows]
+
+    def zone_aggregates(
+        self, start_ms: int, end_ms: int, resolution: Resolution = Resolution.HOUR
+    ) -> list[ZoneAggregate]:
+        if resolution is Resolution.RAW:
+            source, time, parts = (
+                "readings",
+                "ts",
+                "count(*), sum(r.value), min(r.value), max(r.value)",
+            )
+        else:
+            source, time, parts = (
+                resolution.table,
+                "bucket",
+                "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
+            )
+        sql = f"""
+            WITH per_zone (zone, metric, n, total, lo, hi) AS (
+                SELECT d.zone, r.metric, {parts}
+                FROM {source} r JOIN devices d ON d.device_id = r.device_id
+                WHERE r.{time} >= :start AND r.{time} < :end
+                GROUP BY d.zone, r.metric
+            )
+            SELECT zone, metric, n, total / n, lo, hi FROM per_zone
+            UNION ALL
+            SELECT NULL, metric, sum(n), sum(total) / sum(n), min(lo), max(hi)
+            FROM per_zone GROUP BY metric
+            ORDER BY 1, 2
+        """
+        params = {"start": start_ms, "end": end_ms}
+        return [
+            ZoneAggregate(zone, metric_name(code), int(n), float(mean), lo, hi)
+            for zone, code, n, mean, lo, hi in self._read(
+                "aggregating zones", lambda c: c.execute(sql, params).fetchall()
+            )
+        ]
 
     def completeness(
         self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
