@@ -441,8 +441,10 @@ class IngestWorker:
         kept: list[Reading] = []
         rejects: list[QuarantineRecord] = []
         horizon = now + self._settings.max_future_ms
+        record = registry.devices.get(batch.device_id)
+        registered = record.registered_at_ms if record is not None else 0
         for reading in batch.payload.readings:
-            problem = _reading_problem(reading, horizon)
+            problem = _reading_problem(reading, horizon, registered)
             if problem is None:
                 kept.append(reading)
                 continue
@@ -585,7 +587,9 @@ def _signer_or_none(message: bytes) -> str | None:
         return None
 
 
-def _reading_problem(reading: Reading, horizon_ms: int) -> tuple[str, str] | None:
+def _reading_problem(
+    reading: Reading, horizon_ms: int, registered_ms: int = 0
+) -> tuple[str, str] | None:
     """Why a verified reading must not be stored, or None when it is fine."""
     where = f"{reading.metric} at {reading.ts_ms}"
     numbers = {"value": reading.value, "raw": reading.raw, "anomaly": reading.anomaly}
@@ -603,6 +607,12 @@ def _reading_problem(reading: Reading, horizon_ms: int) -> tuple[str, str] | Non
         return (
             "reading.future",
             f"{where}: time lies {reading.ts_ms - horizon_ms} ms past the horizon",
+        )
+    if reading.ts_ms < registered_ms:
+        return (
+            "reading.before_registration",
+            f"{where}: time lies {registered_ms - reading.ts_ms} ms before the device "
+            "was registered",
         )
     return None
 

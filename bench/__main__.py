@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str, str]] = []
     figures: dict[str, object] = {}
     if args.only in (None, "ingest"):
-        from bench import ingest
+        import bench.ingest as ingest
 
         devices, batches = (20, 10) if args.quick else (200, 25)
         result = ingest.run(devices, batches, 60, args.workers)
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
              "VmHWM of each worker process; target <= 150"),
         ]  # fmt: skip
     if args.only in (None, "queries"):
-        from bench import queries
+        import bench.queries as queries
 
         days, devices = (3, 20) if args.quick else (30, 200)
         result = queries.run(days, devices)

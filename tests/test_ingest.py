@@ -578,6 +578,21 @@ class FailingStore(Store):
     def counts(self) -> Any:
         return self.inner.counts()
 
+    def refresh_rollups(self) -> int:
+        return self.inner.refresh_rollups()
+
+    def rollup_series(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.rollup_series(*args, **kwargs)
+
+    def zone_aggregates(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.zone_aggregates(*args, **kwargs)
+
+    def completeness(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.completeness(*args, **kwargs)
+
+    def apply_retention(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.apply_retention(*args, **kwargs)
+
 
 @pytest.mark.integration
 def test_store_outage_holds_acks_and_recovers_without_loss(
@@ -711,3 +726,79 @@ def test_ingest_run_command_stores_and_stops_on_sigterm(
             proc.wait(5)
         with MqttLink(system_mqtt_url, f"civicmesh-ingest-{worker_id}"):
             pass  # end the persistent session the command left behind
+
+
+@pytest.mark.integration
+def test_real_postgres_outage_mid_stream_loses_nothing_and_resumes(
+    fleet: Fleet, harness: Harness, pg_database: str, publisher: MqttLink
+) -> None:
+    """The database really goes away: new connections are refused and the worker's own
+    connection is killed, while batches keep arriving. Nothing is acknowledged until the
+    database is back; then everything is stored once."""
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    name = urlsplit(pg_database).path.lstrip("/")
+    admin_url = pg_database.rsplit("/", 1)[0] + "/postgres"
+
+    def database_down(down: bool) -> None:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(not down).lower()}')
+            if down:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
+    store = open_store(pg_database)
+    store.migrate()
+    worker = harness.worker(store, max_batch_messages=10)
+    device = fleet.devices[0]
+    try:
+        for _ in range(5):
+            publisher.publish(fleet.topic, fleet.envelope(fleet.seal(device)))
+        wait_for(lambda: store.counts().batches == 5, what="the first batches")
+        acked = worker.stats()["acked"]
+
+        database_down(True)
+        for _ in range(15):
+            publisher.publish(fleet.topic, fleet.envelope(fleet.seal(device)))
+        wait_for(lambda: worker.stats()["store_errors"] >= 1, what="the outage noticed")
+        time.sleep(1.0)
+        assert worker.stats()["acked"] == acked, "nothing acknowledged while the database is down"
+        assert worker.stats()["store_ok"] is False
+    finally:
+        database_down(False)
+    check = open_store(pg_database)  # this thread's old connection was killed too
+    wait_for(lambda: check.counts().batches == 20, timeout=30, what="recovery")
+    assert [e.seq for e in check.ledger(device.key_id)] == list(range(1, 21))
+    assert check.counts().readings == 40
+    wait_for(lambda: worker.stats()["acked"] == acked + 15, what="all acknowledged")
+    assert worker.stats()["store_ok"] is True
+    check.close()
+    store.close()
+
+
+@pytest.mark.integration
+def test_readings_before_the_device_was_registered_are_quarantined(
+    fleet: Fleet, harness: Harness, sqlite_store: Store, publisher: MqttLink
+) -> None:
+    from dataclasses import replace
+
+    device = fleet.devices[1]
+    registered = fleet.t0 + 10 * MIN
+    registry = RegistryFile(fleet.registry_path).current()
+    registry.with_device(
+        replace(registry.devices[device.key_id], registered_at_ms=registered)
+    ).save(fleet.registry_path)
+    harness.worker(sqlite_store)
+    early, late = fleet.t0 + 5 * MIN, fleet.t0 + 20 * MIN
+    batch = fleet.seal(device, [Reading(early, "pm25", 9.0), Reading(late, "pm25", 11.0)])
+    publisher.publish(fleet.topic, fleet.envelope(batch))
+    wait_for(lambda: sqlite_store.counts().batches == 1, what="the batch")
+    wait_for(lambda: len(mine(sqlite_store.quarantined(), fleet)) == 1, what="the record")
+    (record,) = mine(sqlite_store.quarantined(), fleet)
+    assert record.reason == "reading.before_registration"
+    assert "before the device was registered" in record.detail
+    assert stored_values(sqlite_store, device, fleet) == [(late, "pm25", 11.0)]
