@@ -64,7 +64,6 @@ def load(url: str, days: int, devices: int) -> tuple[PostgresStore, int, int]:
     with psycopg.connect(url, autocommit=True) as conn:
         # Bulk load: indexes go, rows come in, indexes come back.
         conn.execute("DROP INDEX readings_device_metric_ts")
-        conn.execute("DROP INDEX readings_metric_ts")
         for record in records:
             ts = np.repeat(minutes, len(codes))
             metric = np.tile(codes, len(minutes))
@@ -97,7 +96,6 @@ def load(url: str, days: int, devices: int) -> tuple[PostgresStore, int, int]:
                 (record.device_id, ms_to_ts(start), ms_to_ts(end - MIN_MS)),
             )
         conn.execute("CREATE INDEX readings_device_metric_ts ON readings (device_id, metric, ts)")
-        conn.execute("CREATE INDEX readings_metric_ts ON readings (metric, ts)")
         conn.execute("ANALYZE")
     store.refresh_rollups()
     with psycopg.connect(url, autocommit=True) as conn:

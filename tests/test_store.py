@@ -168,13 +168,14 @@ def test_open_store_picks_backend_by_scheme(
 
 def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
     first = backend.open()
-    assert first.migrate() == ["0001_initial", "0002_rollups"]
+    assert first.migrate() == ["0001_initial", "0002_rollups", "0003_lean_readings"]
     assert first.migrate() == []
     second = backend.open()
     assert second.migrate() == []
     assert backend.query("SELECT version, name FROM schema_migrations ORDER BY version") == [
         (1, "0001_initial"),
         (2, "0002_rollups"),
+        (3, "0003_lean_readings"),
     ]
     first.close()
     second.close()
@@ -199,7 +200,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert sorted(results) == [[], [], [], ["0001_initial", "0002_rollups"]]
+    assert sorted(results) == [[], [], [], ["0001_initial", "0002_rollups", "0003_lean_readings"]]
     for s in stores:
         s.close()
 

@@ -52,6 +52,7 @@ from analytics.store.common import (
     touched_ranges,
     unique_batches,
 )
+from analytics.store.pgcopy import encode_readings
 from analytics.store.schema import NO_TRANSACTION, Migration, load_migrations
 from civicmesh.protocol import Reading
 from civicmesh.quarantine import QuarantineRecord
@@ -117,6 +118,7 @@ SELECT s.device_id, s.metric, date_bin({step}, s.{time}, 'epoch'::timestamptz),
        {aggregates}
 FROM {source} s JOIN ranges r
     ON s.device_id = r.device_id AND s.{time} >= r.lo AND s.{time} < r.hi
+    AND s.metric = ANY(%(codes)s::smallint[])
 GROUP BY 1, 2, 3
 """
 )
@@ -546,13 +548,17 @@ class PostgresStore(Store):
             fresh = [b for b in unique if (b.device_id, b.seq) in inserted and b.readings]
             if fresh:
                 with cur.copy(_COPY_READINGS) as copy:
-                    copy.set_types(list(_READING_TYPES))
-                    for b in fresh:
-                        for r in b.readings:
-                            copy.write_row(
-                                (b.device_id, ms_to_ts(r.ts_ms), metric_code(r.metric),
-                                 r.value, r.quality, r.raw, r.anomaly, b.seq)
-                            )  # fmt: skip
+                    encoded = encode_readings(fresh)
+                    if encoded is not None:
+                        copy.write(encoded)
+                    else:  # device ids of mixed length: row by row
+                        copy.set_types(list(_READING_TYPES))
+                        for b in fresh:
+                            for r in b.readings:
+                                copy.write_row(
+                                    (b.device_id, ms_to_ts(r.ts_ms), metric_code(r.metric),
+                                     r.value, r.quality, r.raw, r.anomaly, b.seq)
+                                )  # fmt: skip
                 dirty = touched_ranges(fresh)
                 cur.execute(
                     _MARK_DIRTY,
@@ -745,6 +751,9 @@ class PostgresStore(Store):
             if not ranges:
                 return 0
             params = {
+                # Every metric named, so (device_id, metric, ts) is searched per metric
+                # over the time range instead of over the device's whole history.
+                "codes": list(ALL_METRIC_CODES),
                 "devices": [d for d, _, _ in ranges],
                 "los": [ms_to_ts(lo) for _, lo, _ in ranges],
                 "his": [ms_to_ts(hi) for _, _, hi in ranges],
