@@ -214,7 +214,7 @@ def test_timescaledb_migration_splits_into_idempotent_statements() -> None:
     from analytics.store.postgres import _statements
     from analytics.store.schema import NO_TRANSACTION, load_migrations
 
-    initial, rollups, _lean = load_migrations("timescaledb")
+    initial, rollups, *_later = load_migrations("timescaledb")
     assert NO_TRANSACTION not in initial.sql and NO_TRANSACTION in rollups.sql
     statements = _statements(rollups.sql)
     assert len(statements) == 12

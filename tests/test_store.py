@@ -168,7 +168,12 @@ def test_open_store_picks_backend_by_scheme(
 
 def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
     first = backend.open()
-    assert first.migrate() == ["0001_initial", "0002_rollups", "0003_lean_readings"]
+    assert first.migrate() == [
+        "0001_initial",
+        "0002_rollups",
+        "0003_lean_readings",
+        "0004_c_collation",
+    ]
     assert first.migrate() == []
     second = backend.open()
     assert second.migrate() == []
@@ -176,6 +181,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (1, "0001_initial"),
         (2, "0002_rollups"),
         (3, "0003_lean_readings"),
+        (4, "0004_c_collation"),
     ]
     first.close()
     second.close()
@@ -200,7 +206,8 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert sorted(results) == [[], [], [], ["0001_initial", "0002_rollups", "0003_lean_readings"]]
+    applied = ["0001_initial", "0002_rollups", "0003_lean_readings", "0004_c_collation"]
+    assert sorted(results) == [[], [], [], applied]
     for s in stores:
         s.close()
 

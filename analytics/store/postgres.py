@@ -69,6 +69,7 @@ PARTITION_SPAN = timedelta(days=7)  # ISO weeks: Monday 00:00 UTC to the next Mo
 MIGRATION_LOCK = 0x63_6D_73_74_01
 PARTITION_LOCK = 0x63_6D_73_74_02
 ROLLUP_LOCK = 0x63_6D_73_74_03
+REFRESH_CHUNK = 8  # device ranges per refresh statement
 CONNECT_TIMEOUT_S = 10
 
 _READING_COLUMNS = ("device_id", "ts", "metric", "value", "quality", "raw", "anomaly", "seq")
@@ -750,26 +751,31 @@ class PostgresStore(Store):
             ranges = merge_ranges(taken)
             if not ranges:
                 return 0
-            params = {
-                # Every metric named, so (device_id, metric, ts) is searched per metric
-                # over the time range instead of over the device's whole history.
-                "codes": list(ALL_METRIC_CODES),
-                "devices": [d for d, _, _ in ranges],
-                "los": [ms_to_ts(lo) for _, lo, _ in ranges],
-                "his": [ms_to_ts(hi) for _, _, hi in ranges],
-            }
-            below = "readings"
-            for resolution in ROLLUPS:
-                names = {
-                    "step": f"interval '{resolution.seconds} seconds'",
-                    "target": resolution.table,
-                    "source": below,
-                    "time": "ts" if below == "readings" else "bucket",
-                    "aggregates": _FROM_READINGS if below == "readings" else _FROM_ROLLUP,
+            # The aggregation sorts its input; give it room (live refreshes are small,
+            # a bulk load's are not) and take the ranges a few devices at a time.
+            cur.execute("SET LOCAL work_mem = '64MB'")
+            for first in range(0, len(ranges), REFRESH_CHUNK):
+                chunk = ranges[first : first + REFRESH_CHUNK]
+                params = {
+                    # Every metric named, so (device_id, metric, ts) is searched per
+                    # metric over the range instead of over the device's whole history.
+                    "codes": list(ALL_METRIC_CODES),
+                    "devices": [d for d, _, _ in chunk],
+                    "los": [ms_to_ts(lo) for _, lo, _ in chunk],
+                    "his": [ms_to_ts(hi) for _, _, hi in chunk],
                 }
-                cur.execute(_RECOMPUTE_DELETE.format(**names), params)
-                cur.execute(_RECOMPUTE_INSERT.format(**names), params)
-                below = resolution.table
+                below = "readings"
+                for resolution in ROLLUPS:
+                    names = {
+                        "step": f"interval '{resolution.seconds} seconds'",
+                        "target": resolution.table,
+                        "source": below,
+                        "time": "ts" if below == "readings" else "bucket",
+                        "aggregates": _FROM_READINGS if below == "readings" else _FROM_ROLLUP,
+                    }
+                    cur.execute(_RECOMPUTE_DELETE.format(**names), params)
+                    cur.execute(_RECOMPUTE_INSERT.format(**names), params)
+                    below = resolution.table
         return len(ranges)
 
     def _refresh_continuous_aggregates(self) -> int:

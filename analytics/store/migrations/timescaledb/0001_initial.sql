@@ -1,9 +1,10 @@
 -- civicmesh central store on TimescaleDB 2.x, schema 1: the plain PostgreSQL schema with
 -- readings and the batch ledger as hypertables. Times are timestamptz (UTC on the wire).
+-- Ids are ASCII and compared bytewise (COLLATE "C"), as on the plain path (its 0004).
 CREATE EXTENSION IF NOT EXISTS timescaledb;
 
 CREATE TABLE devices (
-    device_id     text PRIMARY KEY,
+    device_id     text COLLATE "C" PRIMARY KEY,
     zone          text NOT NULL,
     lat           double precision,
     lon           double precision,
@@ -15,13 +16,13 @@ CREATE INDEX devices_zone ON devices (zone);
 
 -- The batch ledger: one row per accepted device batch, the proof of what was ingested.
 CREATE TABLE batches (
-    device_id       text NOT NULL,
+    device_id       text COLLATE "C" NOT NULL,
     seq             bigint NOT NULL CHECK (seq >= 1),
     payload_hash    bytea NOT NULL CHECK (length(payload_hash) = 32),
     prev_hash       bytea NOT NULL CHECK (length(prev_hash) = 32),
     sealed_at       timestamptz NOT NULL,
     model_version   text NOT NULL,
-    gateway_id      text NOT NULL,
+    gateway_id      text COLLATE "C" NOT NULL,
     received_at     timestamptz NOT NULL,
     ingested_at     timestamptz NOT NULL,
     n_readings      integer NOT NULL CHECK (n_readings >= 0),
@@ -45,7 +46,7 @@ SELECT create_hypertable('batches', 'seq', chunk_time_interval => 10000000);
 -- Raw readings as a hypertable on "ts". The chunk interval is set at start-up from
 -- storage.timescale_chunk_hours (set_chunk_time_interval); one day is the default.
 CREATE TABLE readings (
-    device_id text NOT NULL,
+    device_id text COLLATE "C" NOT NULL,
     ts        timestamptz NOT NULL,
     metric    smallint NOT NULL CHECK (metric > 0),
     value     double precision NOT NULL CHECK (value > '-Infinity' AND value < 'Infinity'),
@@ -75,7 +76,7 @@ CREATE TABLE quarantine (
     payload_size   integer NOT NULL,
     payload_sha256 text NOT NULL,
     payload        bytea NOT NULL,
-    device_id      text,
+    device_id      text COLLATE "C",
     seq            bigint
 );
 CREATE INDEX quarantine_received ON quarantine (received_at);

@@ -15,7 +15,7 @@ CREATE INDEX IF NOT EXISTS batches_device_newest ON batches (device_id, newest_r
 -- refreshes exactly these windows, so late data is rolled up too (the policies below
 -- only look back over their start_offset).
 CREATE TABLE IF NOT EXISTS rollup_dirty (
-    device_id text NOT NULL,
+    device_id text COLLATE "C" NOT NULL,
     lo        timestamptz NOT NULL,
     hi        timestamptz NOT NULL
 );
