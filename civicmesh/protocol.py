@@ -144,6 +144,23 @@ class Reading:
             raise ValueError(f"Invalid reading: quality flags {self.quality} out of range")
 
 
+_set = object.__setattr__
+
+
+def _checked_reading(
+    ts_ms: int, metric: str, value: float, quality: int, raw: float | None, anomaly: float | None
+) -> Reading:
+    """A Reading from values the decoder has already checked (skips ``__post_init__``)."""
+    reading = object.__new__(Reading)
+    _set(reading, "ts_ms", ts_ms)
+    _set(reading, "metric", metric)
+    _set(reading, "value", value)
+    _set(reading, "quality", quality)
+    _set(reading, "raw", raw)
+    _set(reading, "anomaly", anomaly)
+    return reading
+
+
 @dataclass(frozen=True, slots=True)
 class BatchPayload:
     """The content of a device batch, before signing or after verification."""
@@ -388,23 +405,37 @@ def decode_payload(payload_bytes: bytes) -> BatchPayload:
     model_version = body[8]
     if not isinstance(model_version, str) or len(model_version) > MAX_TEXT:
         raise SchemaError("batch field model_version must be text of at most 64 characters")
-    readings = []
+    readings: list[Reading] = []
+    append = readings.append
+    # The hot loop of ingest: plain type checks inline, the detailed (slower) checks and
+    # messages only when a row fails them.
     for index, row in enumerate(rows):
-        if not isinstance(row, list | tuple) or not 4 <= len(row) <= 6:
+        n = len(row) if type(row) is list or type(row) is tuple else 0
+        if not 4 <= n <= 6:
             raise SchemaError(f"reading {index} must be an array of 4 to 6 items")
-        dt = _int(row[0], f"readings[{index}].dt", 0, MAX_SPAN_MS)
-        code = row[1]
-        if type(code) is not int or code not in BY_CODE:
+        dt, code, value, quality = row[0], row[1], row[2], row[3]
+        if type(dt) is not int or not 0 <= dt <= MAX_SPAN_MS:
+            _int(dt, f"readings[{index}].dt", 0, MAX_SPAN_MS)
+        spec = BY_CODE.get(code) if type(code) is int else None
+        if spec is None:
             raise SchemaError(
                 f"reading {index} has unknown metric code {code!r}", reason="schema.unknown_metric"
             )
-        value = _float(row[2], f"readings[{index}].value")
-        quality = _int(row[3], f"readings[{index}].quality", 0, 2**16 - 1)
-        raw = None if len(row) < 5 or row[4] is None else _float(row[4], f"readings[{index}].raw")
-        anomaly = None if len(row) < 6 else _float(row[5], f"readings[{index}].anomaly")
-        if t0 + dt > _MAX_TIME_MS:
+        if type(value) is not float:
+            value = _float(value, f"readings[{index}].value")
+        if type(quality) is not int or not 0 <= quality <= 0xFFFF:
+            _int(quality, f"readings[{index}].quality", 0, 0xFFFF)
+        raw = anomaly = None
+        if n >= 5 and row[4] is not None:
+            raw = row[4] if type(row[4]) is float else _float(row[4], f"readings[{index}].raw")
+        if n == 6:
+            anomaly = (
+                row[5] if type(row[5]) is float else _float(row[5], f"readings[{index}].anomaly")
+            )
+        ts = t0 + dt
+        if ts > _MAX_TIME_MS:
             raise SchemaError(f"reading {index} lies after 2100")
-        readings.append(Reading(t0 + dt, BY_CODE[code].name, value, quality, raw, anomaly))
+        append(_checked_reading(ts, spec.name, value, quality, raw, anomaly))
     try:
         return BatchPayload(
             device_id=device_id,

@@ -537,7 +537,8 @@ class PostgresStore(Store):
                 column.append(value)
         stored: dict[BatchKey, bytes] = {}
         with self._transaction(f"writing {len(batches)} batches") as cur:
-            cur.execute(_INSERT_BATCHES, columns)
+            # Binary parameters: the signed messages go as bytes, not escaped hex text.
+            cur.execute(_INSERT_BATCHES, columns, binary=True)
             inserted: set[BatchKey] = {(device, seq) for device, seq in cur.fetchall()}
             existing = [b for b in unique if (b.device_id, b.seq) not in inserted]
             if existing:
