@@ -591,6 +591,16 @@ def _reading_problem(
     reading: Reading, horizon_ms: int, registered_ms: int = 0
 ) -> tuple[str, str] | None:
     """Why a verified reading must not be stored, or None when it is fine."""
+    # The common case first, without building any text (this runs for every reading).
+    value, raw, anomaly = reading.value, reading.raw, reading.anomaly
+    spec = BY_NAME[reading.metric]
+    if (
+        spec.minimum <= value <= spec.maximum  # False for NaN
+        and (raw is None or -math.inf < raw < math.inf)
+        and (anomaly is None or -math.inf < anomaly < math.inf)
+        and registered_ms <= reading.ts_ms <= horizon_ms
+    ):
+        return None
     where = f"{reading.metric} at {reading.ts_ms}"
     numbers = {"value": reading.value, "raw": reading.raw, "anomaly": reading.anomaly}
     for name, number in numbers.items():

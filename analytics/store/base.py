@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from civicmesh.errors import CivicmeshError
@@ -47,6 +47,15 @@ class StoredBatch:
     device_message: bytes  # the device COSE_Sign1 bytes, kept for audit
     gateway_message: bytes  # the gateway envelope bytes, kept for audit
     readings: tuple[Reading, ...]
+    # Time span of the readings (None when there are none), computed once: the ledger,
+    # the rollup refresh and the partitioning all need it.
+    oldest_ms: int | None = field(init=False, compare=False, repr=False)
+    newest_ms: int | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        times = [r.ts_ms for r in self.readings]
+        object.__setattr__(self, "oldest_ms", min(times) if times else None)
+        object.__setattr__(self, "newest_ms", max(times) if times else None)
 
 
 @dataclass(frozen=True, slots=True)

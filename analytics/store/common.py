@@ -77,7 +77,7 @@ def resolve_outcomes(
 
 
 def newest_reading_ms(batch: StoredBatch) -> int | None:
-    return max((r.ts_ms for r in batch.readings), default=None)
+    return batch.newest_ms
 
 
 def quarantine_payload(record: QuarantineRecord) -> bytes:
@@ -95,7 +95,7 @@ def payload_b64(payload: bytes) -> str:
 
 
 def oldest_reading_ms(batch: StoredBatch) -> int | None:
-    return min((r.ts_ms for r in batch.readings), default=None)
+    return batch.oldest_ms
 
 
 def touched_ranges(batches: Sequence[StoredBatch]) -> list[tuple[str, int, int]]:
@@ -103,10 +103,9 @@ def touched_ranges(batches: Sequence[StoredBatch]) -> list[tuple[str, int, int]]
     the rollup refresher must recompute after these batches are written."""
     ranges: dict[str, tuple[int, int]] = {}
     for batch in batches:
-        if not batch.readings:
+        lo, hi = batch.oldest_ms, batch.newest_ms
+        if lo is None or hi is None:
             continue
-        lo = min(r.ts_ms for r in batch.readings)
-        hi = max(r.ts_ms for r in batch.readings)
         old = ranges.get(batch.device_id)
         ranges[batch.device_id] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     return [(device, lo, hi) for device, (lo, hi) in sorted(ranges.items())]

@@ -452,10 +452,10 @@ class PostgresStore(Store):
             return  # TimescaleDB creates chunks itself
         needed: set[date] = set()
         for batch in batches:
-            if not batch.readings:
+            if batch.oldest_ms is None or batch.newest_ms is None:
                 continue
-            first = partition_start(min(r.ts_ms for r in batch.readings))
-            last = partition_start(max(r.ts_ms for r in batch.readings))
+            first = partition_start(batch.oldest_ms)
+            last = partition_start(batch.newest_ms)
             while first <= last:
                 needed.add(first)
                 first += PARTITION_SPAN
