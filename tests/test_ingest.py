@@ -261,7 +261,7 @@ def stored_values(
 def test_settings_defaults_environment_and_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(AnalyticsSettings)
     assert settings.database_url == "sqlite:///var/civicmesh.db"
-    assert settings.ingest.max_batch_messages == 200
+    assert settings.ingest.max_batch_messages == 100
     assert settings.ingest.max_batch_delay_ms == 200
     assert settings.ingest.shared_group == "civicmesh-ingest"
     assert (settings.api.host, settings.api.port) == ("127.0.0.1", 8080)
