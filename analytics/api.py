@@ -115,13 +115,47 @@ class SeriesOut(BaseModel):
     points: list[SeriesPointOut]
 
 
-class CompletenessOut(BaseModel):
+class DeviceCompletenessOut(BaseModel):
     device_id: str
     zone: str
     metrics: int = Field(description="Metrics the device reported in the window")
     expected: int = Field(description="metrics x window / interval")
     received: int
     ratio: float = Field(description="received / expected, at most 1")
+
+
+class ZoneCompletenessOut(BaseModel):
+    zone: str
+    devices: int = Field(description="Registered devices in the zone")
+    reporting: int = Field(description="Devices with at least one reading in the window")
+    expected: int
+    received: int
+    ratio: float = Field(description="received / expected over the reporting devices")
+
+
+class CompletenessOut(BaseModel):
+    start: datetime
+    end: datetime
+    interval_s: int
+    devices: list[DeviceCompletenessOut]
+    zones: list[ZoneCompletenessOut]
+
+
+class AggregateOut(BaseModel):
+    zone: str | None = Field(description="The zone, or null for the whole city")
+    metric: str
+    unit: str
+    count: int
+    mean: float
+    min: float
+    max: float
+
+
+class AggregatesOut(BaseModel):
+    start: datetime
+    end: datetime
+    resolution: str = Field(description='The rollup read ("raw": the readings themselves)')
+    aggregates: list[AggregateOut]
 
 
 class LedgerEntryOut(BaseModel):
@@ -207,6 +241,15 @@ def _require_device(store: Store, device_id: str) -> None:
     known = [d.device_id for d in store.devices()]
     if device_id not in known:
         raise HTTPException(404, f"Unknown device {device_id!r}; known devices: {_names(known)}")
+
+
+def _window(start: datetime | None, end: datetime | None) -> tuple[int, int]:
+    end_ms = now_ms() if end is None else _utc_ms(end)
+    span_ms = int(DEFAULT_SERIES_SPAN.total_seconds() * 1000)
+    start_ms = end_ms - span_ms if start is None else _utc_ms(start)
+    if start_ms >= end_ms:
+        raise HTTPException(422, "start must be before end")
+    return start_ms, end_ms
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -362,12 +405,7 @@ def series(
         raise HTTPException(422, f"Unknown metric {metric!r}; known metrics: {KNOWN_METRICS}")
     if zone is not None and device is not None:
         raise HTTPException(422, "Give zone or device, not both")
-    end_ms = now_ms() if end is None else _utc_ms(end)
-    start_ms = end_ms - int(DEFAULT_SERIES_SPAN.total_seconds() * 1000)
-    if start is not None:
-        start_ms = _utc_ms(start)
-    if start_ms >= end_ms:
-        raise HTTPException(422, "start must be before end")
+    start_ms, end_ms = _window(start, end)
     if bucket is not None:
         buckets = (end_ms - start_ms) // (bucket * 1000)
         if buckets > MAX_SERIES_POINTS:
@@ -415,8 +453,8 @@ def series(
 
 @router.get(
     "/completeness",
-    response_model=list[CompletenessOut],
-    summary="Data completeness per device",
+    response_model=CompletenessOut,
+    summary="Data completeness per device and zone",
     tags=["readings"],
     responses={404: {"model": ErrorOut, "description": "Unknown zone"}},
 )
@@ -432,29 +470,86 @@ def completeness(
     interval: Annotated[
         int, Query(ge=1, le=86_400, description="Expected seconds between readings")
     ] = DEFAULT_WINDOW_S,
-) -> list[CompletenessOut]:
-    """Readings received against readings expected (one per ``interval`` and metric)."""
-    end_ms = now_ms() if end is None else _utc_ms(end)
-    start_ms = (
-        end_ms - int(DEFAULT_SERIES_SPAN.total_seconds() * 1000)
-        if start is None
-        else _utc_ms(start)
-    )
-    if start_ms >= end_ms:
-        raise HTTPException(422, "start must be before end")
+) -> CompletenessOut:
+    """Readings received against readings expected (one per ``interval`` and metric),
+    per device and summed per zone (over the devices that reported at all)."""
+    start_ms, end_ms = _window(start, end)
     if zone is not None:
         _require_zone(store, zone)
-    return [
-        CompletenessOut(
-            device_id=c.device_id,
-            zone=c.zone,
-            metrics=c.metrics,
-            expected=c.expected,
-            received=c.received,
-            ratio=c.ratio,
-        )
-        for c in store.completeness(start_ms, end_ms, interval, zone=zone)
-    ]
+    rows = store.completeness(start_ms, end_ms, interval, zone=zone)
+    zones: dict[str, list[int]] = {}
+    for c in rows:
+        totals = zones.setdefault(c.zone, [0, 0, 0, 0])
+        totals[0] += 1
+        totals[1] += c.metrics > 0
+        totals[2] += c.expected
+        totals[3] += c.received
+    return CompletenessOut(
+        start=_iso(start_ms),
+        end=_iso(end_ms),
+        interval_s=interval,
+        devices=[
+            DeviceCompletenessOut(
+                device_id=c.device_id,
+                zone=c.zone,
+                metrics=c.metrics,
+                expected=c.expected,
+                received=c.received,
+                ratio=c.ratio,
+            )
+            for c in rows
+        ],
+        zones=[
+            ZoneCompletenessOut(
+                zone=name,
+                devices=devices,
+                reporting=reporting,
+                expected=expected,
+                received=received,
+                ratio=0.0 if expected == 0 else min(1.0, received / expected),
+            )
+            for name, (devices, reporting, expected, received) in sorted(zones.items())
+        ],
+    )
+
+
+@router.get(
+    "/aggregates",
+    response_model=AggregatesOut,
+    summary="Every metric per zone and for the city",
+    tags=["readings"],
+)
+def aggregates(
+    store: StoreDep,
+    start: Annotated[
+        datetime | None, Query(description="Window start (default: end - 24 h)")
+    ] = None,
+    end: Annotated[datetime | None, Query(description="Window end (default: now)")] = None,
+    resolution: Annotated[
+        str, Query(pattern="^(raw|1m|1h|1d)$", description="Rollup to read (raw: readings)")
+    ] = "1h",
+) -> AggregatesOut:
+    """Count, mean, min and max of each metric per zone and city-wide (zone null), over
+    the buckets starting in ``[start, end)``: the numbers behind the city overview."""
+    start_ms, end_ms = _window(start, end)
+    chosen = Resolution.parse(resolution)
+    return AggregatesOut(
+        start=_iso(start_ms),
+        end=_iso(end_ms),
+        resolution=chosen.label,
+        aggregates=[
+            AggregateOut(
+                zone=a.zone,
+                metric=a.metric,
+                unit=BY_NAME[a.metric].unit,
+                count=a.count,
+                mean=a.mean,
+                min=a.min,
+                max=a.max,
+            )
+            for a in store.zone_aggregates(start_ms, end_ms, chosen)
+        ],
+    )
 
 
 @router.get(

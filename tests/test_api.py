@@ -273,22 +273,41 @@ def test_series_from_rollups_matches_the_raw_answer(client: TestClient) -> None:
     get(client, "/series", 422, metric="pm25", resolution="5m", **window)
 
 
-def test_completeness_per_device(client: TestClient) -> None:
-    rows = get(
+def test_completeness_per_device_and_zone(client: TestClient) -> None:
+    body = get(
         client,
         "/completeness",
         start="2026-01-01T00:00:00Z",
         end="2026-01-01T02:00:00Z",
         interval=600,
     )
-    by_device = {r["device_id"]: r for r in rows}
+    by_device = {r["device_id"]: r for r in body["devices"]}
     # A reports pm25 every 10 min (12) and temperature hourly (2): 14 of 2 x 12 expected.
     assert (by_device[A.key_id]["metrics"], by_device[A.key_id]["expected"]) == (2, 24)
     assert by_device[A.key_id]["received"] == 14
     assert by_device[D.key_id]["received"] == 0
-    north = get(client, "/completeness", zone="north", interval=600)
-    assert {r["zone"] for r in north} == {"north"}
+    zones = {z["zone"]: z for z in body["zones"]}
+    north = zones["north"]  # A and B, both reporting the same way
+    assert (north["devices"], north["reporting"], north["expected"], north["received"]) == (
+        2, 2, 48, 28,
+    )  # fmt: skip
+    only_north = get(client, "/completeness", zone="north", interval=600)
+    assert {r["zone"] for r in only_north["devices"]} == {"north"}
     get(client, "/completeness", 404, zone="atlantis")
+
+
+def test_zone_and_city_aggregates(client: TestClient) -> None:
+    window = {"start": "2026-01-01T00:00:00Z", "end": "2026-01-01T02:00:00Z"}
+    hourly = get(client, "/aggregates", **window)
+    raw = get(client, "/aggregates", resolution="raw", **window)
+    assert (hourly["resolution"], raw["resolution"]) == ("1h", "raw")
+    assert hourly["aggregates"] == raw["aggregates"]
+    city_pm25 = next(a for a in raw["aggregates"] if a["zone"] is None and a["metric"] == "pm25")
+    assert city_pm25["count"] == 36
+    assert city_pm25["mean"] == pytest.approx((186 + 372 + 60) / 36)
+    north = next(a for a in raw["aggregates"] if a["zone"] == "north" and a["metric"] == "pm25")
+    assert (north["count"], north["min"], north["max"]) == (24, 10.0, 42.0)
+    get(client, "/aggregates", 422, resolution="5m", **window)
 
 
 def test_prometheus_metrics(client: TestClient) -> None:
