@@ -65,6 +65,10 @@ class IngestProcess:
             "CIVICMESH_DATABASE_URL": stack.database_url,
             "CIVICMESH_REGISTRY_FILE": str(registry),
             "CIVICMESH_MQTT__URL": stack.mqtt_url,
+            # The span lies in January 2026: keep it past the default retention windows.
+            "CIVICMESH_STORAGE__RAW_RETENTION_DAYS": "36500",
+            "CIVICMESH_STORAGE__ROLLUP_1M_RETENTION_DAYS": "36500",
+            "CIVICMESH_STORAGE__ROLLUP_1H_RETENTION_DAYS": "36500",
         }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
