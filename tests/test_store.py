@@ -173,6 +173,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0002_rollups",
         "0003_lean_readings",
         "0004_c_collation",
+        "0005_zone_rollups",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -182,6 +183,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (2, "0002_rollups"),
         (3, "0003_lean_readings"),
         (4, "0004_c_collation"),
+        (5, "0005_zone_rollups"),
     ]
     first.close()
     second.close()
@@ -206,7 +208,13 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    applied = ["0001_initial", "0002_rollups", "0003_lean_readings", "0004_c_collation"]
+    applied = [
+        "0001_initial",
+        "0002_rollups",
+        "0003_lean_readings",
+        "0004_c_collation",
+        "0005_zone_rollups",
+    ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:
         s.close()

@@ -114,6 +114,11 @@ class Resolution(Enum):
     def table(self) -> str:
         return f"rollup_{self.label}"
 
+    @property
+    def zone_table(self) -> str:
+        """The per-zone rollup (1 h and 1 day only; see ZONE_ROLLUPS)."""
+        return f"rollup_zone_{self.label}"
+
     @classmethod
     def parse(cls, label: str) -> Resolution:
         for resolution in cls:
@@ -124,6 +129,8 @@ class Resolution(Enum):
 
 
 ROLLUPS = (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY)
+# Zone rollups: what dashboards ask over long ranges (a zone's month, the city's day).
+ZONE_ROLLUPS = (Resolution.HOUR, Resolution.DAY)
 
 
 def choose_resolution(start_ms: int, end_ms: int, max_points: int) -> Resolution:

@@ -22,6 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from analytics.store.base import (
     ROLLUPS,
+    ZONE_ROLLUPS,
     Completeness,
     DeviceStatus,
     LatestReading,
@@ -120,6 +121,34 @@ SELECT s.device_id, s.metric, date_bin({step}, s.{time}, 'epoch'::timestamptz),
 FROM {source} s JOIN ranges r
     ON s.device_id = r.device_id AND s.{time} >= r.lo AND s.{time} < r.hi
     AND s.metric = ANY(%(codes)s::smallint[])
+GROUP BY 1, 2, 3
+"""
+)
+# Zone rollups over the zones and windows the refreshed device ranges touched.
+_ZONE_WINDOWS = """
+WITH touched AS (
+    SELECT d.zone, date_bin({step}, min(r.lo), 'epoch'::timestamptz) AS lo,
+           date_bin({step}, max(r.hi), 'epoch'::timestamptz) + {step} AS hi
+    FROM unnest(%(devices)s::text[], %(los)s::timestamptz[], %(his)s::timestamptz[])
+        AS r(device_id, lo, hi)
+    JOIN devices d ON d.device_id = r.device_id
+    GROUP BY d.zone
+)
+"""
+_ZONE_DELETE = (
+    _ZONE_WINDOWS
+    + """DELETE FROM {target} t USING touched w
+WHERE t.zone = w.zone AND t.bucket >= w.lo AND t.bucket < w.hi
+"""
+)
+_ZONE_INSERT = (
+    _ZONE_WINDOWS
+    + """INSERT INTO {target} (zone, metric, bucket, n, sum, min, max)
+SELECT w.zone, s.metric, s.bucket, sum(s.n), sum(s.sum), min(s.min), max(s.max)
+FROM touched w
+JOIN devices d ON d.zone = w.zone
+JOIN {source} s ON s.device_id = d.device_id AND s.metric = ANY(%(codes)s::smallint[])
+    AND s.bucket >= w.lo AND s.bucket < w.hi
 GROUP BY 1, 2, 3
 """
 )
@@ -777,7 +806,27 @@ class PostgresStore(Store):
                     cur.execute(_RECOMPUTE_DELETE.format(**names), params)
                     cur.execute(_RECOMPUTE_INSERT.format(**names), params)
                     below = resolution.table
+            self._refresh_zones(cur, ranges)
         return len(ranges)
+
+    def _refresh_zones(
+        self, cur: psycopg.Cursor[Any], ranges: Sequence[tuple[str, int, int]]
+    ) -> None:
+        """Recompute the zone rollups over the zones and windows ``ranges`` touched."""
+        params = {
+            "codes": list(ALL_METRIC_CODES),
+            "devices": [d for d, _, _ in ranges],
+            "los": [ms_to_ts(lo) for _, lo, _ in ranges],
+            "his": [ms_to_ts(hi) for _, _, hi in ranges],
+        }
+        for resolution in ZONE_ROLLUPS:
+            names = {
+                "step": f"interval '{resolution.seconds} seconds'",
+                "target": resolution.zone_table,
+                "source": resolution.table,
+            }
+            cur.execute(_ZONE_DELETE.format(**names), params)
+            cur.execute(_ZONE_INSERT.format(**names), params)
 
     def _refresh_continuous_aggregates(self) -> int:
         """Refresh the continuous aggregates over the windows written since last time.
@@ -790,10 +839,10 @@ class PostgresStore(Store):
             if locked is None or not locked[0]:
                 return 0
             try:
-                rows = conn.execute("SELECT ctid, lo, hi FROM rollup_dirty").fetchall()
+                rows = conn.execute("SELECT ctid, device_id, lo, hi FROM rollup_dirty").fetchall()
                 if not rows:
                     return 0
-                windows = merge_ranges(("", _to_ms(lo), _to_ms(hi)) for _, lo, hi in rows)
+                windows = merge_ranges(("", _to_ms(lo), _to_ms(hi)) for _, _, lo, hi in rows)
                 for resolution in ROLLUPS:
                     step = resolution.seconds * 1000
                     for _, lo, hi in windows:
@@ -803,10 +852,14 @@ class PostgresStore(Store):
                             "%s::regclass, %s::timestamptz, %s::timestamptz)",
                             (resolution.table, ms_to_ts(first), ms_to_ts(end)),
                         )
-                conn.execute(
-                    "DELETE FROM rollup_dirty WHERE ctid = ANY(%s::tid[])",
-                    ([str(ctid) for ctid, _, _ in rows],),
-                )
+                with conn.transaction(), conn.cursor() as cur:
+                    self._refresh_zones(
+                        cur, merge_ranges((d, _to_ms(lo), _to_ms(hi)) for _, d, lo, hi in rows)
+                    )
+                    cur.execute(
+                        "DELETE FROM rollup_dirty WHERE ctid = ANY(%s::tid[])",
+                        ([str(ctid) for ctid, _, _, _ in rows],),
+                    )
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK,))
         except psycopg.Error as exc:
@@ -825,6 +878,24 @@ class PostgresStore(Store):
     ) -> list[SeriesPoint]:
         if resolution is Resolution.RAW:
             return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
+        params = {
+            "metric": metric_code(metric),
+            "start": ms_to_ts(start_ms),
+            "end": ms_to_ts(end_ms),
+            "device": device_id,
+            "zone": zone,
+        }
+        if device_id is None and resolution in ZONE_ROLLUPS:
+            # A zone or the city: read the zone rollup (a few rows per bucket).
+            where_zone = "" if zone is None else "AND zone = %(zone)s"
+            sql = f"""
+                SELECT {_ms("bucket")}, sum(n)::bigint, sum(sum) / sum(n), min(min), max(max)
+                FROM {resolution.zone_table}
+                WHERE metric = %(metric)s AND bucket >= %(start)s AND bucket < %(end)s
+                    {where_zone}
+                GROUP BY bucket ORDER BY bucket
+            """
+            return [SeriesPoint(*row) for row in self._fetch("reading a zone series", sql, params)]
         where = ["r.metric = %(metric)s", "r.bucket >= %(start)s", "r.bucket < %(end)s"]
         if device_id is not None:
             where.append("r.device_id = %(device)s")
@@ -837,13 +908,6 @@ class PostgresStore(Store):
             WHERE {" AND ".join(where)}
             GROUP BY r.bucket ORDER BY r.bucket
         """
-        params = {
-            "metric": metric_code(metric),
-            "start": ms_to_ts(start_ms),
-            "end": ms_to_ts(end_ms),
-            "device": device_id,
-            "zone": zone,
-        }
         return [SeriesPoint(*row) for row in self._fetch("reading a rollup series", sql, params)]
 
     def zone_aggregates(
@@ -861,12 +925,20 @@ class PostgresStore(Store):
                 "bucket",
                 "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
             )
-        sql = f"""
-            WITH per_zone (zone, metric, n, total, lo, hi) AS (
+        if resolution in ZONE_ROLLUPS:
+            per_zone = f"""
+                SELECT r.zone, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max)
+                FROM {resolution.zone_table} r
+                WHERE r.bucket >= %(start)s AND r.bucket < %(end)s
+                GROUP BY r.zone, r.metric"""
+        else:
+            per_zone = f"""
                 SELECT d.zone, r.metric, {parts}
                 FROM {source} r JOIN devices d ON d.device_id = r.device_id
                 WHERE r.{time} >= %(start)s AND r.{time} < %(end)s
-                GROUP BY d.zone, r.metric
+                GROUP BY d.zone, r.metric"""
+        sql = f"""
+            WITH per_zone (zone, metric, n, total, lo, hi) AS ({per_zone}
             )
             SELECT zone, metric, n, total / n, lo, hi FROM per_zone
             UNION ALL

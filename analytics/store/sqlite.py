@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from analytics.store.base import (
     ROLLUPS,
+    ZONE_ROLLUPS,
     Completeness,
     DeviceStatus,
     LatestReading,
@@ -86,6 +87,15 @@ INSERT INTO {target} (device_id, metric, bucket, n, sum, min, max)
 SELECT device_id, metric, (bucket / {step}) * {step}, sum(n), sum(sum), min(min), max(max)
 FROM {source} WHERE device_id = ? AND bucket >= ? AND bucket < ?
 GROUP BY metric, (bucket / {step}) * {step}
+"""
+
+_ZONE_DELETE = "DELETE FROM {target} WHERE zone = ? AND bucket >= ? AND bucket < ?"
+_ZONE_REFILL = """
+INSERT INTO {target} (zone, metric, bucket, n, sum, min, max)
+SELECT d.zone, s.metric, s.bucket, sum(s.n), sum(s.sum), min(s.min), max(s.max)
+FROM devices d JOIN {source} s ON s.device_id = d.device_id
+WHERE d.zone = ? AND s.bucket >= ? AND s.bucket < ?
+GROUP BY s.metric, s.bucket
 """
 
 _UPSERT_DEVICE = """
@@ -385,6 +395,7 @@ class SqliteStore(Store):
                         refill.format(target=target, source=below, step=step), (device, first, end)
                     )
                     below = target
+            _refresh_zones(conn, ranges)
         return len(ranges)
 
     def rollup_series(
@@ -399,6 +410,26 @@ class SqliteStore(Store):
     ) -> list[SeriesPoint]:
         if resolution is Resolution.RAW:
             return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
+        params = {
+            "metric": metric_code(metric),
+            "start": start_ms,
+            "end": end_ms,
+            "device": device_id,
+            "zone": zone,
+        }
+        if device_id is None and resolution in ZONE_ROLLUPS:
+            # A zone or the city: read the zone rollup (a few rows per bucket).
+            where_zone = "" if zone is None else "AND zone = :zone"
+            zone_sql = f"""
+                SELECT bucket, sum(n), sum(sum) / sum(n), min(min), max(max)
+                FROM {resolution.zone_table}
+                WHERE metric = :metric AND bucket >= :start AND bucket < :end {where_zone}
+                GROUP BY bucket ORDER BY bucket
+            """
+            rows = self._read(
+                "reading a zone series", lambda c: c.execute(zone_sql, params).fetchall()
+            )
+            return [SeriesPoint(*row) for row in rows]
         where = ["r.metric = :metric", "r.bucket >= :start", "r.bucket < :end"]
         if device_id is not None:
             where.append("r.device_id = :device")
@@ -410,13 +441,6 @@ class SqliteStore(Store):
             WHERE {" AND ".join(where)}
             GROUP BY r.bucket ORDER BY r.bucket
         """
-        params = {
-            "metric": metric_code(metric),
-            "start": start_ms,
-            "end": end_ms,
-            "device": device_id,
-            "zone": zone,
-        }
         rows = self._read("reading a rollup series", lambda c: c.execute(sql, params).fetchall())
         return [SeriesPoint(*row) for row in rows]
 
@@ -435,12 +459,20 @@ class SqliteStore(Store):
                 "bucket",
                 "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
             )
-        sql = f"""
-            WITH per_zone (zone, metric, n, total, lo, hi) AS (
+        if resolution in ZONE_ROLLUPS:
+            per_zone = f"""
+                SELECT r.zone, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max)
+                FROM {resolution.zone_table} r
+                WHERE r.bucket >= :start AND r.bucket < :end
+                GROUP BY r.zone, r.metric"""
+        else:
+            per_zone = f"""
                 SELECT d.zone, r.metric, {parts}
                 FROM {source} r JOIN devices d ON d.device_id = r.device_id
                 WHERE r.{time} >= :start AND r.{time} < :end
-                GROUP BY d.zone, r.metric
+                GROUP BY d.zone, r.metric"""
+        sql = f"""
+            WITH per_zone (zone, metric, n, total, lo, hi) AS ({per_zone}
             )
             SELECT zone, metric, n, total / n, lo, hi FROM per_zone
             UNION ALL
@@ -567,6 +599,27 @@ class SqliteStore(Store):
         """
         row = self._read("counting", lambda c: c.execute(sql).fetchone())
         return StoreCounts(*row)
+
+
+def _refresh_zones(conn: sqlite3.Connection, ranges: Sequence[tuple[str, int, int]]) -> None:
+    """Recompute the zone rollups over the zones and windows ``ranges`` touched."""
+    zone_of = dict(conn.execute("SELECT device_id, zone FROM devices").fetchall())
+    windows: dict[str, tuple[int, int]] = {}
+    for device, lo, hi in ranges:
+        zone = zone_of.get(device)
+        if zone is None:
+            continue
+        old = windows.get(zone)
+        windows[zone] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    for resolution in ZONE_ROLLUPS:
+        step = resolution.seconds * 1000
+        for zone, (lo, hi) in windows.items():
+            first, end = (lo // step) * step, (hi // step) * step + step
+            conn.execute(_ZONE_DELETE.format(target=resolution.zone_table), (zone, first, end))
+            conn.execute(
+                _ZONE_REFILL.format(target=resolution.zone_table, source=resolution.table),
+                (zone, first, end),
+            )
 
 
 def _reading_rows(batch: StoredBatch) -> Iterator[tuple[Any, ...]]:
