@@ -11,6 +11,7 @@ must be intact, and no (device, seq) may be stored twice.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from analytics.store import open_store
+from analytics.store.base import Resolution, SeriesPoint
 from civicmesh.config import load_settings
 from civicmesh.drivers import load_driver
 from civicmesh.identity import Ed25519Signer
@@ -136,6 +138,15 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
             yield Stack(broker.url, f"sqlite:///{tmp_path / 'store.db'}", restart)
         finally:
             broker.stop()
+
+
+def same_points(a: list[SeriesPoint], b: list[SeriesPoint]) -> bool:
+    """Equal buckets, counts, minima and maxima; means equal up to float summation order."""
+    return len(a) == len(b) and all(
+        (x.bucket_ms, x.count, x.min, x.max) == (y.bucket_ms, y.count, y.min, y.max)
+        and math.isclose(x.mean, y.mean, rel_tol=1e-12)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def expected_readings(options: dict[str, Any], window_ms: int) -> dict[tuple[int, str], float]:
@@ -263,6 +274,27 @@ def test_pipeline_end_to_end_with_restarts(stack: Stack, tmp_path: Path) -> None
                 assert batch.payload.prev_hash == prev, "hash chain broken in the store"
                 prev = batch.hash
             assert sum(entry.readings for entry in ledger) == len(want)
+
+        # The ingest process (killed once on the way) kept the rollups current itself:
+        # they converge to the raw aggregates for every device and for the whole city.
+        end = START_MS + SPAN_HOURS * HOUR_MS
+        scopes: list[dict[str, str]] = [{}, *({"device_id": d} for d in expected)]
+        deadline = time.monotonic() + 30
+        while True:
+            stale = [
+                (scope, resolution)
+                for scope in scopes
+                for resolution in (Resolution.MINUTE, Resolution.HOUR)
+                if not same_points(
+                    store.rollup_series("no2", START_MS, end, resolution, **scope),
+                    store.series("no2", START_MS, end, resolution.seconds, **scope),
+                )
+            ]
+            if not stale:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"rollups differ from raw aggregates: {stale[:3]}")
+            time.sleep(0.5)
     finally:
         if gateway is not None:
             gateway.stop()
