@@ -802,3 +802,28 @@ def test_readings_before_the_device_was_registered_are_quarantined(
     assert record.reason == "reading.before_registration"
     assert "before the device was registered" in record.detail
     assert stored_values(sqlite_store, device, fleet) == [(late, "pm25", 11.0)]
+
+
+@pytest.mark.integration
+def test_a_batch_with_an_unknown_metric_is_quarantined_whole_and_kept(
+    fleet: Fleet, harness: Harness, sqlite_store: Store, publisher: MqttLink
+) -> None:
+    """A metric code this version does not know (newer firmware?) cannot be stored as a
+    reading; the signed batch goes to quarantine whole, bytes kept for a later replay."""
+    import cbor2
+
+    from civicmesh import protocol
+
+    harness.worker(sqlite_store)
+    device = fleet.devices[0]
+    body = {1: 1, 2: device.key_id, 3: 1, 4: GENESIS_HASH, 5: fleet.t0 + MIN,
+            6: fleet.t0, 7: [[0, 1, 12.5, 0], [0, 99, 3.0, 0]], 8: ""}  # fmt: skip
+    message, _ = protocol._cose_sign1(device, cbor2.dumps(body, canonical=True))
+    envelope = wrap_envelope(fleet.gateway, message, now_ms()).message
+    publisher.publish(fleet.topic, envelope)
+    wait_for(lambda: len(mine(sqlite_store.quarantined(), fleet)) == 1, what="the record")
+    (record,) = mine(sqlite_store.quarantined(), fleet)
+    assert record.reason == "schema.unknown_metric"
+    assert record.device_id == device.key_id
+    assert record.payload() == envelope
+    assert sqlite_store.counts().batches == 0
