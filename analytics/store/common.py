@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-from analytics.store.base import StoredBatch, StoreError, WriteOutcome
+from analytics.store.base import (
+    ZONE_ROLLUPS,
+    Completeness,
+    Resolution,
+    SeriesPoint,
+    Store,
+    StoredBatch,
+    StoreError,
+    WriteOutcome,
+    ZoneAggregate,
+)
 from civicmesh.metrics import BY_CODE, BY_NAME
 from civicmesh.quarantine import QuarantineRecord
 
@@ -123,3 +135,135 @@ def merge_ranges(
         else:
             merged.append((device, lo, hi))
     return merged
+
+
+class SqlRollupQueries(Store):
+    """The rollup queries in one SQL text for both SQL backends.
+
+    A backend supplies how a parameter is written, how a time goes in and how a time
+    column comes out as epoch ms, and how a query runs; the SQL itself is shared.
+    """
+
+    @abstractmethod
+    def _param(self, name: str) -> str:
+        """A named parameter in the driver's style."""
+
+    @abstractmethod
+    def _time(self, ms: int) -> Any:
+        """The parameter value for a time given in epoch ms."""
+
+    @abstractmethod
+    def _epoch_ms(self, column: str) -> str:
+        """SQL for a time column as integer epoch ms."""
+
+    @abstractmethod
+    def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Run a read query; store errors come out as StoreError."""
+
+    def rollup_series(
+        self,
+        metric: str,
+        start_ms: int,
+        end_ms: int,
+        resolution: Resolution,
+        *,
+        zone: str | None = None,
+        device_id: str | None = None,
+    ) -> list[SeriesPoint]:
+        if resolution is Resolution.RAW:
+            return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
+        p = self._param
+        params = {
+            "metric": metric_code(metric),
+            "start": self._time(start_ms),
+            "end": self._time(end_ms),
+            "device": device_id,
+            "zone": zone,
+        }
+        where = [f"r.metric = {p('metric')}", f"r.bucket >= {p('start')}", f"r.bucket < {p('end')}"]
+        if device_id is None and resolution in ZONE_ROLLUPS:
+            # A zone or the city: the zone rollup has a few rows per bucket.
+            table = resolution.zone_table
+            if zone is not None:
+                where.append(f"r.zone = {p('zone')}")
+        else:
+            table = resolution.table
+            if device_id is not None:
+                where.append(f"r.device_id = {p('device')}")
+            if zone is not None:
+                where.append(
+                    f"r.device_id IN (SELECT device_id FROM devices WHERE zone = {p('zone')})"
+                )
+        sql = f"""
+            SELECT {self._epoch_ms("r.bucket")}, CAST(sum(r.n) AS BIGINT), sum(r.sum) / sum(r.n),
+                   min(r.min), max(r.max)
+            FROM {table} r
+            WHERE {" AND ".join(where)}
+            GROUP BY r.bucket ORDER BY r.bucket
+        """
+        return [SeriesPoint(*row) for row in self._rows("reading a rollup series", sql, params)]
+
+    def zone_aggregates(
+        self, start_ms: int, end_ms: int, resolution: Resolution = Resolution.HOUR
+    ) -> list[ZoneAggregate]:
+        start, end = self._param("start"), self._param("end")
+        if resolution in ZONE_ROLLUPS:
+            per_zone = f"""
+                SELECT r.zone, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max)
+                FROM {resolution.zone_table} r
+                WHERE r.bucket >= {start} AND r.bucket < {end}
+                GROUP BY r.zone, r.metric"""
+        else:
+            raw = resolution is Resolution.RAW
+            source = "readings" if raw else resolution.table
+            time = "ts" if raw else "bucket"
+            parts = (
+                "count(*), sum(r.value), min(r.value), max(r.value)"
+                if raw
+                else "sum(r.n), sum(r.sum), min(r.min), max(r.max)"
+            )
+            per_zone = f"""
+                SELECT d.zone, r.metric, {parts}
+                FROM {source} r JOIN devices d ON d.device_id = r.device_id
+                WHERE r.{time} >= {start} AND r.{time} < {end}
+                GROUP BY d.zone, r.metric"""
+        sql = f"""
+            WITH per_zone (zone, metric, n, total, lo, hi) AS ({per_zone}
+            )
+            SELECT zone, metric, n, total / n, lo, hi FROM per_zone
+            UNION ALL
+            SELECT NULL, metric, sum(n), sum(total) / sum(n), min(lo), max(hi)
+            FROM per_zone GROUP BY metric
+            ORDER BY 1 NULLS FIRST, 2
+        """
+        params = {"start": self._time(start_ms), "end": self._time(end_ms)}
+        return [
+            ZoneAggregate(zone, metric_name(code), int(n), float(mean), lo, hi)
+            for zone, code, n, mean, lo, hi in self._rows("aggregating zones", sql, params)
+        ]
+
+    def completeness(
+        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
+    ) -> list[Completeness]:
+        if interval_s <= 0:
+            raise StoreError(f"Completeness interval must be positive, not {interval_s}")
+        slots = max(0, (end_ms - start_ms) // (interval_s * 1000))
+        p = self._param
+        sql = f"""
+            SELECT d.device_id, d.zone, count(r.metric), CAST(coalesce(sum(r.n), 0) AS BIGINT)
+            FROM devices d
+            LEFT JOIN (
+                SELECT device_id, metric, sum(n) AS n FROM rollup_1h
+                WHERE bucket >= {p("start")} AND bucket < {p("end")}
+                GROUP BY device_id, metric
+            ) r ON r.device_id = d.device_id
+            WHERE CAST({p("zone")} AS TEXT) IS NULL OR d.zone = CAST({p("zone")} AS TEXT)
+            GROUP BY d.device_id, d.zone ORDER BY d.device_id
+        """
+        params = {"start": self._time(start_ms), "end": self._time(end_ms), "zone": zone}
+        return [
+            Completeness(device, zone_, metrics, metrics * slots, int(received))
+            for device, zone_, metrics, received in self._rows(
+                "measuring completeness", sql, params
+            )
+        ]

@@ -23,25 +23,22 @@ from psycopg.conninfo import conninfo_to_dict
 from analytics.store.base import (
     ROLLUPS,
     ZONE_ROLLUPS,
-    Completeness,
     DeviceStatus,
     LatestReading,
     LedgerEntry,
-    Resolution,
     RetentionPolicy,
     SeriesPoint,
     StoragePolicy,
-    Store,
     StoreCounts,
     StoredBatch,
     StoreError,
     WriteOutcome,
-    ZoneAggregate,
     ZoneSummary,
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
     BatchKey,
+    SqlRollupQueries,
     merge_ranges,
     metric_code,
     metric_name,
@@ -221,7 +218,7 @@ def _to_ms(ts: datetime) -> int:
     return (ts - EPOCH) // _ONE_MS
 
 
-class PostgresStore(Store):
+class PostgresStore(SqlRollupQueries):
     """Store on a PostgreSQL server; safe to share between threads (one connection each)."""
 
     backend = "postgresql"
@@ -301,6 +298,19 @@ class PostgresStore(Store):
             return cur.fetchall()
 
         return self._read(what, run)
+
+    # Hooks of the shared rollup queries.
+    def _param(self, name: str) -> str:
+        return f"%({name})s"
+
+    def _time(self, ms: int) -> Any:
+        return ms_to_ts(ms)
+
+    def _epoch_ms(self, column: str) -> str:
+        return _ms(column)
+
+    def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return self._fetch(what, sql, params)
 
     def close(self) -> None:
         with self._lock:
@@ -865,117 +875,6 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise self._failed(conn, "refreshing continuous aggregates", exc) from exc
         return len(windows)
-
-    def rollup_series(
-        self,
-        metric: str,
-        start_ms: int,
-        end_ms: int,
-        resolution: Resolution,
-        *,
-        zone: str | None = None,
-        device_id: str | None = None,
-    ) -> list[SeriesPoint]:
-        if resolution is Resolution.RAW:
-            return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
-        params = {
-            "metric": metric_code(metric),
-            "start": ms_to_ts(start_ms),
-            "end": ms_to_ts(end_ms),
-            "device": device_id,
-            "zone": zone,
-        }
-        if device_id is None and resolution in ZONE_ROLLUPS:
-            # A zone or the city: read the zone rollup (a few rows per bucket).
-            where_zone = "" if zone is None else "AND zone = %(zone)s"
-            sql = f"""
-                SELECT {_ms("bucket")}, sum(n)::bigint, sum(sum) / sum(n), min(min), max(max)
-                FROM {resolution.zone_table}
-                WHERE metric = %(metric)s AND bucket >= %(start)s AND bucket < %(end)s
-                    {where_zone}
-                GROUP BY bucket ORDER BY bucket
-            """
-            return [SeriesPoint(*row) for row in self._fetch("reading a zone series", sql, params)]
-        where = ["r.metric = %(metric)s", "r.bucket >= %(start)s", "r.bucket < %(end)s"]
-        if device_id is not None:
-            where.append("r.device_id = %(device)s")
-        if zone is not None:
-            where.append("r.device_id IN (SELECT device_id FROM devices WHERE zone = %(zone)s)")
-        sql = f"""
-            SELECT {_ms("r.bucket")}, sum(r.n)::bigint, sum(r.sum) / sum(r.n), min(r.min),
-                   max(r.max)
-            FROM {resolution.table} r
-            WHERE {" AND ".join(where)}
-            GROUP BY r.bucket ORDER BY r.bucket
-        """
-        return [SeriesPoint(*row) for row in self._fetch("reading a rollup series", sql, params)]
-
-    def zone_aggregates(
-        self, start_ms: int, end_ms: int, resolution: Resolution = Resolution.HOUR
-    ) -> list[ZoneAggregate]:
-        if resolution is Resolution.RAW:
-            source, time, parts = (
-                "readings",
-                "ts",
-                "count(*), sum(r.value), min(r.value), max(r.value)",
-            )
-        else:
-            source, time, parts = (
-                resolution.table,
-                "bucket",
-                "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
-            )
-        if resolution in ZONE_ROLLUPS:
-            per_zone = f"""
-                SELECT r.zone, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max)
-                FROM {resolution.zone_table} r
-                WHERE r.bucket >= %(start)s AND r.bucket < %(end)s
-                GROUP BY r.zone, r.metric"""
-        else:
-            per_zone = f"""
-                SELECT d.zone, r.metric, {parts}
-                FROM {source} r JOIN devices d ON d.device_id = r.device_id
-                WHERE r.{time} >= %(start)s AND r.{time} < %(end)s
-                GROUP BY d.zone, r.metric"""
-        sql = f"""
-            WITH per_zone (zone, metric, n, total, lo, hi) AS ({per_zone}
-            )
-            SELECT zone, metric, n, total / n, lo, hi FROM per_zone
-            UNION ALL
-            SELECT NULL, metric, sum(n), sum(total) / sum(n), min(lo), max(hi)
-            FROM per_zone GROUP BY metric
-            ORDER BY 1 NULLS FIRST, 2
-        """
-        params = {"start": ms_to_ts(start_ms), "end": ms_to_ts(end_ms)}
-        return [
-            ZoneAggregate(zone, metric_name(code), int(n), float(mean), lo, hi)
-            for zone, code, n, mean, lo, hi in self._fetch("aggregating zones", sql, params)
-        ]
-
-    def completeness(
-        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
-    ) -> list[Completeness]:
-        if interval_s <= 0:
-            raise StoreError(f"Completeness interval must be positive, not {interval_s}")
-        slots = max(0, (end_ms - start_ms) // (interval_s * 1000))
-        sql = """
-            SELECT d.device_id, d.zone, count(r.metric), coalesce(sum(r.n), 0)::bigint
-            FROM devices d
-            LEFT JOIN (
-                SELECT device_id, metric, sum(n) AS n FROM rollup_1h
-                WHERE bucket >= %(start)s AND bucket < %(end)s
-                GROUP BY device_id, metric
-            ) r ON r.device_id = d.device_id
-            WHERE %(zone)s::text IS NULL OR d.zone = %(zone)s::text
-            GROUP BY d.device_id, d.zone ORDER BY d.device_id
-        """
-        params = {"start": ms_to_ts(start_ms), "end": ms_to_ts(end_ms), "zone": zone}
-        return [
-            Completeness(device, zone_, metrics, metrics * slots, int(received))
-            for device, zone_, metrics, received in self._fetch(
-                "measuring completeness", sql, params
-            )
-        ]
 
     # -- upkeep ---------------------------------------------------------------
 

@@ -19,24 +19,21 @@ from typing import Any, TypeVar
 from analytics.store.base import (
     ROLLUPS,
     ZONE_ROLLUPS,
-    Completeness,
     DeviceStatus,
     LatestReading,
     LedgerEntry,
-    Resolution,
     RetentionPolicy,
     SeriesPoint,
-    Store,
     StoreCounts,
     StoredBatch,
     StoreError,
     WriteOutcome,
-    ZoneAggregate,
     ZoneSummary,
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
     BatchKey,
+    SqlRollupQueries,
     merge_ranges,
     metric_code,
     metric_name,
@@ -113,7 +110,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 
-class SqliteStore(Store):
+class SqliteStore(SqlRollupQueries):
     """Store in one SQLite file; safe to share between threads (one connection each)."""
 
     backend = "sqlite"
@@ -182,6 +179,19 @@ class SqliteStore(Store):
             return query(self._conn())
         except sqlite3.Error as exc:
             raise StoreError(f"{what} failed: {exc}") from exc
+
+    # Hooks of the shared rollup queries.
+    def _param(self, name: str) -> str:
+        return f":{name}"
+
+    def _time(self, ms: int) -> Any:
+        return ms
+
+    def _epoch_ms(self, column: str) -> str:
+        return column
+
+    def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return self._read(what, lambda c: c.execute(sql, params).fetchall())
 
     def close(self) -> None:
         with self._lock:
@@ -397,120 +407,6 @@ class SqliteStore(Store):
                     below = target
             _refresh_zones(conn, ranges)
         return len(ranges)
-
-    def rollup_series(
-        self,
-        metric: str,
-        start_ms: int,
-        end_ms: int,
-        resolution: Resolution,
-        *,
-        zone: str | None = None,
-        device_id: str | None = None,
-    ) -> list[SeriesPoint]:
-        if resolution is Resolution.RAW:
-            return self.series(metric, start_ms, end_ms, 60, zone=zone, device_id=device_id)
-        params = {
-            "metric": metric_code(metric),
-            "start": start_ms,
-            "end": end_ms,
-            "device": device_id,
-            "zone": zone,
-        }
-        if device_id is None and resolution in ZONE_ROLLUPS:
-            # A zone or the city: read the zone rollup (a few rows per bucket).
-            where_zone = "" if zone is None else "AND zone = :zone"
-            zone_sql = f"""
-                SELECT bucket, sum(n), sum(sum) / sum(n), min(min), max(max)
-                FROM {resolution.zone_table}
-                WHERE metric = :metric AND bucket >= :start AND bucket < :end {where_zone}
-                GROUP BY bucket ORDER BY bucket
-            """
-            rows = self._read(
-                "reading a zone series", lambda c: c.execute(zone_sql, params).fetchall()
-            )
-            return [SeriesPoint(*row) for row in rows]
-        where = ["r.metric = :metric", "r.bucket >= :start", "r.bucket < :end"]
-        if device_id is not None:
-            where.append("r.device_id = :device")
-        if zone is not None:
-            where.append("r.device_id IN (SELECT device_id FROM devices WHERE zone = :zone)")
-        sql = f"""
-            SELECT r.bucket, sum(r.n), sum(r.sum) / sum(r.n), min(r.min), max(r.max)
-            FROM {resolution.table} r
-            WHERE {" AND ".join(where)}
-            GROUP BY r.bucket ORDER BY r.bucket
-        """
-        rows = self._read("reading a rollup series", lambda c: c.execute(sql, params).fetchall())
-        return [SeriesPoint(*row) for row in rows]
-
-    def zone_aggregates(
-        self, start_ms: int, end_ms: int, resolution: Resolution = Resolution.HOUR
-    ) -> list[ZoneAggregate]:
-        if resolution is Resolution.RAW:
-            source, time, parts = (
-                "readings",
-                "ts",
-                "count(*), sum(r.value), min(r.value), max(r.value)",
-            )
-        else:
-            source, time, parts = (
-                resolution.table,
-                "bucket",
-                "sum(r.n), sum(r.sum), min(r.min), max(r.max)",
-            )
-        if resolution in ZONE_ROLLUPS:
-            per_zone = f"""
-                SELECT r.zone, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max)
-                FROM {resolution.zone_table} r
-                WHERE r.bucket >= :start AND r.bucket < :end
-                GROUP BY r.zone, r.metric"""
-        else:
-            per_zone = f"""
-                SELECT d.zone, r.metric, {parts}
-                FROM {source} r JOIN devices d ON d.device_id = r.device_id
-                WHERE r.{time} >= :start AND r.{time} < :end
-                GROUP BY d.zone, r.metric"""
-        sql = f"""
-            WITH per_zone (zone, metric, n, total, lo, hi) AS ({per_zone}
-            )
-            SELECT zone, metric, n, total / n, lo, hi FROM per_zone
-            UNION ALL
-            SELECT NULL, metric, sum(n), sum(total) / sum(n), min(lo), max(hi)
-            FROM per_zone GROUP BY metric
-            ORDER BY 1, 2
-        """
-        params = {"start": start_ms, "end": end_ms}
-        return [
-            ZoneAggregate(zone, metric_name(code), int(n), float(mean), lo, hi)
-            for zone, code, n, mean, lo, hi in self._read(
-                "aggregating zones", lambda c: c.execute(sql, params).fetchall()
-            )
-        ]
-
-    def completeness(
-        self, start_ms: int, end_ms: int, interval_s: int, *, zone: str | None = None
-    ) -> list[Completeness]:
-        if interval_s <= 0:
-            raise StoreError(f"Completeness interval must be positive, not {interval_s}")
-        slots = max(0, (end_ms - start_ms) // (interval_s * 1000))
-        sql = """
-            SELECT d.device_id, d.zone, count(r.metric), coalesce(sum(r.n), 0)
-            FROM devices d
-            LEFT JOIN (
-                SELECT device_id, metric, sum(n) AS n FROM rollup_1h
-                WHERE bucket >= :start AND bucket < :end
-                GROUP BY device_id, metric
-            ) r ON r.device_id = d.device_id
-            WHERE :zone IS NULL OR d.zone = :zone
-            GROUP BY d.device_id, d.zone ORDER BY d.device_id
-        """
-        params = {"start": start_ms, "end": end_ms, "zone": zone}
-        rows = self._read("measuring completeness", lambda c: c.execute(sql, params).fetchall())
-        return [
-            Completeness(device, zone_, metrics, metrics * slots, int(received))
-            for device, zone_, metrics, received in rows
-        ]
 
     def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
         dropped: dict[str, int] = {}
