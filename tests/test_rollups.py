@@ -245,3 +245,62 @@ def test_zone_and_city_aggregates_from_rollups_equal_raw(store: Store) -> None:
         assert all(
             math.isclose(x.mean, y.mean, rel_tol=1e-9) for x, y in zip(rolled, raw, strict=True)
         )
+
+
+TIMESCALE_STAND_INS = """
+CREATE FUNCTION create_hypertable(relation regclass, time_column_name name,
+    chunk_time_interval anyelement) RETURNS void LANGUAGE sql AS 'SELECT';
+CREATE FUNCTION time_bucket(bucket_width interval, ts timestamptz) RETURNS timestamptz
+    LANGUAGE sql IMMUTABLE AS $$ SELECT date_bin(bucket_width, ts, '2000-01-03'::timestamptz) $$;
+CREATE FUNCTION add_continuous_aggregate_policy(continuous_aggregate regclass,
+    start_offset interval, end_offset interval, schedule_interval interval,
+    if_not_exists boolean) RETURNS integer LANGUAGE sql AS 'SELECT 1';
+"""
+
+
+@pytest.mark.integration
+def test_timescaledb_migrations_run_on_postgresql_with_stand_ins(pg_database: str) -> None:
+    """No TimescaleDB here: its migrations run against plain PostgreSQL with stand-ins
+    (create_hypertable and the policies do nothing, time_bucket is date_bin with
+    TimescaleDB's origin, continuous aggregates become materialized views). That checks
+    every statement's syntax, names and types, and that the hierarchical aggregates give
+    the plain path's numbers; TimescaleDB's own behaviour is not tested by this."""
+    import re
+
+    import psycopg
+
+    from analytics.store.postgres import _statements
+    from analytics.store.schema import load_migrations
+
+    url = fresh_schema(pg_database)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(TIMESCALE_STAND_INS.encode())
+        for migration in load_migrations("timescaledb"):
+            for statement in _statements(migration.sql):
+                if "CREATE EXTENSION" in statement or "timescaledb.compress" in statement:
+                    continue  # extension and compression settings: TimescaleDB's alone
+                statement = re.sub(r"WITH \(timescaledb\.[^)]*\)", "", statement)
+                conn.execute(statement.encode())
+    # Same data through the TimescaleDB schema (as materialized views) and the plain one.
+    timescale = PostgresStore(url)
+    timescale.timescale = True  # as migrate() would decide it there: no partitions to make
+    plain = PostgresStore(fresh_schema(pg_database))
+    plain.migrate()
+    rows = readings(21, START, 30)
+    for target in (timescale, plain):
+        target.upsert_devices([device(DEVICE_A, "harbour")])
+        write_in_batches(target, DEVICE_A, rows)
+    plain.refresh_rollups()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for view in ("rollup_1m", "rollup_1h", "rollup_1d"):
+            conn.execute(f"REFRESH MATERIALIZED VIEW {view}".encode())
+    for resolution in (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY):
+        got = timescale.rollup_series(
+            "pm25", START, START + 2 * DAY, resolution, device_id=DEVICE_A.key_id
+        )
+        want = plain.rollup_series(
+            "pm25", START, START + 2 * DAY, resolution, device_id=DEVICE_A.key_id
+        )
+        assert got and close(got, want), resolution
+    timescale.close()
+    plain.close()
