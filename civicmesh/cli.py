@@ -23,6 +23,7 @@ GROUPS: dict[str, str] = {
     "edge.cli": "edge",
     "gateway.cli": "gateway",
     "analytics.cli": "analytics",
+    "analytics.reports.cli": "analytics",
     "firmware_sim.cli": "edge",
     "civicmesh.demo": "all",
 }

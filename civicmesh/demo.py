@@ -149,6 +149,8 @@ class Demo:
 
         from analytics.api import create_app
         from analytics.ingest import IngestWorker
+        from analytics.reports.cli import service_for
+        from analytics.reports.service import to_record
         from analytics.settings import AnalyticsSettings
         from analytics.store import open_store
         from analytics.upkeep import StoreUpkeep
@@ -229,7 +231,10 @@ class Demo:
             # API on a background uvicorn server.
             api_store = open_store(database_url)
             stack.callback(api_store.close)
-            app = create_app(api_store, registry=registry, stats_provider=ingest.stats)
+            reports = service_for(analytics_settings, api_store)
+            app = create_app(
+                api_store, registry=registry, stats_provider=ingest.stats, reports=reports
+            )
             url = stack.enter_context(_serve(app, args.host, args.port))
 
             # Edge: one agent per simulated device, sharing one MQTT connection.
@@ -273,6 +278,19 @@ class Demo:
             print(
                 f"civicmesh demo: backfill done in {time.monotonic() - began:.1f} s, "
                 f"{produced} readings stored",
+                flush=True,
+            )
+            # Yesterday's city report, written by the language model from the fact sheet
+            # (or by the fixed templates, and said so, when the model is missing or wrong).
+            report = reports.report("daily", None)
+            api_store.save_report(to_record(report))
+            source = report.narrative.source
+            if report.narrative.fallback_reason:
+                source += f" ({report.narrative.fallback_reason})"
+            print(f"civicmesh demo: {report.text}\n  [narrative: {source}]", flush=True)
+            print(
+                f"civicmesh demo: ask: curl -s -X POST {url}/api/v1/ask -H 'content-type: "
+                'application/json\' -d \'{"question": "How was NO2 across the city yesterday?"}\'',
                 flush=True,
             )
             print(f"civicmesh demo: API at {url}/docs  (Ctrl-C to stop)", flush=True)

@@ -121,9 +121,15 @@ civicmesh_bootstrap() {
         installed="$(cat "$CIVICMESH_STAMP")"
     fi
     if [ "$wanted" != "$installed" ]; then
-        civicmesh_say "installing civicmesh and its dependencies into .venv (pyproject.toml changed)"
+        # llama-cpp-python builds from source: it needs a C++ compiler (cmake comes
+        # from PyPI when missing), and a portable build (see pyproject.toml).
+        if ! command -v g++ >/dev/null 2>&1 && ! command -v c++ >/dev/null 2>&1; then
+            civicmesh_apt_install g++
+        fi
+        civicmesh_say "installing civicmesh and its dependencies into .venv (pyproject.toml changed; a first llama.cpp build takes about 6 minutes)"
         log="$(mktemp)"
-        if ! (cd "$CIVICMESH_ROOT" && "$CIVICMESH_VENV/bin/python" -m pip install \
+        if ! (cd "$CIVICMESH_ROOT" && CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
+            "$CIVICMESH_VENV/bin/python" -m pip install \
             --disable-pip-version-check --no-input -e '.[all,dev]') </dev/null >"$log" 2>&1; then
             cat "$log" >&2
             rm -f "$log"

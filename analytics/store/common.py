@@ -6,11 +6,15 @@ import base64
 import binascii
 from abc import abstractmethod
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from analytics.store.base import (
     ZONE_ROLLUPS,
+    ChainHead,
     Completeness,
+    LedgerSpan,
+    ReportRecord,
     Resolution,
     SeriesPoint,
     Store,
@@ -157,6 +161,10 @@ class SqlRollupQueries(Store):
         """SQL for a time column as integer epoch ms."""
 
     @abstractmethod
+    def _transaction(self, what: str) -> AbstractContextManager[Any]:
+        """One write transaction; yields what ``execute(sql, params)`` is called on."""
+
+    @abstractmethod
     def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run a read query; store errors come out as StoreError."""
 
@@ -267,3 +275,154 @@ class SqlRollupQueries(Store):
                 "measuring completeness", sql, params
             )
         ]
+
+    # -- what reports rest on --------------------------------------------------
+
+    def ledger_span(self, start_ms: int, end_ms: int, *, zone: str | None = None) -> LedgerSpan:
+        p = self._param
+        sql = f"""
+            WITH span AS (
+                SELECT b.device_id, min(b.seq) AS first_seq, max(b.seq) AS last_seq,
+                       count(*) AS n, min(b.received_at) AS lo, max(b.received_at) AS hi
+                FROM batches b JOIN devices d ON d.device_id = b.device_id
+                WHERE b.newest_reading >= {p("start")} AND b.oldest_reading < {p("end")}
+                  AND (CAST({p("zone")} AS TEXT) IS NULL OR d.zone = CAST({p("zone")} AS TEXT))
+                GROUP BY b.device_id
+            )
+            SELECT s.device_id, s.first_seq, s.last_seq, s.n, {self._epoch_ms("s.lo")},
+                   {self._epoch_ms("s.hi")}, b.payload_hash
+            FROM span s JOIN batches b ON b.device_id = s.device_id AND b.seq = s.last_seq
+            ORDER BY s.device_id
+        """
+        params = {"start": self._time(start_ms), "end": self._time(end_ms), "zone": zone}
+        heads = [
+            ChainHead(device, int(first), int(last), int(n), int(lo), int(hi), bytes(head))
+            for device, first, last, n, lo, hi, head in self._rows(
+                "reading the ledger span", sql, params
+            )
+        ]
+        return LedgerSpan(start_ms, end_ms, zone, tuple(heads))
+
+    def flagged_readings(
+        self, start_ms: int, end_ms: int, mask: int, *, zone: str | None = None
+    ) -> dict[str, int]:
+        p = self._param
+        codes = ", ".join(str(code) for code in ALL_METRIC_CODES)
+        sql = f"""
+            SELECT r.device_id, count(*)
+            FROM readings r
+            WHERE r.device_id IN (
+                    SELECT device_id FROM devices
+                    WHERE CAST({p("zone")} AS TEXT) IS NULL OR zone = CAST({p("zone")} AS TEXT))
+              AND r.metric IN ({codes})
+              AND r.ts >= {p("start")} AND r.ts < {p("end")}
+              AND (r.quality & {p("mask")}) <> 0
+            GROUP BY r.device_id ORDER BY r.device_id
+        """
+        params = {
+            "start": self._time(start_ms),
+            "end": self._time(end_ms),
+            "zone": zone,
+            "mask": mask,
+        }
+        return {d: int(n) for d, n in self._rows("counting flagged readings", sql, params)}
+
+    def quarantine_counts(
+        self, start_ms: int, end_ms: int, *, zone: str | None = None
+    ) -> dict[str, int]:
+        p = self._param
+        sql = f"""
+            SELECT q.device_id, count(*)
+            FROM quarantine q JOIN devices d ON d.device_id = q.device_id
+            WHERE q.received_at >= {p("start")} AND q.received_at < {p("end")}
+              AND (CAST({p("zone")} AS TEXT) IS NULL OR d.zone = CAST({p("zone")} AS TEXT))
+            GROUP BY q.device_id ORDER BY q.device_id
+        """
+        params = {"start": self._time(start_ms), "end": self._time(end_ms), "zone": zone}
+        return {d: int(n) for d, n in self._rows("counting quarantine records", sql, params)}
+
+    # -- reports -----------------------------------------------------------------
+
+    def save_report(self, report: ReportRecord) -> int:
+        p = self._param
+        columns = (
+            "scope",
+            "kind",
+            "period_start",
+            "period_end",
+            "created_at",
+            "text",
+            "narrative_source",
+            "fallback_reason",
+            "model",
+            "prompt_version",
+            "fact_sheet",
+            "ledger_digest",
+            "ledger_batches",
+        )
+        params = {
+            "scope": report.scope,
+            "kind": report.kind,
+            "period_start": self._time(report.period_start_ms),
+            "period_end": self._time(report.period_end_ms),
+            "created_at": self._time(report.created_ms),
+            "text": report.text,
+            "narrative_source": report.narrative_source,
+            "fallback_reason": report.fallback_reason,
+            "model": report.model,
+            "prompt_version": report.prompt_version,
+            "fact_sheet": report.fact_sheet_json,
+            "ledger_digest": report.ledger_digest,
+            "ledger_batches": report.ledger_batches,
+        }
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns[3:])
+        sql = f"""
+            INSERT INTO reports ({", ".join(columns)})
+            VALUES ({
+            ", ".join(self._json_param(c) if c == "fact_sheet" else p(c) for c in columns)
+        })
+            ON CONFLICT (scope, kind, period_start) DO UPDATE SET {updates}
+            RETURNING id
+        """
+        with self._transaction(f"saving the {report.kind} report of {report.scope}") as c:
+            row = c.execute(sql, params).fetchone()
+        return int(row[0])
+
+    def reports(
+        self, *, scope: str | None = None, kind: str | None = None, limit: int = 20
+    ) -> list[ReportRecord]:
+        p = self._param
+        sql = f"""
+            SELECT scope, kind, {self._epoch_ms("period_start")}, {self._epoch_ms("period_end")},
+                   {self._epoch_ms("created_at")}, text, narrative_source, fallback_reason,
+                   model, prompt_version, CAST(fact_sheet AS TEXT), ledger_digest,
+                   ledger_batches, id
+            FROM reports
+            WHERE (CAST({p("scope")} AS TEXT) IS NULL OR scope = CAST({p("scope")} AS TEXT))
+              AND (CAST({p("kind")} AS TEXT) IS NULL OR kind = CAST({p("kind")} AS TEXT))
+            ORDER BY period_start DESC, scope LIMIT {p("limit")}
+        """
+        params = {"scope": scope, "kind": kind, "limit": int(limit)}
+        return [
+            ReportRecord(
+                scope=row[0],
+                kind=row[1],
+                period_start_ms=int(row[2]),
+                period_end_ms=int(row[3]),
+                created_ms=int(row[4]),
+                text=row[5],
+                narrative_source=row[6],
+                fallback_reason=row[7],
+                model=row[8],
+                prompt_version=row[9],
+                fact_sheet_json=row[10],
+                ledger_digest=row[11],
+                ledger_batches=int(row[12]),
+                id=int(row[13]),
+            )
+            for row in self._rows("reading reports", sql, params)
+        ]
+
+    def _json_param(self, name: str) -> str:
+        """A JSON text parameter as the column type wants it (jsonb on PostgreSQL)."""
+        return self._param(name)

@@ -309,6 +309,9 @@ class PostgresStore(SqlRollupQueries):
     def _epoch_ms(self, column: str) -> str:
         return _ms(column)
 
+    def _json_param(self, name: str) -> str:
+        return f"CAST(%({name})s AS jsonb)"
+
     def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         return self._fetch(what, sql, params)
 

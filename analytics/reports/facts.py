@@ -1,0 +1,699 @@
+"""Fact sheets: every number a report or an answer may state, computed from the store.
+
+The database does the aggregation (hourly and daily rollups per zone or for the city,
+the ledger, quarantine and quality-flag counts); this module derives the facts from
+those rows deterministically: weighted means, peaks with their time, WHO 2021 and AQI
+exceedances, period-over-period change, day-of-week and hour-of-day patterns, the
+traffic/NO2 correlation, completeness and devices with faults. Each fact carries an id,
+a value, a unit, the number of decimals it is shown with, and the query window it came
+from, so a text can be checked against it and a reader can ask where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from analytics import aqi
+from analytics.store.base import LedgerSpan, Resolution, SeriesPoint, Store
+from civicmesh.errors import CivicmeshError
+from civicmesh.metrics import BY_NAME, Quality
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+AIR_METRICS = ("pm25", "pm10", "no2", "o3", "co")
+TRAFFIC_METRICS = ("vehicle_count", "mean_speed")
+REPORT_METRICS = AIR_METRICS + TRAFFIC_METRICS
+WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+# A reading flagged with any of these is a fault or an anomaly found at the edge.
+FAULT_FLAGS = int(Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT)
+LOW_COMPLETENESS = 0.8
+# Days need this share of their hours, 8-h means 6 of 8 hours (the usual 75% rule).
+MIN_DAY_HOURS = 18
+MIN_8H_HOURS = 6
+LABELS = {
+    "pm25": "PM2.5",
+    "pm10": "PM10",
+    "no2": "NO2",
+    "o3": "ozone",
+    "co": "CO",
+    "vehicle_count": "traffic volume",
+    "mean_speed": "traffic speed",
+}
+
+
+class FactSheetError(CivicmeshError):
+    reason = "facts.invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One stated number (or time, weekday or device id) with where it came from."""
+
+    id: str
+    value: float | int | str
+    unit: str
+    label: str  # plain words for what it is: "mean PM2.5"
+    start_ms: int  # the query window the value was computed over
+    end_ms: int
+    source: str  # the table or query it came from
+    decimals: int = 1
+
+    @property
+    def text(self) -> str:
+        """The value as the text shows it (with its unit, where it has one)."""
+        if isinstance(self.value, str):
+            return self.value
+        number = format_number(self.value, self.decimals)
+        if self.unit in ("", "r", "count", "AQI"):
+            return number
+        if self.unit == "%":
+            return f"{number}%"
+        return f"{number} {self.unit}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "value": self.value,
+            "unit": self.unit,
+            "text": self.text,
+            "label": self.label,
+            "start": iso(self.start_ms),
+            "end": iso(self.end_ms),
+            "source": self.source,
+        }
+
+
+def format_number(value: float | int, decimals: int) -> str:
+    if isinstance(value, int) or decimals == 0:
+        return f"{round(value):,d}"
+    return f"{value:.{decimals}f}"
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, ZoneInfo("UTC")).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class FactSheet:
+    """The facts about one scope (a zone, or the city) over one period."""
+
+    scope: str  # the zone name, or "city"
+    zone: str | None
+    start_ms: int
+    end_ms: int
+    timezone: str
+    facts: tuple[Fact, ...]
+    ledger: LedgerSpan
+    metrics: tuple[str, ...] = field(default=())  # the metrics asked about
+
+    def get(self, fact_id: str) -> Fact | None:
+        for fact in self.facts:
+            if fact.id == fact_id:
+                return fact
+        return None
+
+    def __contains__(self, fact_id: object) -> bool:
+        return any(f.id == fact_id for f in self.facts)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(f.id for f in self.facts)
+
+    def local(self, ms: int) -> datetime:
+        return datetime.fromtimestamp(ms / 1000, ZoneInfo(self.timezone))
+
+    def period_text(self) -> str:
+        """ "16 Nov 2026 to 22 Nov 2026" in the sheet's time zone (end inclusive)."""
+        first = self.local(self.start_ms)
+        last = self.local(self.end_ms - 1)
+        if first.date() == last.date():
+            if self.end_ms - self.start_ms >= DAY_MS - HOUR_MS:
+                return first.strftime("%d %b %Y")
+            return f"{first:%d %b %Y %H:%M}–{self.local(self.end_ms):%H:%M}"
+        return f"{first:%d %b %Y} to {last:%d %b %Y}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "zone": self.zone,
+            "start": iso(self.start_ms),
+            "end": iso(self.end_ms),
+            "timezone": self.timezone,
+            "facts": [f.to_dict() for f in self.facts],
+            "ledger": ledger_dict(self.ledger),
+        }
+
+
+def ledger_dict(span: LedgerSpan) -> dict[str, Any]:
+    return {
+        "batches": span.batches,
+        "devices": len(span.heads),
+        "digest": span.digest(),
+        "chains": [
+            {
+                "device_id": h.device_id,
+                "first_seq": h.first_seq,
+                "last_seq": h.last_seq,
+                "batches": h.batches,
+                "head_hash": h.head_hash.hex(),
+            }
+            for h in span.heads
+        ],
+    }
+
+
+# ------------------------------------------------------------------------ building
+
+
+@dataclass
+class _Collector:
+    start_ms: int
+    end_ms: int
+    facts: list[Fact] = field(default_factory=list)
+
+    def add(
+        self,
+        fact_id: str,
+        value: float | int | str,
+        unit: str,
+        label: str,
+        source: str,
+        *,
+        decimals: int = 1,
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+    ) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return  # nothing to state (no data, or a correlation of a constant)
+        self.facts.append(
+            Fact(
+                fact_id,
+                value,
+                unit,
+                label,
+                self.start_ms if start_ms is None else start_ms,
+                self.end_ms if end_ms is None else end_ms,
+                source,
+                decimals,
+            )
+        )
+
+
+def build_fact_sheet(
+    store: Store,
+    start_ms: int,
+    end_ms: int,
+    *,
+    zone: str | None = None,
+    timezone: str = "UTC",
+    metrics: Sequence[str] = REPORT_METRICS,
+    window_s: int = 60,
+) -> FactSheet:
+    """The fact sheet of ``zone`` (None: the whole city) over ``[start_ms, end_ms)``.
+
+    Days and weekdays are local days of ``timezone``; the previous period (for changes)
+    is the window of the same length just before. ``window_s`` is the devices' reading
+    window, which sets how many readings completeness expects.
+    """
+    if end_ms <= start_ms:
+        raise FactSheetError(f"Empty period: end {iso(end_ms)} is not after {iso(start_ms)}")
+    unknown = [m for m in metrics if m not in REPORT_METRICS]
+    if unknown:
+        raise FactSheetError(
+            f"No facts for metric {unknown[0]!r}; reports cover {', '.join(REPORT_METRICS)}"
+        )
+    try:
+        tz = ZoneInfo(timezone)
+    except (KeyError, ValueError) as exc:
+        raise FactSheetError(f"Unknown time zone {timezone!r}") from exc
+    # Hourly buckets are whole UTC hours: widen to them so every bucket counts fully.
+    lo = start_ms - start_ms % HOUR_MS
+    hi = end_ms + (-end_ms) % HOUR_MS
+    span = hi - lo
+    source = "rollup_zone_1h" if zone is not None else "rollup_zone_1h (all zones)"
+    out = _Collector(lo, hi)
+    hourly: dict[str, list[SeriesPoint]] = {}
+    for metric in metrics:
+        points = store.rollup_series(metric, lo, hi, Resolution.HOUR, zone=zone)
+        previous = store.rollup_series(metric, lo - span, lo, Resolution.HOUR, zone=zone)
+        hourly[metric] = points
+        _metric_facts(out, metric, points, previous, tz, source, lo - span)
+    if "vehicle_count" in hourly and "no2" in hourly:
+        _correlation(out, hourly["vehicle_count"], hourly["no2"], source)
+    if any(m in AIR_METRICS for m in metrics):
+        _aqi_facts(out, hourly, tz, source)
+    _device_facts(out, store, zone, window_s)
+    sheet = FactSheet(
+        scope=zone or "city",
+        zone=zone,
+        start_ms=lo,
+        end_ms=hi,
+        timezone=timezone,
+        facts=tuple(out.facts),
+        ledger=store.ledger_span(lo, hi, zone=zone),
+        metrics=tuple(metrics),
+    )
+    return sheet
+
+
+def weighted_mean(points: Iterable[SeriesPoint]) -> tuple[float, int]:
+    total = n = 0.0
+    for p in points:
+        total += p.mean * p.count
+        n += p.count
+    return (total / n if n else math.nan), int(n)
+
+
+def daily_means(points: Sequence[SeriesPoint], tz: ZoneInfo) -> dict[str, float]:
+    """Local date (ISO) -> mean of its hourly means, for days with enough hours."""
+    by_day: dict[str, list[float]] = defaultdict(list)
+    for p in points:
+        by_day[datetime.fromtimestamp(p.bucket_ms / 1000, tz).date().isoformat()].append(p.mean)
+    return {d: sum(v) / len(v) for d, v in sorted(by_day.items()) if len(v) >= MIN_DAY_HOURS}
+
+
+def daily_max_8h(points: Sequence[SeriesPoint], tz: ZoneInfo) -> dict[str, float]:
+    """Local date -> highest 8-hour running mean starting that day (O3's WHO metric)."""
+    by_hour = {p.bucket_ms: p.mean for p in points}
+    best: dict[str, float] = {}
+    for start in sorted(by_hour):
+        window = [by_hour[start + k * HOUR_MS] for k in range(8) if start + k * HOUR_MS in by_hour]
+        if len(window) < MIN_8H_HOURS:
+            continue
+        day = datetime.fromtimestamp(start / 1000, tz).date().isoformat()
+        best[day] = max(best.get(day, -math.inf), sum(window) / len(window))
+    return best
+
+
+def _metric_facts(
+    out: _Collector,
+    metric: str,
+    points: Sequence[SeriesPoint],
+    previous: Sequence[SeriesPoint],
+    tz: ZoneInfo,
+    source: str,
+    previous_start: int,
+) -> None:
+    if not points:
+        return
+    unit = BY_NAME[metric].unit
+    label = LABELS[metric]
+    decimals = 2 if metric == "co" else 1
+    mean, n = weighted_mean(points)
+    if metric == "vehicle_count":
+        total = sum(round(p.mean * p.count) for p in points)
+        out.add("vehicle_count.total", int(total), "vehicles", "vehicles counted", source)
+        out.add(
+            "vehicle_count.mean",
+            mean,
+            "vehicles per window",
+            "mean vehicles per counting window",
+            source,
+        )
+    else:
+        out.add(f"{metric}.mean", mean, unit, f"mean {label}", source, decimals=decimals)
+    out.add(f"{metric}.readings", n, "count", f"{label} readings", source, decimals=0)
+    peak = max(points, key=lambda p: p.mean)
+    peak_unit = "vehicles per window" if metric == "vehicle_count" else unit
+    out.add(
+        f"{metric}.peak_hour",
+        peak.mean,
+        peak_unit,
+        f"highest hourly {label}",
+        source,
+        decimals=decimals,
+    )
+    when = datetime.fromtimestamp(peak.bucket_ms / 1000, tz)
+    out.add(
+        f"{metric}.peak_hour.time",
+        when.strftime("%a %d %b %H:%M"),
+        "time",
+        f"hour of the highest {label}",
+        source,
+    )
+    out.add(
+        f"{metric}.max",
+        peak_max(points),
+        peak_unit,
+        f"highest single {label} reading",
+        source,
+        decimals=decimals,
+    )
+    if metric == "mean_speed":
+        lowest = min(points, key=lambda p: p.mean)
+        out.add("mean_speed.lowest_hour", lowest.mean, unit, "lowest hourly traffic speed", source)
+    if previous:
+        before, _ = weighted_mean(previous)
+        out.add(
+            f"{metric}.previous_mean",
+            before,
+            peak_unit if metric == "vehicle_count" else unit,
+            f"{label} in the previous period",
+            source,
+            decimals=decimals,
+            start_ms=previous_start,
+            end_ms=out.start_ms,
+        )
+        if before > 0:
+            change = (mean - before) / before * 100.0
+            out.add(
+                f"{metric}.change_pct",
+                abs(change),
+                "%",
+                f"change of {label} against the previous period",
+                source,
+                start_ms=previous_start,
+            )
+            direction = "up" if change > 0.05 else "down" if change < -0.05 else "unchanged"
+            out.add(
+                f"{metric}.change_direction",
+                direction,
+                "direction",
+                f"direction of the change of {label}",
+                source,
+                start_ms=previous_start,
+            )
+    _patterns(out, metric, points, tz, source, decimals)
+    if metric in AIR_METRICS:
+        _who_facts(out, metric, points, tz, source)
+
+
+def peak_max(points: Sequence[SeriesPoint]) -> float:
+    return max(p.max for p in points)
+
+
+def _patterns(
+    out: _Collector,
+    metric: str,
+    points: Sequence[SeriesPoint],
+    tz: ZoneInfo,
+    source: str,
+    decimals: int,
+) -> None:
+    label = LABELS[metric]
+    by_hour: dict[int, list[float]] = defaultdict(list)
+    by_weekday: dict[int, list[float]] = defaultdict(list)
+    for p in points:
+        local = datetime.fromtimestamp(p.bucket_ms / 1000, tz)
+        by_hour[local.hour].append(p.mean)
+        by_weekday[local.weekday()].append(p.mean)
+    if len(by_hour) >= 12:
+        hour = max(by_hour, key=lambda h: sum(by_hour[h]) / len(by_hour[h]))
+        out.add(
+            f"{metric}.busiest_hour_of_day"
+            if metric == "vehicle_count"
+            else f"{metric}.peak_hour_of_day",
+            f"{hour:02d}:00",
+            "hour of day",
+            f"hour of day with the highest mean {label}",
+            source,
+        )
+    if len(by_weekday) == 7:
+        means = {d: sum(v) / len(v) for d, v in by_weekday.items()}
+        high = max(means, key=lambda d: means[d])
+        low = min(means, key=lambda d: means[d])
+        unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
+        out.add(
+            f"{metric}.weekday_high",
+            WEEKDAYS[high],
+            "weekday",
+            f"weekday with the highest mean {label}",
+            source,
+        )
+        out.add(
+            f"{metric}.weekday_high.mean",
+            means[high],
+            unit,
+            f"mean {label} on that weekday",
+            source,
+            decimals=decimals,
+        )
+        out.add(
+            f"{metric}.weekday_low",
+            WEEKDAYS[low],
+            "weekday",
+            f"weekday with the lowest mean {label}",
+            source,
+        )
+        out.add(
+            f"{metric}.weekday_low.mean",
+            means[low],
+            unit,
+            f"mean {label} on that weekday",
+            source,
+            decimals=decimals,
+        )
+        weekend = [m for d, m in means.items() if d >= 5]
+        weekday = [m for d, m in means.items() if d < 5]
+        out.add(
+            f"{metric}.weekend_mean",
+            sum(weekend) / len(weekend),
+            unit,
+            f"mean {label} at weekends",
+            source,
+            decimals=decimals,
+        )
+        out.add(
+            f"{metric}.workday_mean",
+            sum(weekday) / len(weekday),
+            unit,
+            f"mean {label} on working days",
+            source,
+            decimals=decimals,
+        )
+
+
+def _who_facts(
+    out: _Collector, metric: str, points: Sequence[SeriesPoint], tz: ZoneInfo, source: str
+) -> None:
+    label = LABELS[metric]
+    if metric == "o3":
+        days = daily_max_8h(points, tz)
+        averaging = "8h"
+        what = "days whose highest 8-hour mean ozone exceeded the WHO 2021 guideline"
+    else:
+        days = daily_means(points, tz)
+        averaging = "24h"
+        what = f"days whose mean {label} exceeded the WHO 2021 24-hour guideline"
+    guideline = aqi.who_guideline(metric, averaging)
+    out.add(
+        f"{metric}.who_guideline",
+        guideline.value,
+        guideline.unit,
+        f"WHO 2021 {averaging} guideline for {label}",
+        aqi.WHO_2021_VERSION,
+        decimals=0 if guideline.value >= 10 else 1,
+    )
+    if days:
+        count = aqi.who_exceedances(metric, days.values(), averaging)
+        out.add(
+            f"{metric}.who_exceedance_days", count.exceedances, "days", what, source, decimals=0
+        )
+        out.add(
+            f"{metric}.who_days",
+            count.periods,
+            "days",
+            f"days with enough {label} data to judge",
+            source,
+            decimals=0,
+        )
+    hours = sum(1 for p in points if p.mean > guideline.value)
+    out.add(
+        f"{metric}.hours_above_who",
+        hours,
+        "hours",
+        f"hours whose mean {label} was above the WHO 2021 {averaging} level",
+        source,
+        decimals=0,
+    )
+
+
+def _aqi_facts(
+    out: _Collector, hourly: dict[str, list[SeriesPoint]], tz: ZoneInfo, source: str
+) -> None:
+    """Daily US AQI from daily PM means, the daily 1-h NO2 peak and 8-h O3 peak."""
+    pm25 = daily_means(hourly.get("pm25", []), tz)
+    pm10 = daily_means(hourly.get("pm10", []), tz)
+    o3 = daily_max_8h(hourly.get("o3", []), tz)
+    no2_peak: dict[str, float] = {}
+    for p in hourly.get("no2", []):
+        day = datetime.fromtimestamp(p.bucket_ms / 1000, tz).date().isoformat()
+        no2_peak[day] = max(no2_peak.get(day, 0.0), p.mean)
+    days = sorted(set(pm25) | set(pm10) | set(o3))
+    results = []
+    for day in days:
+        try:
+            table = aqi.epa_table_for(datetime.fromisoformat(day))
+            results.append(
+                (
+                    day,
+                    aqi.us_aqi(
+                        pm25_24h=pm25.get(day),
+                        pm10_24h=pm10.get(day),
+                        o3_8h_ug=o3.get(day),
+                        no2_1h_ug=no2_peak.get(day),
+                        table=table,
+                    ),
+                )
+            )
+        except aqi.AqiError:
+            continue  # a day the tables cannot rate (no pollutant with enough data)
+    if not results:
+        return
+    worst_day, worst = max(results, key=lambda r: r[1].value)
+    version = worst.table_version
+    out.add(
+        "aqi.worst_day", worst.value, "AQI", f"highest daily US AQI ({version})", source, decimals=0
+    )
+    out.add(
+        "aqi.worst_day.date",
+        datetime.fromisoformat(worst_day).strftime("%a %d %b"),
+        "date",
+        "day of the highest daily US AQI",
+        source,
+    )
+    out.add(
+        "aqi.worst_day.category", worst.category, "category", "US AQI category of that day", source
+    )
+    out.add(
+        "aqi.worst_day.pollutant",
+        LABELS.get(worst.dominant.split("_")[0], worst.dominant),
+        "pollutant",
+        "pollutant that set that day's AQI",
+        source,
+    )
+    categories: dict[str, int] = defaultdict(int)
+    for _, result in results:
+        categories[result.category] += 1
+    for category, count in categories.items():
+        key = category.lower().replace(" ", "_")
+        out.add(
+            f"aqi.days.{key}",
+            count,
+            "days",
+            f"days rated {category} by the US AQI",
+            source,
+            decimals=0,
+        )
+    out.add("aqi.days", len(results), "days", "days with a daily US AQI", source, decimals=0)
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    if n < 3:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return math.nan
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
+
+
+def _correlation(
+    out: _Collector, traffic: Sequence[SeriesPoint], no2: Sequence[SeriesPoint], source: str
+) -> None:
+    by_hour = {p.bucket_ms: p.mean for p in traffic}
+    pairs = [(by_hour[p.bucket_ms], p.mean) for p in no2 if p.bucket_ms in by_hour]
+    if len(pairs) < 24:
+        return
+    r = pearson([a for a, _ in pairs], [b for _, b in pairs])
+    out.add(
+        "traffic_no2.r",
+        r,
+        "r",
+        "correlation of hourly traffic volume with NO2 (Pearson r)",
+        source,
+        decimals=2,
+    )
+    out.add(
+        "traffic_no2.hours",
+        len(pairs),
+        "hours",
+        "hours with both traffic and NO2 data",
+        source,
+        decimals=0,
+    )
+
+
+def _device_facts(out: _Collector, store: Store, zone: str | None, window_s: int) -> None:
+    lo, hi = out.start_ms, out.end_ms
+    completeness = store.completeness(lo, hi, window_s, zone=zone)
+    registered = len(completeness)
+    if registered == 0:
+        return
+    reporting = [c for c in completeness if c.received > 0]
+    expected = sum(c.expected for c in reporting)
+    out.add(
+        "devices.registered", registered, "devices", "registered devices", "devices", decimals=0
+    )
+    out.add(
+        "devices.reporting",
+        len(reporting),
+        "devices",
+        "devices that reported",
+        "rollup_1h",
+        decimals=0,
+    )
+    if expected:
+        ratios = {c.device_id: c.ratio for c in completeness}
+        overall = sum(ratios.values()) / registered
+        out.add("completeness.pct", overall * 100.0, "%", "data completeness", "rollup_1h")
+        low = sorted(d for d, r in ratios.items() if r < LOW_COMPLETENESS)
+        out.add(
+            "devices.low_completeness",
+            len(low),
+            "devices",
+            f"devices with less than {LOW_COMPLETENESS:.0%} of their data",
+            "rollup_1h",
+            decimals=0,
+        )
+        for i, device in enumerate(low):
+            out.add(
+                f"devices.low_completeness.{i + 1}",
+                device,
+                "device",
+                "a device with gaps",
+                "rollup_1h",
+            )
+    flagged = store.flagged_readings(lo, hi, FAULT_FLAGS, zone=zone)
+    quarantined = store.quarantine_counts(lo, hi, zone=zone)
+    faulty = sorted(set(flagged) | set(quarantined))
+    out.add(
+        "devices.faulty",
+        len(faulty),
+        "devices",
+        "devices with fault-flagged readings or quarantined batches",
+        "readings, quarantine",
+        decimals=0,
+    )
+    out.add(
+        "readings.flagged",
+        sum(flagged.values()),
+        "readings",
+        "readings flagged stuck, spike, drift or out of range",
+        "readings",
+        decimals=0,
+    )
+    out.add(
+        "batches.quarantined",
+        sum(quarantined.values()),
+        "batches",
+        "batches quarantined",
+        "quarantine",
+        decimals=0,
+    )
+    for i, device in enumerate(faulty):
+        out.add(
+            f"devices.faulty.{i + 1}",
+            device,
+            "device",
+            "a device with faults",
+            "readings, quarantine",
+        )

