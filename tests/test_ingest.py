@@ -593,6 +593,21 @@ class FailingStore(Store):
     def apply_retention(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner.apply_retention(*args, **kwargs)
 
+    def ledger_span(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.ledger_span(*args, **kwargs)
+
+    def flagged_readings(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.flagged_readings(*args, **kwargs)
+
+    def quarantine_counts(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.quarantine_counts(*args, **kwargs)
+
+    def save_report(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.save_report(*args, **kwargs)
+
+    def reports(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.reports(*args, **kwargs)
+
 
 @pytest.mark.integration
 def test_store_outage_holds_acks_and_recovers_without_loss(

@@ -115,6 +115,12 @@ def test_fact_sheet_numbers_equal_the_raw_readings(store: Store) -> None:
     assert sheet.get("no2.peak_hour").value == peak.mean  # type: ignore[union-attr]
     when = datetime.fromtimestamp(peak.bucket_ms / 1000, ZoneInfo("UTC"))
     assert sheet.get("no2.peak_hour.time").value == when.strftime("%a %d %b %H:%M")  # type: ignore[union-attr]
+    # European AQI hours: every hour in one band; Poor starts at 120 µg/m³ for NO2
+    bands = [f for f in sheet.facts if f.id.startswith("no2.eaqi_hours.")]
+    in_bands = sum(int(f.value) for f in bands if not f.id.endswith("poor_or_worse"))
+    assert in_bands == len(hourly)
+    poor = sheet.get("no2.eaqi_hours.poor_or_worse")
+    assert poor is not None and poor.value == sum(1 for p in hourly if p.mean > 120.0)
     # WHO days: daily means (UTC days here) against 25 µg/m³, counted independently
     days = store.rollup_series("no2", start, end, Resolution.DAY, zone="harbour")
     assert sheet.get("no2.who_days").value == len(days)  # type: ignore[union-attr]
@@ -442,3 +448,109 @@ def test_report_windows_are_whole_local_days_and_weeks() -> None:
 def test_the_default_model_ships_in_a_package() -> None:
     path = default_model_path()
     assert path.name.endswith(".gguf") and path.stat().st_size > 50_000_000
+
+
+@pytest.mark.integration
+def test_postgresql_gives_the_same_facts_and_keeps_reports(
+    pg_database: str, tmp_path: Path, city: SimulatedCity
+) -> None:
+    start, end = NOW_MS - 9 * DAY, NOW_MS
+    stores = [open_store(pg_database), open_store(f"sqlite:///{tmp_path / 'same.db'}")]
+    try:
+        for s in stores:
+            s.migrate()
+            fill_store(s, city, start, end, step_ms=1_800_000)
+        pg, lite = (
+            build_fact_sheet(s, end - 7 * DAY, end, zone="harbour", timezone=TZ, window_s=1800)
+            for s in stores
+        )
+        assert pg.ids == lite.ids
+        for a, b in zip(pg.facts, lite.facts, strict=True):
+            if isinstance(a.value, float):
+                assert math.isclose(a.value, float(b.value), rel_tol=1e-9, abs_tol=1e-9), a.id
+            else:
+                assert a.value == b.value, a.id
+        assert pg.ledger.digest() == lite.ledger.digest()  # same signed batches, same heads
+        svc = ReportService(stores[0], None, timezone=TZ, window_s=1800)
+        written = generate_due(svc, NOW)
+        assert len(written) == 2 * (1 + len(ZONES))
+        weekly = stores[0].reports(scope="harbour", kind="weekly")[0]
+        assert weekly.text == next(
+            r.text for r in written if r.id is None and (r.scope, r.kind) == ("harbour", "weekly")
+        )
+        assert '"facts"' in weekly.fact_sheet_json  # stored as jsonb, read back as text
+        assert generate_due(svc, NOW) == []
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_the_question_sets_meet_the_intent_target() -> None:
+    from analytics.reports.evaluate import load_questions, score_intents
+
+    here = Path(__file__).resolve().parents[1] / "analytics" / "reports"
+    for path in (None, str(here / "questions_heldout.json")):
+        qs = load_questions(path)
+        score = score_intents(qs, lambda q, qs=qs: parse_question(q, qs.zones, qs.now))
+        assert score.total >= 24 and score.accuracy >= 0.9, score.failures
+    assert len(load_questions().questions) >= 80
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on a free port."""
+    import subprocess
+    import sys
+
+    from support import free_port, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(default_model_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_for_port(port, 60), "llama.cpp server did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.mark.integration
+def test_an_openai_compatible_endpoint_writes_the_plan(store: Store, llama_server: str) -> None:
+    settings = AnalyticsSettings(
+        reports={"llm_backend": "openai", "llm_url": llama_server, "llm_model": "smollm2"}
+    )
+    llm = open_llm(settings)
+    assert llm is not None and llm.model_name.startswith("smollm2 via http://127.0.0.1:")
+    sheet = week_sheet(store)
+    narrative = narrate(sheet, llm, heading=title(sheet, "Weekly summary"), limit=4)
+    assert narrative.source in ("llm", "deterministic")
+    if narrative.source == "deterministic":
+        assert narrative.fallback_reason
+    assert check_numbers(narrative.text, sheet) == []
+
+
+def test_an_endpoint_that_is_down_gives_the_marked_fallback(store: Store) -> None:
+    from support import free_port
+
+    llm = open_backend("openai", url=f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    assert llm is not None
+    sheet = week_sheet(store)
+    narrative = narrate(sheet, llm, heading="Weekly")
+    assert narrative.source == "deterministic"
+    assert narrative.fallback_reason is not None and "did not answer" in narrative.fallback_reason

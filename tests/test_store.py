@@ -174,6 +174,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0003_lean_readings",
         "0004_c_collation",
         "0005_zone_rollups",
+        "0006_reports",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -184,6 +185,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (3, "0003_lean_readings"),
         (4, "0004_c_collation"),
         (5, "0005_zone_rollups"),
+        (6, "0006_reports"),
     ]
     first.close()
     second.close()
@@ -214,6 +216,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
         "0003_lean_readings",
         "0004_c_collation",
         "0005_zone_rollups",
+        "0006_reports",
     ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:

@@ -544,6 +544,7 @@ def _aqi_facts(
             )
         except aqi.AqiError:
             continue  # a day the tables cannot rate (no pollutant with enough data)
+    _eaqi_hours(out, hourly, source)
     if not results:
         return
     worst_day, worst = max(results, key=lambda r: r[1].value)
@@ -582,6 +583,39 @@ def _aqi_facts(
             decimals=0,
         )
     out.add("aqi.days", len(results), "days", "days with a daily US AQI", source, decimals=0)
+
+
+EAQI = "eea-eaqi-2017"
+
+
+def _eaqi_hours(out: _Collector, hourly: dict[str, list[SeriesPoint]], source: str) -> None:
+    """Hours per European AQI band for the pollutants it rates hour by hour (NO2, O3)."""
+    for metric in ("no2", "o3"):
+        points = hourly.get(metric, [])
+        if not points:
+            continue
+        bands: dict[str, int] = defaultdict(int)
+        for p in points:
+            bands[aqi.sub_index(metric, max(0.0, p.mean), EAQI).category] += 1
+        for category, hours in bands.items():
+            key = category.lower().replace(" ", "_")
+            out.add(
+                f"{metric}.eaqi_hours.{key}",
+                hours,
+                "hours",
+                f"hours of {LABELS[metric]} rated {category} by the European AQI ({EAQI})",
+                source,
+                decimals=0,
+            )
+        poor = sum(n for c, n in bands.items() if c in ("Poor", "Very poor", "Extremely poor"))
+        out.add(
+            f"{metric}.eaqi_hours.poor_or_worse",
+            poor,
+            "hours",
+            f"hours of {LABELS[metric]} rated Poor or worse by the European AQI",
+            source,
+            decimals=0,
+        )
 
 
 def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:

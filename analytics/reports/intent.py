@@ -94,6 +94,7 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "coarse particles": ("pm10",),
     "particulate matter": ("pm25", "pm10"),
     "particulates": ("pm25", "pm10"),
+    "particulate": ("pm25", "pm10"),
     "particles": ("pm25", "pm10"),
     "dust": ("pm10",),
     "soot": ("pm25",),
@@ -128,6 +129,9 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "speeds": ("mean_speed",),
     "how fast": ("mean_speed",),
     "congestion": ("vehicle_count", "mean_speed"),
+    "congested": ("vehicle_count", "mean_speed"),
+    "faster": ("mean_speed",),
+    "slower": ("mean_speed",),
     "traffic": TRAFFIC_METRICS,
     "roads": TRAFFIC_METRICS,
 }
@@ -150,6 +154,8 @@ OTHER_MEASURES = (
     "temperature",
     "rainfall",
     "rain",
+    "water quality",
+    "water",
     "wind",
     "uv",
     "voc",
@@ -400,7 +406,7 @@ def find_metrics(text: str) -> tuple[list[str], list[str]]:
             found.update(METRIC_TERMS[phrase])
             phrases.append(phrase)
             rest = re.sub(rf"(?<![\w.]){re.escape(phrase)}(?![\w])", " ", rest)
-    specific = set(phrases) - {"traffic", "roads", "congestion"}
+    specific = set(phrases) - {"traffic", "roads", "congestion", "congested"}
     if {"traffic", "roads"} & set(phrases) and any(
         set(METRIC_TERMS[p]) <= set(TRAFFIC_METRICS) for p in specific
     ):
@@ -408,6 +414,11 @@ def find_metrics(text: str) -> tuple[list[str], list[str]]:
         found = {m for m in found if m not in TRAFFIC_METRICS}
         for phrase in specific:
             found.update(m for m in METRIC_TERMS[phrase] if m in TRAFFIC_METRICS)
+    speed_words = {"speed", "speeds", "how fast", "faster", "slower", "average speed"}
+    volume_words = {"traffic volume", "vehicle count", "traffic counts", "how many cars"}
+    if speed_words & set(phrases) and not volume_words & set(phrases):
+        # "did vehicles drive faster": the vehicles are the subject, speed the measure
+        found.discard("vehicle_count")
     return [m for m in REPORT_METRICS if m in found], phrases
 
 
@@ -558,6 +569,12 @@ def find_periods(text: str, clock: Clock) -> list[Period]:
         (r"\b(?:the )?(?:last|past) (24|48) ?h\b", "last_h"),
         (r"\b(\d+|[a-z]+) days? ago\b", "days_ago"),
         (r"\b(?:the )?past week\b|\bweekly\b", "last_7"),
+        (r"\b(?:the )?(?:last|past) fortnight\b", "last_14"),
+        (
+            r"\b(?:on )?(monday|tuesday|wednesday|thursday|friday|saturday|sunday) "
+            r"(morning|afternoon|evening|night)\b",
+            "day_part",
+        ),
         (r"\b(?:the )?past month\b|\bmonthly\b", "last_30"),
         (r"\byesterday (morning|afternoon|evening|night)\b", "yesterday_part"),
         (r"\b(?:this|today'?s?) (morning|afternoon|evening)\b", "today_part"),
@@ -660,6 +677,13 @@ def _resolve(
         return monday, now
     if what == "last_7":
         return now - 7 * day, now
+    if what == "last_14":
+        return now - 14 * day, now
+    if what == "day_part":
+        back = (today.weekday() - WEEKDAY_NAMES.index(m.group(1))) % 7
+        base = clock.midnight(today - timedelta(days=back))
+        lo, hi = PARTS_OF_DAY[m.group(2)]
+        return base + timedelta(hours=lo), base + timedelta(hours=hi)
     if what == "last_30":
         return now - 30 * day, now
     if what == "days_ago":

@@ -134,6 +134,10 @@ class OpenAiBackend(LlmBackend):
     """Any OpenAI-compatible chat endpoint (llama.cpp server, vLLM, Ollama)."""
 
     name = "openai"
+    # How servers take a schema: OpenAI, vLLM and Ollama use "json_schema"; the
+    # llama-cpp-python server only "json_object" with a "schema" beside it. The first
+    # style the endpoint accepts is kept.
+    FORMATS = ("json_schema", "json_object")
 
     def __init__(
         self, url: str, model: str, *, api_key: str | None = None, timeout_s: float = 30.0
@@ -142,12 +146,33 @@ class OpenAiBackend(LlmBackend):
         self._model = model
         self._key = api_key
         self._timeout = timeout_s
+        self._format: str | None = None
 
     @property
     def model_name(self) -> str:
         return f"{self._model} via {self._url.rsplit('/v1/', 1)[0]}"
 
     def complete_json(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> Any:
+        styles = [self._format] if self._format else list(self.FORMATS)
+        refused: list[str] = []
+        for style in styles:
+            try:
+                text = self._chat(system, user, schema, max_tokens, style)
+            except _Refused as exc:
+                refused.append(f"{style}: {exc}")
+                continue
+            self._format = style
+            return _parse(text)
+        raise LlmError(f"the endpoint {self._url} refused every request ({'; '.join(refused)})")
+
+    def _chat(
+        self, system: str, user: str, schema: dict[str, Any], max_tokens: int, style: str
+    ) -> str:
+        response_format: dict[str, Any] = (
+            {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+            if style == "json_schema"
+            else {"type": "json_object", "schema": schema}
+        )
         body = {
             "model": self._model,
             "messages": [
@@ -156,10 +181,7 @@ class OpenAiBackend(LlmBackend):
             ],
             "temperature": 0,
             "max_tokens": max_tokens,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "answer", "schema": schema, "strict": True},
-            },
+            "response_format": response_format,
         }
         headers = {"Content-Type": "application/json"}
         if self._key:
@@ -170,15 +192,22 @@ class OpenAiBackend(LlmBackend):
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as reply:
                 payload = json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (400, 422, 500) and self._format is None:
+                raise _Refused(f"HTTP {exc.code}") from exc
+            raise LlmError(f"the endpoint {self._url} answered HTTP {exc.code}") from exc
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             raise LlmError(f"the endpoint {self._url} did not answer: {exc}") from exc
         except json.JSONDecodeError as exc:
             raise LlmError(f"the endpoint {self._url} answered with non-JSON: {exc}") from exc
         try:
-            text = payload["choices"][0]["message"]["content"]
+            return str(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError) as exc:
             raise LlmError(f"the endpoint {self._url} answered without a message") from exc
-        return _parse(text or "")
+
+
+class _Refused(Exception):
+    """The endpoint rejected this response_format style; the next one is tried."""
 
 
 def _parse(text: str) -> Any:

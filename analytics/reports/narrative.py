@@ -152,6 +152,14 @@ def topics_for(sheet: FactSheet) -> list[Topic]:
         )
         candidates.append(
             _t(
+                f"{metric}.eaqi",
+                f"hours when {name} was rated poor by the European air quality index",
+                f"For {{{metric}.eaqi_hours.poor_or_worse}}, {name} was rated Poor or worse "
+                "by the European AQI.",
+            )
+        )
+        candidates.append(
+            _t(
                 f"{metric}.weekdays",
                 f"which weekday had the most and least {name}",
                 f"{name_cap} was highest on {{{metric}.weekday_high}}s "
@@ -238,6 +246,7 @@ def _importance(topic_id: str, sheet: FactSheet) -> float:
             "level": _BASE[subject] + (20 if exceeded else 0),
             "who": 60 + _BASE[subject] / 10 if exceeded else 0,
             "peak": _BASE[subject] / 2,
+            "eaqi": 52.0 if _value(sheet, f"{subject}.eaqi_hours.poor_or_worse") > 0 else 0.0,
             "weekdays": _BASE[subject] / 4,
         }[aspect]
     return {
