@@ -17,6 +17,8 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Req
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from analytics.dashboard.routes import Dashboard
+from analytics.dashboard.routes import install as install_dashboard
 from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
 from analytics.reports import routes as report_routes
 from analytics.reports.service import ReportService
@@ -637,6 +639,7 @@ def create_app(
     stats_provider: StatsProvider | None = None,
     window_s: int = DEFAULT_WINDOW_S,
     reports: ReportService | None = None,
+    dashboard: Dashboard | None = None,
 ) -> FastAPI:
     """The API application over ``store`` (thread-safe: the endpoints run in a thread pool).
 
@@ -659,6 +662,8 @@ def create_app(
     app.include_router(router)
     app.state.reports = reports
     app.include_router(report_routes.router)
+    if dashboard is not None:
+        install_dashboard(app, dashboard)
     if stats_provider is not None:
         registry_ = metrics_registry(stats_provider)
 

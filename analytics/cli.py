@@ -164,6 +164,7 @@ def _api_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from analytics.api import create_app
+    from analytics.dashboard.routes import from_settings as dashboard_from_settings
     from analytics.reports.cli import service_for
     from analytics.reports.service import ReportScheduler
 
@@ -179,7 +180,11 @@ def _api_run(args: argparse.Namespace) -> int:
             scheduler = ReportScheduler(reports, settings.reports.schedule_interval_s)
             scheduler.start()
         app = create_app(
-            store, registry=registry, window_s=settings.reports.window_s, reports=reports
+            store,
+            registry=registry,
+            window_s=settings.reports.window_s,
+            reports=reports,
+            dashboard=dashboard_from_settings(settings, store, reports),
         )
         uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info")
     finally:

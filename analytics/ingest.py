@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from analytics.settings import AnalyticsSettings, IngestSettings
-from analytics.store.base import Store, StoredBatch, StoreError, WriteOutcome
-from civicmesh import topics
+from analytics.store.base import DeviceHealth, Store, StoredBatch, StoreError, WriteOutcome
+from civicmesh import health, topics
 from civicmesh.errors import CivicmeshError, MqttError, RegistryError
 from civicmesh.metrics import BY_NAME
 from civicmesh.mqtt import Message, MqttLink
@@ -125,6 +125,7 @@ class IngestWorker:
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
         self._quarantined: Counter[str] = Counter()
+        self._health: dict[str, health.HealthReport] = {}  # newest per device, not yet stored
         self._last_lag_ms: int | None = None
         self._last_write_ms: int | None = None
         self._pending = 0
@@ -146,11 +147,13 @@ class IngestWorker:
                 uplink = topics.ALL_GATEWAY_UP
             self.link.subscribe(uplink, self._on_uplink)
             self.link.subscribe(topics.ALL_QUARANTINE, self._on_quarantine)
+            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health)
         else:
             if self._protocol_choice == "3.1.1":
                 uplink = topics.ALL_GATEWAY_UP
             self.link.subscribe(uplink, self._on_uplink)
             self.link.subscribe(topics.ALL_QUARANTINE, self._on_quarantine)
+            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health)
             self.link.connect()
             if self.link.protocol_version != 5 and uplink != topics.ALL_GATEWAY_UP:
                 # A 3.1.1 broker (amqtt) has no shared subscriptions: one worker, plain filter.
@@ -208,6 +211,7 @@ class IngestWorker:
                 "quarantined": sum(self._quarantined.values()),
                 "quarantined_by_reason": dict(sorted(self._quarantined.items())),
                 "store_errors": self._counters["store_errors"],
+                "health_dropped": self._counters["health_dropped"],
                 "internal_errors": self._counters["internal_errors"],
                 "store_ok": self._store_ok,
                 "acked": self._counters["acked"],
@@ -224,6 +228,50 @@ class IngestWorker:
 
     def _on_quarantine(self, message: Message) -> None:
         self._enqueue(_Inbound(message, self._clock(), is_quarantine=True))
+
+    def _on_health(self, message: Message) -> None:
+        """Keep the newest health report per device; the worker stores them (paho's
+        thread must not wait on the database)."""
+        gateway_id = topics.gateway_from_health_topic(message.topic)
+        try:
+            if gateway_id is None:
+                raise health.HealthError(f"not a gateway health topic: {message.topic}")
+            report = health.from_relay(message.payload, gateway_id)
+        except health.HealthError as exc:
+            with self._lock:
+                self._counters["health_dropped"] += 1
+            log.warning("health report dropped: %s", exc)
+            return
+        with self._lock:
+            old = self._health.get(report.device_id)
+            if old is None or old.reported_ms <= report.reported_ms:
+                self._health[report.device_id] = report
+
+    def _store_health(self) -> None:
+        with self._lock:
+            reports, self._health = list(self._health.values()), {}
+        if not reports:
+            return
+        registry = self._current_registry()
+        kept = [
+            DeviceHealth(
+                r.device_id,
+                r.reported_ms,
+                self._clock(),
+                r.gateway_id,
+                r.outbox_batches,
+                r.outbox_readings,
+                r.model_version,
+                r.agent_version,
+            )
+            for r in reports
+            # only what a registered gateway relays for a registered device
+            if registry.gateway_key(r.gateway_id) is not None and r.device_id in registry.devices
+        ]
+        try:
+            self.store.save_device_health(kept)
+        except StoreError as exc:
+            log.info("device health not stored (%s); the next reports will be", exc)
 
     def _enqueue(self, item: _Inbound) -> None:
         """Runs in paho's thread: waiting here stops paho reading more (back-pressure)."""
@@ -248,6 +296,7 @@ class IngestWorker:
         while True:
             group = self._take_group()
             self._maybe_sync_devices()
+            self._store_health()
             if group:
                 try:
                     self._process(group)

@@ -213,6 +213,45 @@ class ReportSettings(BaseModel):
     )
 
 
+class DashboardSettings(BaseModel):
+    """The web dashboard served by the API process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=True, description="Serve the dashboard at /dashboard/")
+    users_file: Path = Field(
+        default=Path("var/dashboard-users.json"),
+        description="Users, roles and scrypt hashes (`civicmesh dashboard add-user`)",
+    )
+    session_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Key that signs sessions (CIVICMESH_DASHBOARD__SESSION_SECRET); unset: a random "
+            "key per process, so sessions end on restart"
+        ),
+    )
+    session_secret_file: Path | None = Field(
+        default=None, description="Read the session key from this file (e.g. /run/secrets/...)"
+    )
+    zones_geojson: Path | None = Field(
+        default=None,
+        description="The city's zone shapes (GeoJSON FeatureCollection, properties.zone)",
+    )
+    live_interval_s: float = Field(
+        default=1.0, ge=0.1, le=60.0, description="How often live readings are looked for"
+    )
+    secure_cookies: bool = Field(
+        default=False, description="Send the session cookie over HTTPS only (set behind TLS)"
+    )
+
+    def session_key(self) -> bytes | None:
+        if self.session_secret_file is not None:
+            return self.session_secret_file.read_bytes().strip() or None
+        if self.session_secret is not None:
+            return self.session_secret.get_secret_value().encode()
+        return None
+
+
 class AnalyticsSettings(ServiceSettings):
     """Settings of the central service (``civicmesh ingest run``, ``civicmesh api run``)."""
 
@@ -239,6 +278,9 @@ class AnalyticsSettings(ServiceSettings):
     api: ApiSettings = Field(default_factory=ApiSettings, description="HTTP API")
     reports: ReportSettings = Field(
         default_factory=ReportSettings, description="Fact sheets, LLM, report schedule"
+    )
+    dashboard: DashboardSettings = Field(
+        default_factory=DashboardSettings, description="Web dashboard"
     )
 
     @field_validator("database_url")

@@ -24,6 +24,7 @@ GROUPS: dict[str, str] = {
     "gateway.cli": "gateway",
     "analytics.cli": "analytics",
     "analytics.reports.cli": "analytics",
+    "analytics.dashboard.cli": "analytics",
     "firmware_sim.cli": "edge",
     "civicmesh.demo": "all",
 }

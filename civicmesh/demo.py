@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
+import secrets
 import shutil
 import signal
 import threading
@@ -50,6 +52,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument("--devices", type=int, default=20, help="simulated devices (default 20)")
     demo.add_argument("--zones", type=int, default=4, help="city zones (default 4)")
     demo.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    demo.add_argument(
+        "--dashboard-password",
+        help="password of the demo's admin, operator and viewer users (default: random)",
+    )
     demo.add_argument("--days", type=float, default=7.0, help="days to backfill (default 7)")
     demo.add_argument(
         "--duration", type=float, default=None, help="seconds to stream live after the backfill"
@@ -148,6 +154,8 @@ class Demo:
         database_url = args.database_url or f"sqlite:///{self.state / 'civicmesh.db'}"
 
         from analytics.api import create_app
+        from analytics.dashboard.auth import UserFile
+        from analytics.dashboard.routes import from_settings as dashboard_from_settings
         from analytics.ingest import IngestWorker
         from analytics.reports.cli import service_for
         from analytics.reports.service import to_record
@@ -187,8 +195,17 @@ class Demo:
                     # Its own group: on a shared broker (--mqtt-url) the demo's persistent
                     # session must never take a share of a real ingest's messages.
                     "ingest": {"shared_group": "civicmesh-demo"},
+                    "dashboard": {
+                        "users_file": str(self.state / "dashboard-users.json"),
+                        "zones_geojson": str(self.state / "zones.geojson"),
+                    },
                 },
             )
+            (self.state / "zones.geojson").write_text(json.dumps(city.zones_geojson()))
+            password = args.dashboard_password or secrets.token_urlsafe(9)
+            users = UserFile(self.state / "dashboard-users.json")
+            for role in ("admin", "operator", "viewer"):
+                users.add(role, role, password)
             ingest_link = MqttLink(
                 mqtt_url, "civicmesh-demo-ingest", persistent=True, manual_ack=True
             )
@@ -233,7 +250,11 @@ class Demo:
             stack.callback(api_store.close)
             reports = service_for(analytics_settings, api_store)
             app = create_app(
-                api_store, registry=registry, stats_provider=ingest.stats, reports=reports
+                api_store,
+                registry=registry,
+                stats_provider=ingest.stats,
+                reports=reports,
+                dashboard=dashboard_from_settings(analytics_settings, api_store, reports),
             )
             url = stack.enter_context(_serve(app, args.host, args.port))
 
@@ -275,6 +296,8 @@ class Demo:
                     break
                 device.agent.backfill(start, end)
             produced = self._wait_for_ingest(store, devices, timeout=120)
+            for device in devices:
+                device.agent.publish_health()  # what the dashboard shows as outbox backlog
             print(
                 f"civicmesh demo: backfill done in {time.monotonic() - began:.1f} s, "
                 f"{produced} readings stored",
@@ -293,6 +316,11 @@ class Demo:
                 'application/json\' -d \'{"question": "How was NO2 across the city yesterday?"}\'',
                 flush=True,
             )
+            print(
+                f"civicmesh demo: dashboard at {url}/dashboard/ (sign in as admin, operator or "
+                f"viewer, password {password})",
+                flush=True,
+            )
             print(f"civicmesh demo: API at {url}/docs  (Ctrl-C to stop)", flush=True)
 
             deadline = None if args.duration is None else time.monotonic() + args.duration
@@ -302,6 +330,7 @@ class Demo:
                     device.agent.collect(now)
                     device.agent.seal_all()
                     device.agent.flush(timeout=10)
+                    device.agent.publish_health()
                 self.stop.wait(
                     args.live_interval
                     if deadline is None

@@ -30,6 +30,44 @@ def device_health(device_id: str) -> str:
     return f"{ROOT}/dev/{device_id}/health"
 
 
+def gateway_health(gateway_id: str) -> str:
+    """Gateway -> central: its devices' health reports, relayed (unsigned, informational)."""
+    _check(gateway_id)
+    return f"{ROOT}/gw/{gateway_id}/health"
+
+
+def device_from_health_topic(topic: str) -> str | None:
+    """The device id of a device health topic; None for anything else."""
+    parts = topic.split("/")
+    if (
+        len(parts) != 5
+        or f"{parts[0]}/{parts[1]}" != ROOT
+        or (parts[2], parts[4])
+        != (
+            "dev",
+            "health",
+        )
+    ):
+        return None
+    return parts[3] if is_valid_id(parts[3]) else None
+
+
+def gateway_from_health_topic(topic: str) -> str | None:
+    """The gateway id of a gateway health topic; None for anything else."""
+    parts = topic.split("/")
+    if (
+        len(parts) != 5
+        or f"{parts[0]}/{parts[1]}" != ROOT
+        or (parts[2], parts[4])
+        != (
+            "gw",
+            "health",
+        )
+    ):
+        return None
+    return parts[3] if is_valid_id(parts[3]) else None
+
+
 def gateway_up(gateway_id: str) -> str:
     """Gateway -> central: countersigned envelopes."""
     _check(gateway_id)
@@ -66,6 +104,8 @@ def quarantine(source: str, source_id: str) -> str:
 
 
 ALL_DEVICE_UP = f"{ROOT}/dev/+/up"
+ALL_DEVICE_HEALTH = f"{ROOT}/dev/+/health"
+ALL_GATEWAY_HEALTH = f"{ROOT}/gw/+/health"
 ALL_GATEWAY_UP = f"{ROOT}/gw/+/up"
 ALL_QUARANTINE = f"{ROOT}/quarantine/#"
 

@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from civicmesh import topics
+from civicmesh import health, topics
 from civicmesh.custody import ResendPolicy
 from civicmesh.errors import MqttError
 from civicmesh.identity import Signer
@@ -86,6 +86,7 @@ class Gateway:
                 topics.gateway_receipt(self.signer.key_id), self._on_upstream_receipt
             )
         self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
+        self.device_link.subscribe(topics.ALL_DEVICE_HEALTH, self._on_health)
         self._forwarder.start()
 
     def stop(self) -> None:
@@ -221,6 +222,26 @@ class Gateway:
                     )
                 except MqttError as exc:
                     log.info("receipt to device %s not sent (%s); it will re-send", device_id, exc)
+
+    def _on_health(self, message: Message) -> None:
+        """Relay an agent's health report upstream (QoS 0: the next one replaces it)."""
+        device_id = topics.device_from_health_topic(message.topic)
+        if device_id is None or self.registry.device_key(device_id) is None:
+            self._count("health_dropped")
+            log.warning("health message on %s dropped: not a registered device", message.topic)
+            return
+        try:
+            report = health.from_agent(message.payload, device_id, self.signer.key_id, now_ms())
+            if self.upstream_link.is_connected:
+                self.upstream_link.publish(
+                    topics.gateway_health(self.signer.key_id), report.to_relay(), qos=0
+                )
+                self._count("health_relayed")
+        except health.HealthError as exc:
+            self._count("health_dropped")
+            log.warning("health message of %s dropped: %s", device_id, exc)
+        except MqttError as exc:
+            log.info("health of %s not relayed: %s", device_id, exc)
 
     def _on_upstream_receipt(self, message: Message) -> None:
         try:

@@ -5,7 +5,7 @@
 #   2. PostgreSQL on 127.0.0.1:5432 and Mosquitto on 127.0.0.1:1883, installed (Debian, as
 #      root) and started only when nothing listens there yet; running services are never
 #      stopped or reconfigured. The mosquitto binary is required either way: tests start
-#      private brokers with it;
+#      private brokers with it; Debian's chromium is installed for the browser tests;
 #   3. lint: ruff check, ruff format --check, mypy civicmesh gateway;
 #   4. pytest with the given arguments (default: the whole suite).
 #
@@ -55,6 +55,10 @@ install_missing_packages() {
     fi
     if ! mosquitto_bin >/dev/null; then
         packages+=(mosquitto)
+    fi
+    # The dashboard's browser tests drive Debian's Chromium (no browser downloads).
+    if ! command -v chromium >/dev/null 2>&1; then
+        packages+=(chromium)
     fi
     if [ "${#packages[@]}" -gt 0 ]; then
         civicmesh_apt_install "${packages[@]}"

@@ -37,6 +37,8 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
             "0",
             "--state-dir",
             str(tmp_path / "d"),
+            "--dashboard-password",
+            "demo-password-1",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -83,6 +85,21 @@ def test_demo_backfills_a_week_for_20_devices_in_4_zones(tmp_path: Path) -> None
         answer = api.post("/ask", json={"question": f"How was NO2 in {zones[0]} yesterday?"})
         assert answer.status_code == 200, answer.text
         assert "NO2" in answer.json()["text"] and answer.json()["facts"]
+        # the dashboard: signed in, every device with its agent's relayed health report
+        dash = httpx.Client(base_url=f"{url}/dashboard", timeout=30)
+        proc_closers.append(dash.close)
+        login = {"username": "viewer", "password": "demo-password-1"}
+        assert dash.post("/auth/login", json=login).status_code == 200
+        deadline = time.monotonic() + 20
+        while True:
+            rows = dash.get("/api/devices").json()
+            if all(r["health"] is not None for r in rows) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert len(rows) == 20 and all(r["health"] is not None for r in rows)
+        overview = dash.get("/api/overview").json()
+        assert len(overview["zones"]["features"]) == 4
+        assert all(f["geometry"] for f in overview["zones"]["features"])
     finally:
         for close in proc_closers:
             close()

@@ -5,6 +5,7 @@ keep running."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -275,3 +276,41 @@ def test_a_batch_lost_on_the_way_fills_its_gap_when_re_sent(rig: Rig) -> None:
     extra = seal_batch(rig.device, make_payload(rig.device.key_id, 5, batches[3].hash, T0 + 9, []))
     rig.publish(rig.device.key_id, extra.message)
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4, 5])
+
+
+def test_agent_health_is_relayed_and_kept_newest_first(rig: Rig) -> None:
+    def report(device: str, t: int, batches: int) -> bytes:
+        return json.dumps(
+            {
+                "device_id": device,
+                "agent_version": "0.1.0",
+                "model_version": "cal-2",
+                "driver": "sim",
+                "time_ms": t,
+                "published": 1,
+                "confirmed": 1,
+                "outbox": {
+                    "pending_readings": 7,
+                    "sealed_batches": batches,
+                    "unpublished_batches": 0,
+                    "oldest_pending_ms": None,
+                    "last_seq": 3,
+                    "dropped_total": 0,
+                },
+            }
+        ).encode()
+
+    stranger = Ed25519Signer.from_seed(os.urandom(32))
+    rig.pub.publish(topics.device_health(stranger.key_id), report(stranger.key_id, 1, 1))
+    rig.pub.publish(topics.device_health(rig.device.key_id), b"{not json")
+    rig.pub.publish(topics.device_health(rig.other.key_id), report(rig.device.key_id, 1, 1))
+    rig.pub.publish(topics.device_health(rig.device.key_id), report(rig.device.key_id, 2000, 5))
+    rig.wait(lambda: rig.store.device_health())
+    rig.pub.publish(topics.device_health(rig.device.key_id), report(rig.device.key_id, 1000, 9))
+    rig.wait(lambda: rig.gateway.stats().get("health_relayed", 0) >= 2)
+    time.sleep(0.6)  # the older report reached ingest too, and must not win
+    (kept,) = rig.store.device_health()
+    assert (kept.device_id, kept.outbox_batches, kept.outbox_readings) == (rig.device.key_id, 5, 7)
+    assert kept.gateway_id == rig.gw.key_id and kept.model_version == "cal-2"
+    # the stranger, the malformed message and the one naming another device were dropped
+    assert rig.gateway.stats()["health_dropped"] == 3

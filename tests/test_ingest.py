@@ -608,6 +608,24 @@ class FailingStore(Store):
     def reports(self, *args: Any, **kwargs: Any) -> Any:
         return self.inner.reports(*args, **kwargs)
 
+    def zone_shapes(self) -> Any:
+        return self.inner.zone_shapes()
+
+    def save_zone_shape(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.save_zone_shape(*args, **kwargs)
+
+    def device_health(self) -> Any:
+        return self.inner.device_health()
+
+    def save_device_health(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.save_device_health(*args, **kwargs)
+
+    def model_versions(self) -> Any:
+        return self.inner.model_versions()
+
+    def quarantine_reasons(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.quarantine_reasons(*args, **kwargs)
+
 
 @pytest.mark.integration
 def test_store_outage_holds_acks_and_recovers_without_loss(

@@ -175,6 +175,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0004_c_collation",
         "0005_zone_rollups",
         "0006_reports",
+        "0007_dashboard",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -186,6 +187,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (4, "0004_c_collation"),
         (5, "0005_zone_rollups"),
         (6, "0006_reports"),
+        (7, "0007_dashboard"),
     ]
     first.close()
     second.close()
@@ -217,6 +219,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
         "0004_c_collation",
         "0005_zone_rollups",
         "0006_reports",
+        "0007_dashboard",
     ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:

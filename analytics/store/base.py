@@ -229,6 +229,28 @@ class ReportRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ZoneShape:
+    zone: str
+    label: str
+    geometry_json: str  # a GeoJSON geometry (Polygon or MultiPolygon)
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHealth:
+    """The newest health report of a device's agent, as relayed by its gateway."""
+
+    device_id: str
+    reported_ms: int  # the agent's clock
+    received_ms: int  # ingest's clock
+    gateway_id: str
+    outbox_batches: int  # sealed, not yet confirmed upstream
+    outbox_readings: int  # windowed, not yet sealed
+    model_version: str
+    agent_version: str
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionPolicy:
     """How long each table keeps data, in days (None: forever)."""
 
@@ -415,6 +437,30 @@ class Store(ABC):
         self, *, scope: str | None = None, kind: str | None = None, limit: int = 20
     ) -> list[ReportRecord]:
         """Stored reports, newest period first."""
+
+    @abstractmethod
+    def zone_shapes(self) -> list[ZoneShape]:
+        """Every zone's map shape."""
+
+    @abstractmethod
+    def save_zone_shape(self, shape: ZoneShape) -> None:
+        """Insert or replace one zone's shape."""
+
+    @abstractmethod
+    def device_health(self) -> list[DeviceHealth]:
+        """The newest health report of every device that sent one."""
+
+    @abstractmethod
+    def save_device_health(self, reports: Sequence[DeviceHealth]) -> None:
+        """Keep each report unless a newer one (by the agent's clock) is stored."""
+
+    @abstractmethod
+    def model_versions(self) -> dict[str, str]:
+        """Per device, the model version its newest stored batch names."""
+
+    @abstractmethod
+    def quarantine_reasons(self, start_ms: int, end_ms: int) -> dict[str, dict[str, int]]:
+        """Per device, quarantine records received in the window, counted by reason."""
 
     def configure(self, policy: StoragePolicy) -> None:
         """Apply storage policies the database enforces itself (TimescaleDB); the other

@@ -13,6 +13,7 @@ from analytics.store.base import (
     ZONE_ROLLUPS,
     ChainHead,
     Completeness,
+    DeviceHealth,
     LedgerSpan,
     ReportRecord,
     Resolution,
@@ -22,6 +23,7 @@ from analytics.store.base import (
     StoreError,
     WriteOutcome,
     ZoneAggregate,
+    ZoneShape,
 )
 from civicmesh.metrics import BY_CODE, BY_NAME
 from civicmesh.quarantine import QuarantineRecord
@@ -426,3 +428,99 @@ class SqlRollupQueries(Store):
     def _json_param(self, name: str) -> str:
         """A JSON text parameter as the column type wants it (jsonb on PostgreSQL)."""
         return self._param(name)
+
+    # -- dashboard -------------------------------------------------------------
+
+    def zone_shapes(self) -> list[ZoneShape]:
+        sql = f"""
+            SELECT zone, label, geometry, {self._epoch_ms("updated_at")}
+            FROM zone_shapes ORDER BY zone
+        """
+        return [
+            ZoneShape(zone, label, geometry, int(updated))
+            for zone, label, geometry, updated in self._rows("reading zone shapes", sql, {})
+        ]
+
+    def save_zone_shape(self, shape: ZoneShape) -> None:
+        p = self._param
+        sql = f"""
+            INSERT INTO zone_shapes (zone, label, geometry, updated_at)
+            VALUES ({p("zone")}, {p("label")}, {p("geometry")}, {p("updated")})
+            ON CONFLICT (zone) DO UPDATE SET label = excluded.label,
+                geometry = excluded.geometry, updated_at = excluded.updated_at
+        """
+        params = {
+            "zone": shape.zone,
+            "label": shape.label,
+            "geometry": shape.geometry_json,
+            "updated": self._time(shape.updated_ms),
+        }
+        with self._transaction(f"saving the shape of zone {shape.zone}") as c:
+            c.execute(sql, params)
+
+    def device_health(self) -> list[DeviceHealth]:
+        sql = f"""
+            SELECT device_id, {self._epoch_ms("reported_at")}, {self._epoch_ms("received_at")},
+                   gateway_id, outbox_batches, outbox_readings, model_version, agent_version
+            FROM device_health ORDER BY device_id
+        """
+        return [
+            DeviceHealth(d, int(rep), int(rec), gw, int(ob), int(orr), mv, av)
+            for d, rep, rec, gw, ob, orr, mv, av in self._rows("reading device health", sql, {})
+        ]
+
+    def save_device_health(self, reports: Sequence[DeviceHealth]) -> None:
+        if not reports:
+            return
+        p = self._param
+        sql = f"""
+            INSERT INTO device_health (device_id, reported_at, received_at, gateway_id,
+                                       outbox_batches, outbox_readings, model_version,
+                                       agent_version)
+            VALUES ({p("device")}, {p("reported")}, {p("received")}, {p("gateway")},
+                    {p("batches")}, {p("readings")}, {p("model")}, {p("agent")})
+            ON CONFLICT (device_id) DO UPDATE SET
+                reported_at = excluded.reported_at, received_at = excluded.received_at,
+                gateway_id = excluded.gateway_id, outbox_batches = excluded.outbox_batches,
+                outbox_readings = excluded.outbox_readings,
+                model_version = excluded.model_version, agent_version = excluded.agent_version
+            WHERE device_health.reported_at <= excluded.reported_at
+        """
+        with self._transaction(f"saving {len(reports)} device health reports") as c:
+            for r in reports:
+                c.execute(
+                    sql,
+                    {
+                        "device": r.device_id,
+                        "reported": self._time(r.reported_ms),
+                        "received": self._time(r.received_ms),
+                        "gateway": r.gateway_id,
+                        "batches": r.outbox_batches,
+                        "readings": r.outbox_readings,
+                        "model": r.model_version,
+                        "agent": r.agent_version,
+                    },
+                )
+
+    def model_versions(self) -> dict[str, str]:
+        sql = """
+            SELECT b.device_id, b.model_version
+            FROM batches b
+            JOIN (SELECT device_id, max(seq) AS seq FROM batches GROUP BY device_id) n
+              ON n.device_id = b.device_id AND n.seq = b.seq
+        """
+        return {d: v for d, v in self._rows("reading model versions", sql, {})}
+
+    def quarantine_reasons(self, start_ms: int, end_ms: int) -> dict[str, dict[str, int]]:
+        p = self._param
+        sql = f"""
+            SELECT device_id, reason, count(*) FROM quarantine
+            WHERE device_id IS NOT NULL
+              AND received_at >= {p("start")} AND received_at < {p("end")}
+            GROUP BY device_id, reason
+        """
+        params = {"start": self._time(start_ms), "end": self._time(end_ms)}
+        out: dict[str, dict[str, int]] = {}
+        for device, reason, n in self._rows("counting quarantine reasons", sql, params):
+            out.setdefault(device, {})[reason] = int(n)
+        return out

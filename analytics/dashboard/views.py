@@ -1,0 +1,215 @@
+"""What the dashboard pages show, computed from the store: plain functions returning
+JSON-ready dicts, so the routes stay thin and the tests can call them directly."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from analytics import aqi
+from analytics.reports.facts import LABELS, iso
+from analytics.reports.service import ReportService, record_dict
+from analytics.store.base import Resolution, Store, ZoneShape, choose_resolution
+from civicmesh.metrics import BY_NAME, Quality
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+ONLINE_WINDOWS = 3
+CHART_METRICS = ("pm25", "pm10", "no2", "o3", "vehicle_count", "mean_speed")
+RANGES = {"24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
+MAX_POINTS = 400
+FAULT_FLAGS = int(Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT)
+
+
+def zone_aqi(store: Store, now_ms: int) -> dict[str, aqi.IndexResult]:
+    """Current US AQI per zone: 24-h PM means, the last hour's NO2, the last 8 h's O3."""
+    day = {(a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - DAY_MS, now_ms)}
+    hour = {(a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - HOUR_MS, now_ms)}
+    eight = {
+        (a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - 8 * HOUR_MS, now_ms)
+    }
+    out: dict[str, aqi.IndexResult] = {}
+    zones = {z for z, _ in day if z is not None}
+    table = aqi.epa_table_for(datetime.fromtimestamp(now_ms / 1000, ZoneInfo("UTC")))
+    for zone in zones:
+        try:
+            out[zone] = aqi.us_aqi(
+                pm25_24h=day.get((zone, "pm25")),
+                pm10_24h=day.get((zone, "pm10")),
+                o3_8h_ug=eight.get((zone, "o3")),
+                no2_1h_ug=hour.get((zone, "no2")),
+                table=table,
+            )
+        except aqi.AqiError:
+            continue  # no pollutant with data in the window
+    return out
+
+
+def online(last_seen_ms: int | None, now_ms: int, window_s: int) -> bool:
+    return last_seen_ms is not None and now_ms - last_seen_ms <= ONLINE_WINDOWS * window_s * 1000
+
+
+def overview(
+    store: Store, reports: ReportService, now_ms: int, window_s: int, shapes: list[ZoneShape]
+) -> dict[str, Any]:
+    indices = zone_aqi(store, now_ms)
+    devices = store.devices()
+    zones = store.zones()
+    features = []
+    by_zone = {s.zone: s for s in shapes}
+    for zone in zones:
+        shape = by_zone.get(zone.zone)
+        result = indices.get(zone.zone)
+        props = {
+            "zone": zone.zone,
+            "label": shape.label if shape else zone.zone,
+            "devices": zone.devices,
+            "aqi": result.value if result else None,
+            "category": result.category if result else "No data",
+            "color": result.color if result else "#9e9e9e",
+            "dominant": LABELS.get(result.dominant.split("_")[0], result.dominant)
+            if result
+            else None,
+        }
+        geometry = json.loads(shape.geometry_json) if shape else None
+        features.append({"type": "Feature", "properties": props, "geometry": geometry})
+    day = store.zone_aggregates(now_ms - DAY_MS, now_ms)
+    readings = sum(a.count for a in day if a.zone is None)
+    device_rows = [
+        {
+            "device_id": d.device_id,
+            "zone": d.zone,
+            "lat": d.lat,
+            "lon": d.lon,
+            "kind": d.kind,
+            "status": d.status,
+            "online": online(d.last_seen_ms, now_ms, window_s),
+            "last_seen": iso(d.last_seen_ms) if d.last_seen_ms else None,
+        }
+        for d in devices
+    ]
+    worst = max(indices.items(), key=lambda kv: kv[1].value, default=None)
+    city = store.reports(scope="city", limit=1)
+    return {
+        "generated": iso(now_ms),
+        "zones": {"type": "FeatureCollection", "features": features},
+        "devices": device_rows,
+        "headline": {
+            "devices_total": len(devices),
+            "devices_online": sum(1 for d in device_rows if d["online"]),
+            "readings_24h": readings,
+            "worst_zone": worst[0] if worst else None,
+            "worst_aqi": worst[1].value if worst else None,
+            "worst_category": worst[1].category if worst else None,
+            "aqi_table": next(iter(indices.values())).table_version if indices else None,
+        },
+        "summary": record_dict(city[0]) if city else None,
+    }
+
+
+def guides(metric: str) -> list[dict[str, Any]]:
+    """Reference lines for a chart: the WHO 2021 short-term guideline of the metric."""
+    out = []
+    for g in aqi.WHO_2021:
+        if g.metric == metric and g.averaging in ("24h", "8h"):
+            out.append({"label": f"WHO 2021 {g.averaging} guideline", "value": g.value})
+    if metric == "no2":
+        out.append({"label": "EU 1-h limit value", "value": 200.0})
+    return out
+
+
+def zone_page(store: Store, zone: str, start_ms: int, end_ms: int) -> dict[str, Any]:
+    resolution = choose_resolution(start_ms, end_ms, MAX_POINTS)
+    charts = []
+    for metric in CHART_METRICS:
+        points = store.rollup_series(metric, start_ms, end_ms, resolution, zone=zone)
+        unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
+        charts.append(
+            {
+                "metric": metric,
+                "label": LABELS[metric][0].upper() + LABELS[metric][1:],
+                "unit": unit,
+                "points": [
+                    {"t": iso(p.bucket_ms), "mean": round(p.mean, 3), "min": p.min, "max": p.max}
+                    for p in points
+                    if math.isfinite(p.mean)
+                ],
+                "guides": guides(metric),
+            }
+        )
+    reports = {}
+    for kind in ("daily", "weekly"):
+        stored = store.reports(scope=zone, kind=kind, limit=1)
+        reports[kind] = record_dict(stored[0]) if stored else None
+    return {
+        "zone": zone,
+        "start": iso(start_ms),
+        "end": iso(end_ms),
+        "resolution": resolution.label,
+        "charts": charts,
+        "reports": reports,
+    }
+
+
+def device_health(store: Store, now_ms: int, window_s: int) -> list[dict[str, Any]]:
+    devices = store.devices()
+    flagged = store.flagged_readings(now_ms - DAY_MS, now_ms, FAULT_FLAGS)
+    reasons = store.quarantine_reasons(now_ms - DAY_MS, now_ms)
+    models = store.model_versions()
+    health = {h.device_id: h for h in store.device_health()}
+    rows = []
+    for d in devices:
+        h = health.get(d.device_id)
+        rows.append(
+            {
+                "device_id": d.device_id,
+                "zone": d.zone,
+                "kind": d.kind,
+                "status": d.status,
+                "online": online(d.last_seen_ms, now_ms, window_s),
+                "last_seen": iso(d.last_seen_ms) if d.last_seen_ms else None,
+                "last_seq": d.last_seq,
+                "batches": d.batches,
+                "model_version": models.get(d.device_id) or None,
+                "flagged_24h": flagged.get(d.device_id, 0),
+                "quarantined_24h": reasons.get(d.device_id, {}),
+                "signature_or_chain_failures_24h": sum(
+                    n
+                    for r, n in reasons.get(d.device_id, {}).items()
+                    if r.startswith(("signature", "chain", "envelope", "key"))
+                ),
+                "health": None
+                if h is None
+                else {
+                    "reported": iso(h.reported_ms),
+                    "outbox_batches": h.outbox_batches,
+                    "outbox_readings": h.outbox_readings,
+                    "agent_version": h.agent_version,
+                    "gateway_id": h.gateway_id,
+                },
+            }
+        )
+    return rows
+
+
+def window_of(
+    range_: str, start: datetime | None, end: datetime | None, now_ms: int
+) -> tuple[int, int]:
+    if range_ == "custom":
+        if start is None or end is None:
+            raise ValueError("a custom range needs start and end")
+        lo, hi = int(start.timestamp() * 1000), int(end.timestamp() * 1000)
+        if hi <= lo:
+            raise ValueError("end must be after start")
+        if hi - lo > 366 * DAY_MS:
+            raise ValueError("a range of at most a year")
+        return lo, hi
+    if range_ not in RANGES:
+        raise ValueError(f"unknown range {range_!r}; use 24h, 7d, 30d or custom")
+    return now_ms - RANGES[range_], now_ms
+
+
+__all__ = ["Resolution", "device_health", "overview", "zone_page"]
