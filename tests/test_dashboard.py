@@ -360,6 +360,18 @@ def test_every_page_in_a_real_browser(site: Site) -> None:
         # admin pages
         page.get_by_role("link", name="Admin").click()
         expect(page.locator("#register-form")).to_be_visible()
+        newcomer = Ed25519Signer.generate()
+        form = page.locator("#register-form")
+        form.get_by_label("Public key (base64 Ed25519)").fill(newcomer.verify_key().to_text())
+        form.get_by_label("Zone").fill("university")
+        form.get_by_role("button", name="Register").click()
+        expect(page.locator("#admin-result")).to_contain_text(f"Registered {newcomer.key_id}")
+        move = page.locator("#move-form")
+        move.get_by_label("Device id").fill(newcomer.key_id)
+        move.get_by_label("New zone").fill("ring-road")
+        move.get_by_role("button", name="Move").click()
+        expect(page.locator("#admin-result")).to_contain_text("to ring-road")
+        assert Registry.load(site.registry).devices[newcomer.key_id].zone == "ring-road"
         expect(page.get_by_role("form", name="Edit zone harbour")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "admin.png"), full_page=True)
         browser.close()

@@ -356,6 +356,17 @@ async function renderAdmin() {
     try { const r = await api("/dashboard/api/admin/devices", { method: "POST", body: JSON.stringify(body) }); result.textContent = `Registered ${r.device_id} in ${r.zone}.`; }
     catch (err) { result.textContent = `Not registered: ${err.message}`; }
   });
+  const move = el("form", { class: "panel", id: "move-form", "aria-label": "Move a device to another zone" },
+    el("h3", { text: "Move a device" }),
+    el("label", {}, "Device id", el("input", { name: "device_id", required: true })),
+    el("label", {}, "New zone", el("input", { name: "zone", required: true, pattern: "[a-z0-9][a-z0-9-]*" })),
+    el("button", { type: "submit", text: "Move" }));
+  move.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const d = Object.fromEntries(new FormData(move));
+    try { const r = await api(`/dashboard/api/admin/devices/${encodeURIComponent(d.device_id.trim())}`, { method: "PATCH", body: JSON.stringify({ zone: d.zone.trim() }) }); result.textContent = `Moved ${r.device_id} to ${r.zone}.`; }
+    catch (err) { result.textContent = `Not moved: ${err.message}`; }
+  });
   const zoneForms = zones.map((z) => {
     const form = el("form", { class: "panel", "aria-label": `Edit zone ${z.zone}` },
       el("h3", { text: `Zone ${z.zone}` }),
@@ -371,7 +382,7 @@ async function renderAdmin() {
     });
     return form;
   });
-  show(el("h2", { text: "Admin" }), result, el("div", { class: "grid" }, reg, zoneForms));
+  show(el("h2", { text: "Admin" }), result, el("div", { class: "grid" }, reg, move, zoneForms));
 }
 
 // ---------------------------------------------------------------------- live
