@@ -25,6 +25,7 @@ GROUPS: dict[str, str] = {
     "analytics.cli": "analytics",
     "analytics.reports.cli": "analytics",
     "analytics.dashboard.cli": "analytics",
+    "civicmesh.pki": "analytics",
     "firmware_sim.cli": "edge",
     "civicmesh.demo": "all",
 }
