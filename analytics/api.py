@@ -14,9 +14,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from analytics import admin as admin_routes
+from analytics.apiauth import ApiSecurity, BodyLimit, requires
 from analytics.dashboard.routes import Dashboard
 from analytics.dashboard.routes import install as install_dashboard
 from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
@@ -263,7 +266,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------- routes
 
-router = APIRouter(prefix=PREFIX, responses=_ERRORS)
+# Every route needs a viewer token at least (when tokens are configured); raw payloads
+# (quarantine) and metrics need an operator.
+router = APIRouter(prefix=PREFIX, responses=_ERRORS, dependencies=[requires("viewer")])
 
 
 @router.get("/health", response_model=HealthOut, summary="Service health", tags=["service"])
@@ -598,6 +603,7 @@ def ledger(
 
 @router.get(
     "/quarantine",
+    dependencies=[requires("operator")],
     response_model=list[QuarantineOut],
     summary="Quarantined messages and readings",
     tags=["audit"],
@@ -640,6 +646,9 @@ def create_app(
     window_s: int = DEFAULT_WINDOW_S,
     reports: ReportService | None = None,
     dashboard: Dashboard | None = None,
+    security: ApiSecurity | None = None,
+    max_body_bytes: int = 65_536,
+    cors_origins: tuple[str, ...] = (),
 ) -> FastAPI:
     """The API application over ``store`` (thread-safe: the endpoints run in a thread pool).
 
@@ -655,6 +664,15 @@ def create_app(
         description="Air-quality and traffic readings of the civicmesh sensor network.",
     )
     app.state.store = store
+    app.state.api_security = security
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if cors_origins:  # closed unless origins are named
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.state.registry = registry
     app.state.stats_provider = stats_provider
     app.state.window_s = window_s
@@ -662,12 +680,13 @@ def create_app(
     app.include_router(router)
     app.state.reports = reports
     app.include_router(report_routes.router)
+    app.include_router(admin_routes.router)
     if dashboard is not None:
         install_dashboard(app, dashboard)
     if stats_provider is not None:
         registry_ = metrics_registry(stats_provider)
 
-        @app.get("/metrics", include_in_schema=False)
+        @app.get("/metrics", include_in_schema=False, dependencies=[requires("operator")])
         def metrics() -> Response:
             """Prometheus text format: the in-process ingest worker's counters."""
             return Response(render(registry_), media_type=CONTENT_TYPE)

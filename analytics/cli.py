@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
 from analytics.store.base import Store, StoreError
 from civicmesh.config import load_settings
-from civicmesh.errors import MqttError
+from civicmesh.errors import ConfigError, MqttError
 from civicmesh.mqtt import MqttLink
 from civicmesh.registry import RegistryFile
 
@@ -46,6 +47,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument("--host", help="listen address (overrides api.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides api.port)")
     serve.set_defaults(func=_api_run)
+    token = api_cmds.add_parser("add-token", help="make an API token (printed once)")
+    token.add_argument("--file", type=Path, required=True, help="tokens file (api.tokens_file)")
+    token.add_argument("--name", required=True, help="who or what uses it")
+    token.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer")
+    token.set_defaults(func=_add_token)
+    revoke = api_cmds.add_parser("revoke-token", help="revoke a token by name")
+    revoke.add_argument("--file", type=Path, required=True)
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(func=_revoke_token)
 
     db = sub.add_parser("db", help="central store maintenance")
     db_cmds = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
@@ -75,6 +85,16 @@ def _settings(args: argparse.Namespace) -> AnalyticsSettings:
     if api:
         overrides["api"] = api
     return load_settings(AnalyticsSettings, args.config, overrides)
+
+
+def _refuse_unsafe(settings: AnalyticsSettings, *, serving_api: bool) -> None:
+    problems = settings.production_problems(serving_api=serving_api)
+    if problems:
+        raise ConfigError(
+            "environment is production, but: "
+            + "; ".join(problems)
+            + " (see the README's runbook; environment=development for a trial)"
+        )
 
 
 def _stop_event() -> threading.Event:
@@ -116,6 +136,7 @@ def _ingest_run(args: argparse.Namespace) -> int:
     from analytics.upkeep import StoreUpkeep
 
     settings = _settings(args)
+    _refuse_unsafe(settings, serving_api=False)
     stop = _stop_event()
     store = _migrated_store(settings, stop)
     if store is None:
@@ -127,6 +148,7 @@ def _ingest_run(args: argparse.Namespace) -> int:
         persistent=True,
         manual_ack=True,
         protocol=settings.mqtt.protocol,
+        **settings.mqtt.tls_args(),
     )
     registry = RegistryFile(settings.registry_file)
     worker = IngestWorker(settings, store, registry, link, worker_id)
@@ -164,11 +186,13 @@ def _api_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from analytics.api import create_app
+    from analytics.apiauth import ApiSecurity, RateLimiter, TokenFile
     from analytics.dashboard.routes import from_settings as dashboard_from_settings
     from analytics.reports.cli import service_for
     from analytics.reports.service import ReportScheduler
 
     settings = _settings(args)
+    _refuse_unsafe(settings, serving_api=True)
     store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
     scheduler: ReportScheduler | None = None
     try:
@@ -185,12 +209,36 @@ def _api_run(args: argparse.Namespace) -> int:
             window_s=settings.reports.window_s,
             reports=reports,
             dashboard=dashboard_from_settings(settings, store, reports),
+            security=ApiSecurity(
+                TokenFile(settings.api.tokens_file) if settings.api.tokens_file else None,
+                RateLimiter(settings.api.rate_per_s, settings.api.rate_burst),
+            ),
+            max_body_bytes=settings.api.max_body_bytes,
+            cors_origins=tuple(settings.api.cors_origins),
         )
         uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info")
     finally:
         if scheduler is not None:
             scheduler.stop()
         store.close()
+    return 0
+
+
+def _add_token(args: argparse.Namespace) -> int:
+    from analytics.apiauth import TokenFile
+
+    token = TokenFile(args.file).add(args.name, args.role)
+    print(token)
+    print(f"(token of {args.name}, role {args.role}: shown once, kept as a hash)", file=sys.stderr)
+    return 0
+
+
+def _revoke_token(args: argparse.Namespace) -> int:
+    from analytics.apiauth import TokenFile
+
+    if not TokenFile(args.file).revoke(args.name):
+        print(f"no token named {args.name!r}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from analytics.store.base import RetentionPolicy, StoragePolicy
@@ -129,6 +130,10 @@ class StorageSettings(BaseModel):
         )
 
 
+# Secrets that appear in examples and documentation: never accepted in production.
+KNOWN_DEFAULT_SECRETS = frozenset({b"change-me", b"changeme", b"secret", b"development"})
+
+
 class ApiSettings(BaseModel):
     """Where the HTTP API listens."""
 
@@ -141,6 +146,24 @@ class ApiSettings(BaseModel):
         description="Listen address; keep loopback unless a reverse proxy with TLS is in front",
     )
     port: int = Field(default=8080, ge=1, le=65_535, description="Listen port")
+    tokens_file: Path | None = Field(
+        default=None,
+        description=(
+            "API tokens with roles (`civicmesh api add-token`); unset: the API is open, "
+            "which start-up refuses in production"
+        ),
+    )
+    rate_per_s: float = Field(
+        default=20.0, gt=0, le=10_000, description="Requests a second per token (or address)"
+    )
+    rate_burst: int = Field(default=40, ge=1, le=100_000, description="Burst above that rate")
+    max_body_bytes: int = Field(
+        default=65_536, ge=1024, le=10_000_000, description="Largest request body accepted"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser; empty: none (closed)",
+    )
 
 
 class ReportSettings(BaseModel):
@@ -266,6 +289,16 @@ class AnalyticsSettings(ServiceSettings):
             "postgresql://user@host:port/dbname"
         ),
     )
+    environment: Literal["development", "production"] = Field(
+        default="development",
+        description=(
+            "production refuses to start with development defaults: an open API, no "
+            "session secret, a plain-text broker"
+        ),
+    )
+    database_url_file: Path | None = Field(
+        default=None, description="Read database_url from this file (e.g. /run/secrets/...)"
+    )
     registry_file: Path = Field(
         default=Path("var/registry.json"),
         description="Device and gateway registry JSON (`civicmesh registry`); re-read on change",
@@ -289,6 +322,36 @@ class AnalyticsSettings(ServiceSettings):
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///path.db or postgresql://user@host:port/dbname")
         return value
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> AnalyticsSettings:
+        if self.database_url_file is not None:
+            url = self.database_url_file.read_text(encoding="utf-8").strip()
+            self.database_url = self._check_database_url(url)
+        return self
+
+    def production_problems(self, *, serving_api: bool) -> list[str]:
+        """What keeps these settings from production (empty in development)."""
+        if self.environment != "production":
+            return []
+        problems = []
+        if not self.mqtt.url.startswith("mqtts://"):
+            problems.append("mqtt.url must be mqtts:// (TLS) in production")
+        if self.mqtt.url.startswith("mqtts://") and not (self.mqtt.tls_cert and self.mqtt.tls_key):
+            problems.append("mqtt.tls_cert and mqtt.tls_key (a client certificate) are required")
+        if urlsplit(self.database_url).password and self.database_url_file is None:
+            problems.append("a database password in database_url: use database_url_file")
+        if serving_api:
+            if self.api.tokens_file is None or not self.api.tokens_file.exists():
+                problems.append("api.tokens_file is required (civicmesh api add-token)")
+            if self.dashboard.enabled and self.dashboard.session_key() is None:
+                problems.append(
+                    "dashboard.session_secret or dashboard.session_secret_file is required"
+                )
+            key = self.dashboard.session_key()
+            if key is not None and (len(key) < 32 or key in KNOWN_DEFAULT_SECRETS):
+                problems.append("dashboard session secret is a default or shorter than 32 bytes")
+        return problems
 
     def mqtt_client_id(self, worker_id: str | None = None) -> str:
         """The configured client id, or one derived from the worker id (stable per worker)."""

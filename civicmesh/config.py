@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -24,6 +24,12 @@ from pydantic_settings import (
 from civicmesh.errors import ConfigError
 
 SettingsT = TypeVar("SettingsT", bound="ServiceSettings")
+
+
+class TlsArgs(TypedDict):
+    tls_ca: str | None
+    tls_cert: str | None
+    tls_key: str | None
 
 
 class MqttSection(BaseModel):
@@ -52,12 +58,29 @@ class MqttSection(BaseModel):
         description="MQTT protocol: auto tries 5 first and falls back to 3.1.1",
     )
 
+    tls_ca: Path | None = Field(
+        default=None, description="CA certificate that signed the broker's (mqtts://)"
+    )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="This client's certificate (`civicmesh pki client`); its CN is the MQTT user",
+    )
+    tls_key: Path | None = Field(default=None, description="This client's private key (0600)")
+
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         if not value.startswith(("mqtt://", "mqtts://", "tcp://")):
             raise ValueError("must start with mqtt://, mqtts:// or tcp://")
         return value
+
+    def tls_args(self) -> TlsArgs:
+        """The TLS keyword arguments of ``MqttLink``."""
+        return {
+            "tls_ca": str(self.tls_ca) if self.tls_ca else None,
+            "tls_cert": str(self.tls_cert) if self.tls_cert else None,
+            "tls_key": str(self.tls_key) if self.tls_key else None,
+        }
 
 
 class ServiceSettings(BaseSettings):

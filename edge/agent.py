@@ -21,6 +21,7 @@ from civicmesh.errors import MqttError
 from civicmesh.identity import Signer
 from civicmesh.mqtt import Message, MqttLink
 from civicmesh.protocol import ProtocolError, decode_receipt
+from civicmesh.systemd import Watchdog, notify
 from civicmesh.timeutil import now_ms
 from edge import __version__
 from edge.outbox import Outbox
@@ -191,7 +192,10 @@ class EdgeAgent:
         """Real-time loop until ``stop`` is set; failed flushes back off 1 s .. 30 s."""
         backoff = 1.0
         next_health = 0.0
+        watchdog = Watchdog()
+        notify("READY=1")
         while not stop.is_set():
+            watchdog.tick()  # under systemd: a loop that stops turning gets restarted
             self.collect(self.clock.now_ms())
             self.seal_all()
             self.flush()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
+import socket
+import sys
 import threading
 from pathlib import Path
 
+from civicmesh import __version__
 from civicmesh.config import load_settings
 from civicmesh.drivers import load_driver
 from civicmesh.errors import MqttError
@@ -20,12 +24,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keygen = cmds.add_parser("keygen", help="make this device's Ed25519 key (file mode 0600)")
     keygen.add_argument("--key", type=Path, required=True, help="where to write the key")
     keygen.set_defaults(func=_keygen)
+    prov = cmds.add_parser(
+        "provision", help="make this device's key if it has none; print its registration request"
+    )
+    prov.add_argument("--key", type=Path, required=True, help="key file (mode 0600)")
+    prov.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
+    prov.set_defaults(func=_provision)
     run = cmds.add_parser("run", help="run the agent until SIGINT/SIGTERM")
     run.add_argument("--config", type=Path, help="TOML config (see deploy/examples/edge.toml)")
     run.set_defaults(func=_run)
     status = cmds.add_parser("status", help="print the outbox state")
     status.add_argument("--config", type=Path)
     status.set_defaults(func=_status)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    """Idempotent: a device that has a key keeps it (its id is the key's hash)."""
+    if args.key.exists():
+        signer = Ed25519Signer.load(args.key)
+    else:
+        signer = Ed25519Signer.generate()
+        signer.save(args.key)
+    request = {
+        "device_id": signer.key_id,
+        "public_key": signer.verify_key().to_text(),
+        "kind": args.kind,
+        "hostname": socket.gethostname(),
+        "agent_version": __version__,
+    }
+    print(json.dumps(request, indent=2))
+    print(
+        "Send this to the operator, who registers it with zone, location and owner:\n"
+        f"  civicmesh registry add-device --file registry.json --public-key "
+        f"{request['public_key']} --kind {args.kind} --zone ZONE --lat LAT --lon LON",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -50,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         settings.mqtt.url,
         settings.mqtt.client_id or f"civicmesh-edge-{signer.key_id}",
         protocol=settings.mqtt.protocol,
+        **settings.mqtt.tls_args(),
     )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())

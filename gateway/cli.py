@@ -11,6 +11,7 @@ from civicmesh.config import load_settings
 from civicmesh.identity import Ed25519Signer
 from civicmesh.mqtt import MqttLink
 from civicmesh.registry import RegistryFile
+from civicmesh.systemd import Watchdog, notify
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,9 +49,13 @@ def _run(args: argparse.Namespace) -> int:
         persistent=True,
         manual_ack=True,
         protocol=dev.protocol,
+        **dev.tls_args(),
     )
     upstream_link = MqttLink(
-        up.url, up.client_id or f"civicmesh-gw-{signer.key_id}-up", protocol=up.protocol
+        up.url,
+        up.client_id or f"civicmesh-gw-{signer.key_id}-up",
+        protocol=up.protocol,
+        **up.tls_args(),
     )
     gateway = Gateway(
         settings, signer, RegistryFile(settings.registry_file), device_link, upstream_link
@@ -62,8 +67,13 @@ def _run(args: argparse.Namespace) -> int:
     gateway.start()
     upstream_link.connect()
     device_link.connect()
+    notify("READY=1")
+    watchdog = Watchdog()
     try:
-        stop.wait()
+        # The watchdog is fed only while the forwarder runs: a stuck gateway gets restarted.
+        while not stop.wait(2.0):
+            if gateway.forwarding:
+                watchdog.tick()
     finally:
         device_link.close()
         gateway.stop()

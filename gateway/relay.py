@@ -95,6 +95,11 @@ class Gateway:
             self._forwarder.join(timeout=10)
         self.buffer.close()
 
+    @property
+    def forwarding(self) -> bool:
+        """The forwarding thread is running."""
+        return self._forwarder.is_alive()
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)

@@ -56,9 +56,16 @@ install_missing_packages() {
     if ! mosquitto_bin >/dev/null; then
         packages+=(mosquitto)
     fi
-    # The dashboard's browser tests drive Debian's Chromium (no browser downloads).
+    # The dashboard's browser tests drive Debian's Chromium (no browser downloads); the
+    # deploy/ tests run shellcheck and `systemd-analyze verify`.
     if ! command -v chromium >/dev/null 2>&1; then
         packages+=(chromium)
+    fi
+    if ! command -v shellcheck >/dev/null 2>&1; then
+        packages+=(shellcheck)
+    fi
+    if ! command -v systemd-analyze >/dev/null 2>&1; then
+        packages+=(systemd)
     fi
     if [ "${#packages[@]}" -gt 0 ]; then
         civicmesh_apt_install "${packages[@]}"

@@ -63,6 +63,7 @@ class Rig:
         )
         path = tmp_path / "registry.json"
         registry.save(path)
+        self.registry_path = path
         self.store: Store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
         self.store.migrate()
         tag = self.gw.key_id
@@ -314,3 +315,20 @@ def test_agent_health_is_relayed_and_kept_newest_first(rig: Rig) -> None:
     assert kept.gateway_id == rig.gw.key_id and kept.model_version == "cal-2"
     # the stranger, the malformed message and the one naming another device were dropped
     assert rig.gateway.stats()["health_dropped"] == 3
+
+
+def test_a_revoked_device_is_refused_from_its_next_batch_on(rig: Rig) -> None:
+    batches = chain(rig.device, 3)
+    rig.publish(rig.device.key_id, batches[0].message)
+    rig.wait(lambda: stored_seqs(rig) == [1])
+    # the operator revokes it (civicmesh registry revoke-device, or the admin API)
+    Registry.load(rig.registry_path).revoke_device(rig.device.key_id).save(rig.registry_path)
+    rig.publish(rig.device.key_id, batches[1].message)
+    rig.wait(
+        lambda: any(
+            r.reason == "signature.unknown_signer" and r.device_id == rig.device.key_id
+            for r in rig.store.quarantined(1000)
+        )
+    )
+    time.sleep(0.5)
+    assert stored_seqs(rig) == [1]  # nothing after the revocation was stored

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
+from analytics.apiauth import requires
 from analytics.reports.facts import REPORT_METRICS, FactSheetError, build_fact_sheet
 from analytics.reports.intent import CITY, IntentError
 from analytics.reports.service import (
@@ -21,7 +22,7 @@ from analytics.reports.service import (
     to_record,
 )
 
-router = APIRouter(prefix="/api/v1", tags=["reports"])
+router = APIRouter(prefix="/api/v1", tags=["reports"], dependencies=[requires("viewer")])
 
 
 def get_service(request: Request) -> ReportService:
@@ -142,7 +143,12 @@ def list_reports(
     return [record_dict(r) for r in service.store.reports(scope=scope, kind=kind, limit=limit)]
 
 
-@router.post("/reports", response_model=ReportOut, summary="Write a report now")
+@router.post(
+    "/reports",
+    response_model=ReportOut,
+    summary="Write a report now",
+    dependencies=[requires("operator")],
+)
 def create_report(body: ReportIn, service: ServiceDep) -> Any:
     """Write (or rewrite) the daily or weekly report of a zone or the city, and store it."""
     zone = None if body.zone in (None, CITY) else body.zone
@@ -159,7 +165,12 @@ def create_report(body: ReportIn, service: ServiceDep) -> Any:
     raise HTTPException(500, "The report was stored but cannot be read back")
 
 
-@router.post("/reports/due", response_model=list[ReportOut], summary="Write due reports")
+@router.post(
+    "/reports/due",
+    response_model=list[ReportOut],
+    summary="Write due reports",
+    dependencies=[requires("operator")],
+)
 def due_reports(service: ServiceDep) -> Any:
     """What the schedule does: yesterday's and last week's reports not yet stored."""
     return [record_dict(r) for r in generate_due(service)]
