@@ -205,6 +205,17 @@ class GatewayBuffer:
             )
         return int(cursor.rowcount)
 
+    def requeue(self, since_ms: int) -> int:
+        """Forward again every kept envelope received since ``since_ms``: the replay after
+        a central store was lost (ingest stores each batch once, whatever comes twice)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE outgoing SET forwarded_ms = NULL, confirmed_ms = NULL "
+                "WHERE created_ms >= ?",
+                (since_ms,),
+            )
+        return int(cursor.rowcount)
+
     def backlog(self) -> int:
         """Envelopes not yet confirmed (with receipts) or not yet forwarded (without)."""
         with self._lock:

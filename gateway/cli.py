@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = cmds.add_parser("run", help="run the relay until SIGINT/SIGTERM")
     run.add_argument("--config", type=Path, help="TOML config")
     run.set_defaults(func=_run)
+    replay = cmds.add_parser(
+        "replay", help="forward again what the buffer kept (after the central store was lost)"
+    )
+    replay.add_argument("--config", type=Path, help="TOML config")
+    replay.add_argument("--since", required=True, help="ISO time: replay envelopes from then on")
+    replay.set_defaults(func=_replay)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -32,6 +38,23 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"gateway id: {signer.key_id}")
     print(f"public key: {public}")
     print(f"  civicmesh registry add-gateway --file registry.json --public-key {public}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from gateway.buffer import GatewayBuffer
+    from gateway.settings import GatewaySettings
+
+    settings = load_settings(GatewaySettings, args.config)
+    since = datetime.fromisoformat(args.since)
+    buffer = GatewayBuffer(settings.state_dir / "buffer.db")
+    try:
+        count = buffer.requeue(int(since.timestamp() * 1000))
+    finally:
+        buffer.close()
+    print(f"{count} envelopes queued to forward again; a running gateway sends them now")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -332,3 +333,21 @@ def test_a_revoked_device_is_refused_from_its_next_batch_on(rig: Rig) -> None:
     )
     time.sleep(0.5)
     assert stored_seqs(rig) == [1]  # nothing after the revocation was stored
+
+
+def test_after_losing_the_store_the_gateway_buffer_replays_everything(rig: Rig) -> None:
+    batches = chain(rig.device, 4)
+    for batch in batches:
+        rig.publish(rig.device.key_id, batch.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
+    rig.wait(lambda: rig.gateway.buffer.backlog() == 0)  # all confirmed by ingest's receipts
+    # the central database is lost: ledger and readings gone
+    path = rig.store.path  # type: ignore[attr-defined]
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM readings")
+        db.execute("DELETE FROM batches")
+    assert stored_seqs(rig) == []
+    assert rig.gateway.buffer.requeue(0) == 4  # civicmesh gateway replay --since ...
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
+    ledger = rig.store.ledger(rig.device.key_id)
+    assert [e.device_message for e in ledger] == [b.message for b in batches]
