@@ -56,6 +56,9 @@ class VerifyKey:
 
     public_key: bytes
     algorithm: int = ALG_EDDSA
+    # The identity this key signs for when it is not the one the key derives: a device
+    # whose key was rotated keeps the id of its first key (see registry.DeviceRecord).
+    bound_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm != ALG_EDDSA:
@@ -65,7 +68,7 @@ class VerifyKey:
 
     @property
     def key_id(self) -> str:
-        return derive_id(self.public_key)
+        return self.bound_id or derive_id(self.public_key)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
         """True when ``signature`` is valid over ``message``."""
@@ -157,3 +160,43 @@ class Ed25519Signer:
             return cls(nacl.signing.SigningKey(seed))
         except (ValueError, nacl.exceptions.CryptoError):
             raise KeyFileError(f"Key file {path} holds a malformed key") from None
+
+
+class BoundSigner:
+    """A key that signs for an identity it does not derive: a device after a key
+    rotation keeps its id (that of its first key) and signs with the new key."""
+
+    def __init__(self, signer: Ed25519Signer, identity: str) -> None:
+        if not is_valid_id(identity):
+            raise ValueError(f"Invalid identity {identity!r}")
+        self._signer = signer
+        self._id = identity
+        self.algorithm = signer.algorithm
+
+    @property
+    def key_id(self) -> str:
+        return self._id
+
+    @property
+    def public_key(self) -> bytes:
+        return self._signer.public_key
+
+    def verify_key(self) -> VerifyKey:
+        return VerifyKey(self._signer.public_key, bound_id=self._id)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signer.sign(message)
+
+
+def identity_file(key_file: Path) -> Path:
+    """Where a rotated key's identity is kept, beside the key."""
+    return key_file.with_name(key_file.name + ".identity")
+
+
+def load_device_signer(path: Path) -> Ed25519Signer | BoundSigner:
+    """The device's signer: its key, bound to its first key's id after a rotation."""
+    signer = Ed25519Signer.load(path)
+    sidecar = identity_file(path)
+    if sidecar.exists():
+        return BoundSigner(signer, sidecar.read_text(encoding="ascii").strip())
+    return signer

@@ -306,14 +306,28 @@ def _check_signature(parts: _CoseParts, key: VerifyKey, what: str) -> None:
         raise SignatureError(f"{what}: signature does not verify for {parts.signer_id}")
 
 
-KeyLookup = Callable[[str], VerifyKey | None]
+# A signer id -> its key, or its keys (a device within a key rotation's overlap has two).
+KeyLookup = Callable[[str], VerifyKey | Sequence[VerifyKey] | None]
 
 
-def _resolve(lookup: KeyLookup, signer_id: str, what: str) -> VerifyKey:
-    key = lookup(signer_id)
-    if key is None:
+def _resolve(lookup: KeyLookup, signer_id: str, what: str) -> tuple[VerifyKey, ...]:
+    found = lookup(signer_id)
+    if found is None or (not isinstance(found, VerifyKey) and not found):
         raise UnknownKeyError(f"{what}: no key registered for {signer_id}")
-    return key
+    return (found,) if isinstance(found, VerifyKey) else tuple(found)
+
+
+def _check_any(parts: _CoseParts, keys: tuple[VerifyKey, ...], what: str) -> None:
+    """The signature verifies under one of ``keys`` (tried in order)."""
+    last: SignatureError | None = None
+    for key in keys:
+        try:
+            _check_signature(parts, key, what)
+            return
+        except SignatureError as exc:
+            last = exc
+    assert last is not None
+    raise last
 
 
 # ------------------------------------------------------------------------ batches
@@ -456,8 +470,8 @@ def open_batch(message: bytes, lookup: KeyLookup) -> SignedBatch:
     the same device as the signer.
     """
     parts = _split_cose(message, "device batch")
-    key = _resolve(lookup, parts.signer_id, "device batch")
-    _check_signature(parts, key, "device batch")
+    keys = _resolve(lookup, parts.signer_id, "device batch")
+    _check_any(parts, keys, "device batch")
     payload = decode_payload(parts.payload)
     if payload.device_id != parts.signer_id:
         raise SchemaError(
@@ -488,8 +502,8 @@ def wrap_envelope(signer: Signer, device_message: bytes, received_at_ms: int) ->
 def open_envelope(message: bytes, lookup: KeyLookup) -> GatewayEnvelope:
     """Verify a gateway envelope (not the device batch inside: see :func:`open_batch`)."""
     parts = _split_cose(message, "gateway envelope")
-    key = _resolve(lookup, parts.signer_id, "gateway envelope")
-    _check_signature(parts, key, "gateway envelope")
+    keys = _resolve(lookup, parts.signer_id, "gateway envelope")
+    _check_any(parts, keys, "gateway envelope")
     body = _loads(parts.payload, "gateway envelope payload")
     if not isinstance(body, dict) or set(body) != {1, 2, 3, 4}:
         raise SchemaError("gateway envelope payload must be a map with keys 1..4")
@@ -623,3 +637,54 @@ def decode_receipt(data: bytes) -> Receipt:
         return Receipt(issuer, tuple(digests))
     except ValueError as exc:
         raise SchemaError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------- key rotation
+
+ROTATION_KIND = "rotate-key"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRotation:
+    """A device announcing its next key, signed by its current one."""
+
+    device_id: str
+    new_key: VerifyKey
+    issued_at_ms: int
+    message: bytes
+
+
+def encode_rotation(current: Signer, new_public_key: bytes, issued_at_ms: int) -> bytes:
+    """The announcement ``current`` signs to hand its identity over to a new key."""
+    if len(new_public_key) != 32:
+        raise ValueError("An Ed25519 public key is 32 bytes")
+    body = cbor2.dumps(
+        {
+            1: PROTOCOL_VERSION,
+            2: ROTATION_KIND,
+            3: current.key_id,
+            4: bytes(new_public_key),
+            5: issued_at_ms,
+        },
+        canonical=True,
+    )
+    message, _ = _cose_sign1(current, body)
+    return message
+
+
+def open_rotation(message: bytes, lookup: KeyLookup) -> KeyRotation:
+    """Verify a rotation announcement against the device's registered key(s)."""
+    parts = _split_cose(message, "key rotation")
+    _check_any(parts, _resolve(lookup, parts.signer_id, "key rotation"), "key rotation")
+    body = _loads(parts.payload, "key rotation payload")
+    if not isinstance(body, dict) or set(body) != {1, 2, 3, 4, 5} or body[2] != ROTATION_KIND:
+        raise SchemaError("key rotation payload must be a rotate-key map with keys 1..5")
+    if body[1] != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
+    if body[3] != parts.signer_id:
+        raise SchemaError("key rotation names another device than its signer")
+    if not isinstance(body[4], bytes) or len(body[4]) != 32:
+        raise SchemaError("key rotation must carry a 32-byte Ed25519 public key")
+    issued = _int(body[5], "issued_at", _MIN_TIME_MS, _MAX_TIME_MS)
+    new_key = VerifyKey(bytes(body[4]), bound_id=parts.signer_id)
+    return KeyRotation(parts.signer_id, new_key, issued, bytes(message))

@@ -17,8 +17,11 @@ from typing import Any
 
 from civicmesh.errors import RegistryError
 from civicmesh.identity import VerifyKey, derive_id, is_valid_id
+from civicmesh.timeutil import now_ms
 
 STATUSES = ("active", "revoked")
+# An announcement older than this is refused: a replayed old rotation must not undo a newer one.
+MAX_ROTATION_AGE_MS = 7 * 24 * 3_600_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,18 +34,44 @@ class DeviceRecord:
     kind: str = "multi"  # sensor package: "air", "traffic", "multi"
     status: str = "active"
     registered_at_ms: int = 0
+    # Key rotation: the key the id derives from (once rotated), and the key before the
+    # current one with the end of its overlap window (epoch ms).
+    first_key: str | None = None
+    previous_key: str | None = None
+    previous_key_until_ms: int = 0
 
     def __post_init__(self) -> None:
-        key = VerifyKey.from_text(self.public_key)
-        if derive_id(key.public_key) != self.device_id:
+        VerifyKey.from_text(self.public_key)
+        origin = VerifyKey.from_text(self.first_key or self.public_key)
+        if derive_id(origin.public_key) != self.device_id:
             raise ValueError(f"Invalid device record: id {self.device_id} does not match its key")
+        if self.previous_key is not None:
+            VerifyKey.from_text(self.previous_key)
         if self.status not in STATUSES:
             raise ValueError(f"Invalid device record: status {self.status!r}")
         if not self.zone:
             raise ValueError("Invalid device record: zone is empty")
 
     def verify_key(self) -> VerifyKey:
-        return VerifyKey.from_text(self.public_key)
+        return VerifyKey(VerifyKey.from_text(self.public_key).public_key, bound_id=self.device_id)
+
+    def verify_keys(self, at_ms: int) -> tuple[VerifyKey, ...]:
+        """The keys valid at ``at_ms``: the current one, and the previous one within its
+        overlap window."""
+        keys = [self.verify_key()]
+        if self.previous_key is not None and at_ms < self.previous_key_until_ms:
+            old = VerifyKey.from_text(self.previous_key).public_key
+            keys.append(VerifyKey(old, bound_id=self.device_id))
+        return tuple(keys)
+
+    def rotated(self, new_key: str, overlap_ms: int, now_ms: int) -> DeviceRecord:
+        return replace(
+            self,
+            public_key=new_key,
+            first_key=self.first_key or self.public_key,
+            previous_key=self.public_key,
+            previous_key_until_ms=now_ms + overlap_ms,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +100,13 @@ class Registry:
     def empty(cls) -> Registry:
         return cls({}, {})
 
-    def device_key(self, device_id: str) -> VerifyKey | None:
-        """Key of an active device; None for unknown or revoked devices."""
+    def device_key(self, device_id: str) -> tuple[VerifyKey, ...] | None:
+        """Keys of an active device (two during a rotation's overlap); None for unknown or
+        revoked devices."""
         record = self.devices.get(device_id)
-        return record.verify_key() if record and record.status == "active" else None
+        if record is None or record.status != "active":
+            return None
+        return record.verify_keys(now_ms())
 
     def gateway_key(self, gateway_id: str) -> VerifyKey | None:
         record = self.gateways.get(gateway_id)
@@ -85,6 +117,24 @@ class Registry:
 
     def with_gateway(self, record: GatewayRecord) -> Registry:
         return Registry(self.devices, {**self.gateways, record.gateway_id: record})
+
+    def rotate_device_key(
+        self, announcement: bytes, overlap_ms: int, now_ms: int
+    ) -> tuple[Registry, str]:
+        """Apply a rotation announcement (signed by the device's current key): the new key
+        becomes current, the old one stays valid for ``overlap_ms``."""
+        from civicmesh.protocol import open_rotation
+
+        rotation = open_rotation(announcement, self.device_key)
+        record = self.devices[rotation.device_id]
+        if rotation.new_key.to_text() == record.public_key:
+            raise RegistryError(f"Rotation of {rotation.device_id} is applied already")
+        if abs(now_ms - rotation.issued_at_ms) > MAX_ROTATION_AGE_MS:
+            raise RegistryError(
+                f"Rotation of {rotation.device_id} was issued too long ago (or in the future)"
+            )
+        new = record.rotated(rotation.new_key.to_text(), overlap_ms, now_ms)
+        return Registry({**self.devices, new.device_id: new}, self.gateways), new.device_id
 
     def revoke_device(self, device_id: str) -> Registry:
         if device_id not in self.devices:
@@ -166,7 +216,7 @@ class RegistryFile:
                 self._stamp = stamp
             return self._registry
 
-    def device_key(self, device_id: str) -> VerifyKey | None:
+    def device_key(self, device_id: str) -> tuple[VerifyKey, ...] | None:
         return self.current().device_key(device_id) if is_valid_id(device_id) else None
 
     def gateway_key(self, gateway_id: str) -> VerifyKey | None:

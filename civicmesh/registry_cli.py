@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import base64
 from pathlib import Path
 
+from civicmesh.errors import RegistryError
 from civicmesh.identity import VerifyKey, derive_id
+from civicmesh.protocol import ProtocolError
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
 from civicmesh.timeutil import now_ms
 
@@ -33,6 +36,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rev.add_argument("device_id")
     rev.set_defaults(func=_revoke)
 
+    rot = cmds.add_parser(
+        "rotate-key", help="apply a device's key rotation (`civicmesh edge rotate` prints it)"
+    )
+    rot.add_argument("--file", type=Path, required=True)
+    rot.add_argument("--announcement", required=True, help="base64, as the device printed it")
+    rot.add_argument(
+        "--overlap-hours",
+        type=float,
+        default=24.0,
+        help="how long the old key stays valid (default 24)",
+    )
+    rot.set_defaults(func=_rotate)
     show = cmds.add_parser("list", help="print the registry")
     show.add_argument("--file", type=Path, required=True)
     show.set_defaults(func=_list)
@@ -63,6 +78,25 @@ def _add_gateway(args: argparse.Namespace) -> int:
     record = GatewayRecord(gateway_id=derive_id(key.public_key), public_key=args.public_key)
     _load_or_empty(args.file).with_gateway(record).save(args.file)
     print(record.gateway_id)
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    try:
+        announcement = base64.b64decode(args.announcement, validate=True)
+    except ValueError:
+        raise RegistryError("The announcement is not base64") from None
+    try:
+        registry, device_id = Registry.load(args.file).rotate_device_key(
+            announcement, int(args.overlap_hours * 3_600_000), now_ms()
+        )
+    except ProtocolError as exc:
+        raise RegistryError(f"Rotation refused: {exc}") from None
+    registry.save(args.file)
+    print(
+        f"device {device_id}: new key registered; the old one is valid for "
+        f"{args.overlap_hours:g} h more"
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import signal
 import socket
@@ -14,8 +15,10 @@ from civicmesh import __version__
 from civicmesh.config import load_settings
 from civicmesh.drivers import load_driver
 from civicmesh.errors import MqttError
-from civicmesh.identity import Ed25519Signer
+from civicmesh.identity import Ed25519Signer, identity_file, load_device_signer
 from civicmesh.mqtt import MqttLink
+from civicmesh.protocol import encode_rotation
+from civicmesh.timeutil import now_ms
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,6 +33,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     prov.add_argument("--key", type=Path, required=True, help="key file (mode 0600)")
     prov.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
     prov.set_defaults(func=_provision)
+    rot = cmds.add_parser(
+        "rotate", help="make a new key, keep this device's id, print the signed announcement"
+    )
+    rot.add_argument("--key", type=Path, required=True, help="the device's key file")
+    rot.set_defaults(func=_rotate)
     run = cmds.add_parser("run", help="run the agent until SIGINT/SIGTERM")
     run.add_argument("--config", type=Path, help="TOML config (see deploy/examples/edge.toml)")
     run.set_defaults(func=_run)
@@ -41,7 +49,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _provision(args: argparse.Namespace) -> int:
     """Idempotent: a device that has a key keeps it (its id is the key's hash)."""
     if args.key.exists():
-        signer = Ed25519Signer.load(args.key)
+        signer = load_device_signer(args.key)
     else:
         signer = Ed25519Signer.generate()
         signer.save(args.key)
@@ -57,6 +65,26 @@ def _provision(args: argparse.Namespace) -> int:
         "Send this to the operator, who registers it with zone, location and owner:\n"
         f"  civicmesh registry add-device --file registry.json --public-key "
         f"{request['public_key']} --kind {args.kind} --zone ZONE --lat LAT --lon LON",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    """The current key signs the announcement of the next one; the next one replaces it
+    in the key file (the old key is kept beside it as ``.old`` until you delete it)."""
+    current = load_device_signer(args.key)
+    nxt = Ed25519Signer.generate()
+    announcement = encode_rotation(current, nxt.public_key, now_ms())
+    staged = args.key.with_name(args.key.name + ".new")
+    nxt.save(staged, overwrite=True)
+    args.key.replace(args.key.with_name(args.key.name + ".old"))
+    staged.replace(args.key)
+    identity_file(args.key).write_text(current.key_id + "\n", encoding="ascii")
+    print(base64.b64encode(announcement).decode("ascii"))
+    print(
+        "Have the operator apply it before restarting the agent:\n"
+        "  civicmesh registry rotate-key --file registry.json --announcement <the line above>",
         file=sys.stderr,
     )
     return 0
@@ -78,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
     from edge.settings import EdgeSettings
 
     settings = load_settings(EdgeSettings, args.config)
-    signer = Ed25519Signer.load(settings.key_file)
+    signer = load_device_signer(settings.key_file)
     driver = load_driver(settings.driver.name, settings.driver.options)
     link = MqttLink(
         settings.mqtt.url,

@@ -283,3 +283,39 @@ def test_run_loop_stops_cleanly(tmp_path: Path) -> None:
     thread.join(5)
     assert not thread.is_alive()
     agent.close()
+
+
+def test_edge_rotate_keeps_the_device_id_and_the_registry_takes_the_new_key(
+    tmp_path: Path,
+) -> None:
+    import json as _json
+    import subprocess
+    import sys
+
+    from civicmesh.identity import load_device_signer
+    from civicmesh.registry import DeviceRecord, Registry
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "civicmesh.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+
+    key = tmp_path / "device.key"
+    request = _json.loads(cli("edge", "provision", "--key", str(key)).stdout)
+    registry = tmp_path / "registry.json"
+    Registry.empty().with_device(
+        DeviceRecord(request["device_id"], request["public_key"], "harbour")
+    ).save(registry)
+    announcement = cli("edge", "rotate", "--key", str(key)).stdout.strip()
+    cli("registry", "rotate-key", "--file", str(registry), "--announcement", announcement)
+    after = _json.loads(cli("edge", "provision", "--key", str(key)).stdout)
+    assert after["device_id"] == request["device_id"]  # the id stays
+    assert after["public_key"] != request["public_key"]  # the key changed
+    record = Registry.load(registry).devices[request["device_id"]]
+    assert record.public_key == after["public_key"] and record.previous_key == request["public_key"]
+    assert load_device_signer(key).key_id == request["device_id"]
+    assert (tmp_path / "device.key.old").exists()

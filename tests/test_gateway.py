@@ -10,7 +10,9 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,19 +23,23 @@ from analytics.store.base import Store
 from civicmesh import topics
 from civicmesh.config import load_settings
 from civicmesh.custody import ResendPlan
-from civicmesh.identity import Ed25519Signer
+from civicmesh.errors import RegistryError
+from civicmesh.identity import BoundSigner, Ed25519Signer
 from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import (
     GENESIS_HASH,
     Reading,
     Receipt,
+    SignatureError,
     SignedBatch,
     decode_receipt,
+    encode_rotation,
     make_payload,
     message_digest,
     seal_batch,
 )
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry, RegistryFile
+from civicmesh.timeutil import now_ms
 from gateway.relay import Gateway
 from gateway.settings import GatewaySettings
 
@@ -351,3 +357,51 @@ def test_after_losing_the_store_the_gateway_buffer_replays_everything(rig: Rig) 
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
     ledger = rig.store.ledger(rig.device.key_id)
     assert [e.device_message for e in ledger] == [b.message for b in batches]
+
+
+def _next(signer: Any, seq: int, prev: bytes) -> SignedBatch:
+    reading = Reading(T0 + seq * 60_000, "no2", 30.0 + seq)
+    return seal_batch(signer, make_payload(signer.key_id, seq, prev, T0, [reading]))
+
+
+def test_key_rotation_new_key_works_old_one_stops_after_the_window(rig: Rig) -> None:
+    device_id = rig.device.key_id
+    first = _next(rig.device, 1, GENESIS_HASH)
+    rig.publish(device_id, first.message)
+    rig.wait(lambda: stored_seqs(rig) == [1])
+    # the device announces its next key, signed by the current one; the operator applies it
+    new_key = Ed25519Signer.generate()
+    announcement = encode_rotation(rig.device, new_key.public_key, now_ms())
+    registry, rotated = Registry.load(rig.registry_path).rotate_device_key(
+        announcement, 3_600_000, now_ms()
+    )
+    assert rotated == device_id
+    registry.save(rig.registry_path)
+    with pytest.raises(RegistryError, match="applied already"):  # an announcement counts once
+        Registry.load(rig.registry_path).rotate_device_key(announcement, 0, now_ms())
+    signer = BoundSigner(new_key, device_id)  # the same device id, the new key
+    second = _next(signer, 2, first.hash)
+    rig.publish(device_id, second.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 2])
+    # within the overlap a batch the old key sealed (an outbox backlog) still counts
+    third = _next(rig.device, 3, second.hash)
+    rig.publish(device_id, third.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3])
+    # the window ends: the old key is refused, the new one goes on
+    record = Registry.load(rig.registry_path).devices[device_id]
+    ended = replace(record, previous_key_until_ms=now_ms() - 1)
+    Registry.load(rig.registry_path).with_device(ended).save(rig.registry_path)
+    stale = _next(rig.device, 4, third.hash)
+    rig.publish(device_id, stale.message)
+    rig.wait(lambda: "signature.invalid" in rig.reasons())
+    fourth = _next(signer, 4, third.hash)
+    rig.publish(device_id, fourth.message)
+    rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
+    assert rig.store.ledger(device_id)[-1].payload_hash == fourth.hash
+    # after the window the old key cannot even re-apply its announcement
+    with pytest.raises(SignatureError):
+        Registry.load(rig.registry_path).rotate_device_key(announcement, 0, now_ms())
+    # only the device's own key can announce its next one
+    forged = encode_rotation(BoundSigner(rig.other, device_id), rig.other.public_key, now_ms())
+    with pytest.raises(SignatureError):
+        Registry.load(rig.registry_path).rotate_device_key(forged, 0, now_ms())
