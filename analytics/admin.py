@@ -21,7 +21,7 @@ from civicmesh.timeutil import now_ms
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[requires("admin")])
 
 
-class DeviceIn(BaseModel):
+class RegisterDeviceIn(BaseModel):
     public_key: str = Field(min_length=40, max_length=100, description="base64 Ed25519 key")
     zone: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
     lat: float | None = Field(default=None, ge=-90, le=90)
@@ -29,7 +29,7 @@ class DeviceIn(BaseModel):
     kind: str = Field(default="multi", pattern="^(air|traffic|multi)$")
 
 
-class DeviceOut(BaseModel):
+class RegisteredDeviceOut(BaseModel):
     device_id: str
     zone: str
     status: str
@@ -42,8 +42,10 @@ def _registry(request: Request) -> tuple[Registry, RegistryFile]:
     return registry.current(), registry
 
 
-@router.post("/devices", status_code=201, response_model=DeviceOut, summary="Register a device")
-def register_device(body: DeviceIn, request: Request) -> Any:
+@router.post(
+    "/devices", status_code=201, response_model=RegisteredDeviceOut, summary="Register a device"
+)
+def register_device(body: RegisterDeviceIn, request: Request) -> Any:
     """Add a device by its public key (its id is derived from the key)."""
     try:
         key = VerifyKey.from_text(body.public_key)
@@ -64,10 +66,12 @@ def register_device(body: DeviceIn, request: Request) -> Any:
     )
     current.with_device(record).save(registry.path)
     request.app.state.store.upsert_devices([record])
-    return DeviceOut(device_id=device_id, zone=body.zone, status="active")
+    return RegisteredDeviceOut(device_id=device_id, zone=body.zone, status="active")
 
 
-@router.post("/devices/{device_id}/revoke", response_model=DeviceOut, summary="Revoke a device")
+@router.post(
+    "/devices/{device_id}/revoke", response_model=RegisteredDeviceOut, summary="Revoke a device"
+)
 def revoke_device(device_id: str, request: Request) -> Any:
     """Mark a device revoked: its batches are quarantined from the next one on."""
     current, registry = _registry(request)
@@ -77,4 +81,4 @@ def revoke_device(device_id: str, request: Request) -> Any:
     updated.save(registry.path)
     record = updated.devices[device_id]
     request.app.state.store.upsert_devices([replace(record)])
-    return DeviceOut(device_id=device_id, zone=record.zone, status=record.status)
+    return RegisteredDeviceOut(device_id=device_id, zone=record.zone, status=record.status)
