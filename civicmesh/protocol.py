@@ -46,7 +46,7 @@ from typing import Any
 import cbor2
 
 from civicmesh.errors import CivicmeshError
-from civicmesh.identity import ALG_EDDSA, Signer, VerifyKey, is_valid_id
+from civicmesh.identity import ALG_EDDSA, ALG_ES256, Signer, VerifyKey, is_valid_id
 from civicmesh.metrics import BY_CODE, BY_NAME
 
 PROTOCOL_VERSION = 1
@@ -229,8 +229,8 @@ class GatewayEnvelope:
 # --------------------------------------------------------------------------- COSE
 
 
-def _protected_header(signer_id: str) -> bytes:
-    return cbor2.dumps({1: ALG_EDDSA, 4: signer_id.encode("ascii")})
+def _protected_header(signer_id: str, algorithm: int = ALG_EDDSA) -> bytes:
+    return cbor2.dumps({1: algorithm, 4: signer_id.encode("ascii")})
 
 
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
@@ -238,7 +238,7 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
 
 
 def _cose_sign1(signer: Signer, payload: bytes) -> tuple[bytes, bytes]:
-    protected = _protected_header(signer.key_id)
+    protected = _protected_header(signer.key_id, signer.algorithm)
     signature = signer.sign(_sig_structure(protected, payload))
     message = cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
     return message, signature
@@ -250,6 +250,7 @@ class _CoseParts:
     signer_id: str
     payload: bytes
     signature: bytes
+    algorithm: int = ALG_EDDSA
 
 
 def _loads(data: bytes, what: str) -> Any:
@@ -279,14 +280,14 @@ def _split_cose(data: bytes, what: str) -> _CoseParts:
     if not isinstance(protected, bytes) or not isinstance(payload, bytes):
         raise DecodeError(f"{what}: protected header and payload must be byte strings")
     if not isinstance(signature, bytes) or len(signature) != 64:
-        raise DecodeError(f"{what}: the Ed25519 signature must be 64 bytes")
+        raise DecodeError(f"{what}: the signature must be 64 bytes (Ed25519, or ES256 r || s)")
     if unprotected != {}:
         raise SchemaError(f"{what}: unprotected header must be empty")
     header = _loads(protected, f"{what} protected header")
     if not isinstance(header, dict) or set(header) != {1, 4}:
         raise SchemaError(f"{what}: protected header must hold exactly alg (1) and kid (4)")
-    if header[1] != ALG_EDDSA:
-        raise SchemaError(f"{what}: unsupported algorithm {header[1]!r} (expected EdDSA, -8)")
+    if header[1] not in (ALG_EDDSA, ALG_ES256):
+        raise SchemaError(f"{what}: unsupported algorithm {header[1]!r} (EdDSA -8 or ES256 -7)")
     kid = header[4]
     if not isinstance(kid, bytes):
         raise SchemaError(f"{what}: kid must be a byte string")
@@ -296,12 +297,14 @@ def _split_cose(data: bytes, what: str) -> _CoseParts:
         raise SchemaError(f"{what}: kid is not an ASCII id") from None
     if not is_valid_id(signer_id):
         raise SchemaError(f"{what}: kid {signer_id!r} is not a well-formed id")
-    return _CoseParts(protected, signer_id, payload, signature)
+    return _CoseParts(protected, signer_id, payload, signature, header[1])
 
 
 def _check_signature(parts: _CoseParts, key: VerifyKey, what: str) -> None:
     if key.key_id != parts.signer_id:
         raise SignatureError(f"{what}: key does not belong to signer {parts.signer_id}")
+    if key.algorithm != parts.algorithm:
+        raise SignatureError(f"{what}: signed with algorithm {parts.algorithm}, not the key's")
     if not key.verify(_sig_structure(parts.protected, parts.payload), parts.signature):
         raise SignatureError(f"{what}: signature does not verify for {parts.signer_id}")
 
@@ -688,3 +691,54 @@ def open_rotation(message: bytes, lookup: KeyLookup) -> KeyRotation:
     issued = _int(body[5], "issued_at", _MIN_TIME_MS, _MAX_TIME_MS)
     new_key = VerifyKey(bytes(body[4]), bound_id=parts.signer_id)
     return KeyRotation(parts.signer_id, new_key, issued, bytes(message))
+
+
+# ------------------------------------------------------------------ registry snapshot
+
+SNAPSHOT_KIND = "registry"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrySnapshot:
+    """The device and gateway registry as the central authority signed it: valid from
+    ``issued_at_ms`` (also its serial: newer wins) until ``expires_at_ms``."""
+
+    authority_id: str
+    issued_at_ms: int
+    expires_at_ms: int
+    registry_json: bytes
+
+
+def encode_registry_snapshot(
+    authority: Signer, registry_json: bytes, issued_at_ms: int, expires_at_ms: int
+) -> bytes:
+    if expires_at_ms <= issued_at_ms:
+        raise ValueError("a registry snapshot must expire after it is issued")
+    body = cbor2.dumps(
+        {
+            1: PROTOCOL_VERSION,
+            2: SNAPSHOT_KIND,
+            3: issued_at_ms,
+            4: expires_at_ms,
+            5: bytes(registry_json),
+        },
+        canonical=True,
+    )
+    message, _ = _cose_sign1(authority, body)
+    return message
+
+
+def open_registry_snapshot(message: bytes, authority: VerifyKey) -> RegistrySnapshot:
+    """Verify a snapshot against the configured authority key (and only that key)."""
+    parts = _split_cose(message, "registry snapshot")
+    _check_signature(parts, authority, "registry snapshot")
+    body = _loads(parts.payload, "registry snapshot payload")
+    if not isinstance(body, dict) or set(body) != {1, 2, 3, 4, 5} or body[2] != SNAPSHOT_KIND:
+        raise SchemaError("registry snapshot payload must be a registry map with keys 1..5")
+    if body[1] != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
+    issued = _int(body[3], "issued_at", _MIN_TIME_MS, _MAX_TIME_MS)
+    expires = _int(body[4], "expires_at", _MIN_TIME_MS, _MAX_TIME_MS)
+    if not isinstance(body[5], bytes) or expires <= issued:
+        raise SchemaError("registry snapshot must carry the registry and expire after issue")
+    return RegistrySnapshot(parts.signer_id, issued, expires, bytes(body[5]))

@@ -53,15 +53,14 @@ class DeviceRecord:
             raise ValueError("Invalid device record: zone is empty")
 
     def verify_key(self) -> VerifyKey:
-        return VerifyKey(VerifyKey.from_text(self.public_key).public_key, bound_id=self.device_id)
+        return replace(VerifyKey.from_text(self.public_key), bound_id=self.device_id)
 
     def verify_keys(self, at_ms: int) -> tuple[VerifyKey, ...]:
         """The keys valid at ``at_ms``: the current one, and the previous one within its
         overlap window."""
         keys = [self.verify_key()]
         if self.previous_key is not None and at_ms < self.previous_key_until_ms:
-            old = VerifyKey.from_text(self.previous_key).public_key
-            keys.append(VerifyKey(old, bound_id=self.device_id))
+            keys.append(replace(VerifyKey.from_text(self.previous_key), bound_id=self.device_id))
         return tuple(keys)
 
     def rotated(self, new_key: str, overlap_ms: int, now_ms: int) -> DeviceRecord:

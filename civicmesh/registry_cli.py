@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import time
 from pathlib import Path
 
+from civicmesh import topics
 from civicmesh.errors import RegistryError
-from civicmesh.identity import VerifyKey, derive_id
-from civicmesh.protocol import ProtocolError
+from civicmesh.identity import Ed25519Signer, VerifyKey, derive_id
+from civicmesh.mqtt import MqttLink
+from civicmesh.protocol import ProtocolError, encode_registry_snapshot
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
 from civicmesh.timeutil import now_ms
 
@@ -48,6 +51,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="how long the old key stays valid (default 24)",
     )
     rot.set_defaults(func=_rotate)
+    auth = cmds.add_parser("authority-keygen", help="make the key that signs registry snapshots")
+    auth.add_argument("--key", type=Path, required=True)
+    auth.set_defaults(func=_authority_keygen)
+    pub = cmds.add_parser(
+        "publish", help="publish the signed registry snapshot (retained) for the gateways"
+    )
+    pub.add_argument("--file", type=Path, required=True)
+    pub.add_argument("--key", type=Path, required=True, help="the authority key")
+    pub.add_argument("--mqtt-url", required=True)
+    pub.add_argument("--tls-ca", type=Path)
+    pub.add_argument("--tls-cert", type=Path)
+    pub.add_argument("--tls-key", type=Path)
+    pub.add_argument(
+        "--valid-hours",
+        type=float,
+        default=24.0,
+        help="gateways hold device batches once a snapshot is this old",
+    )
+    pub.add_argument(
+        "--every-s",
+        type=float,
+        default=0.0,
+        help="publish again every N seconds (0: once); keep it under the validity",
+    )
+    pub.set_defaults(func=_publish)
     show = cmds.add_parser("list", help="print the registry")
     show.add_argument("--file", type=Path, required=True)
     show.set_defaults(func=_list)
@@ -98,6 +126,50 @@ def _rotate(args: argparse.Namespace) -> int:
         f"{args.overlap_hours:g} h more"
     )
     return 0
+
+
+def _authority_keygen(args: argparse.Namespace) -> int:
+    signer = Ed25519Signer.generate()
+    signer.save(args.key)
+    print(
+        f"authority public key (gateway setting registry_authority): "
+        f"{signer.verify_key().to_text()}"
+    )
+    return 0
+
+
+def publish_snapshot(
+    link: MqttLink, registry_file: Path, authority: Ed25519Signer, valid_ms: int
+) -> int:
+    """Sign the registry as it is now and publish it retained; returns its serial."""
+    registry = Registry.load(registry_file)  # validated before it goes out
+    issued = now_ms()
+    message = encode_registry_snapshot(
+        authority, registry.to_json().encode(), issued, issued + valid_ms
+    )
+    link.publish(topics.REGISTRY_SNAPSHOT, message, qos=1, retain=True)
+    return issued
+
+
+def _publish(args: argparse.Namespace) -> int:
+    authority = Ed25519Signer.load(args.key)
+    link = MqttLink(
+        args.mqtt_url,
+        f"civicmesh-registry-{authority.key_id}",
+        tls_ca=str(args.tls_ca) if args.tls_ca else None,
+        tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        tls_key=str(args.tls_key) if args.tls_key else None,
+    )
+    link.connect()
+    try:
+        while True:
+            serial = publish_snapshot(link, args.file, authority, int(args.valid_hours * 3_600_000))
+            print(f"registry snapshot {serial} published", flush=True)
+            if args.every_s <= 0:
+                return 0
+            time.sleep(args.every_s)
+    finally:
+        link.close()
 
 
 def _revoke(args: argparse.Namespace) -> int:

@@ -94,6 +94,9 @@ def gateway_from_topic(topic: str) -> str | None:
     return ident if is_valid_id(ident) else None
 
 
+REGISTRY_SNAPSHOT = f"{ROOT}/registry"  # retained: the signed registry for gateways
+
+
 def model_release(name: str) -> str:
     return f"{ROOT}/models/{name}"
 

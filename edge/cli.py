@@ -15,7 +15,7 @@ from civicmesh import __version__
 from civicmesh.config import load_settings
 from civicmesh.drivers import load_driver
 from civicmesh.errors import MqttError
-from civicmesh.identity import Ed25519Signer, identity_file, load_device_signer
+from civicmesh.identity import Ed25519Signer, Es256Signer, identity_file, load_device_signer
 from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import encode_rotation
 from civicmesh.timeutil import now_ms
@@ -32,6 +32,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     prov.add_argument("--key", type=Path, required=True, help="key file (mode 0600)")
     prov.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
+    prov.add_argument(
+        "--algorithm",
+        choices=["ed25519", "es256"],
+        default="ed25519",
+        help="a new key's algorithm (es256: as secure elements and TPMs sign)",
+    )
     prov.set_defaults(func=_provision)
     rot = cmds.add_parser(
         "rotate", help="make a new key, keep this device's id, print the signed announcement"
@@ -50,6 +56,9 @@ def _provision(args: argparse.Namespace) -> int:
     """Idempotent: a device that has a key keeps it (its id is the key's hash)."""
     if args.key.exists():
         signer = load_device_signer(args.key)
+    elif args.algorithm == "es256":
+        signer = Es256Signer.generate()
+        signer.save(args.key)
     else:
         signer = Ed25519Signer.generate()
         signer.save(args.key)

@@ -11,6 +11,7 @@ already holds (its receipt was lost) gets the receipt again; it is recorded as a
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
@@ -18,8 +19,8 @@ from typing import Any
 
 from civicmesh import health, topics
 from civicmesh.custody import ResendPolicy
-from civicmesh.errors import MqttError
-from civicmesh.identity import Signer
+from civicmesh.errors import MqttError, RegistryError
+from civicmesh.identity import Signer, VerifyKey
 from civicmesh.mqtt import Message, MqttLink
 from civicmesh.protocol import (
     MAX_RECEIPT_DIGESTS,
@@ -33,12 +34,13 @@ from civicmesh.protocol import (
     judge_chain,
     message_digest,
     open_batch,
+    open_registry_snapshot,
     peek_signer,
     raise_for_verdict,
     wrap_envelope,
 )
 from civicmesh.quarantine import QuarantineRecord
-from civicmesh.registry import RegistryFile
+from civicmesh.registry import Registry, RegistryFile
 from civicmesh.timeutil import now_ms
 from gateway.buffer import GatewayBuffer
 from gateway.settings import GatewaySettings
@@ -68,6 +70,12 @@ class Gateway:
             settings.state_dir / "buffer.db", await_receipts=settings.await_receipts
         )
         self.up_topic = topics.gateway_up(signer.key_id)
+        self._authority = (
+            VerifyKey.from_text(settings.registry_authority)
+            if settings.registry_authority
+            else None
+        )
+        self._snapshot_file = settings.state_dir / "registry-snapshot.json"
         self.quarantine_topic = topics.quarantine("gw", signer.key_id)
         self._stop = threading.Event()
         self._forwarder = threading.Thread(
@@ -87,6 +95,8 @@ class Gateway:
             )
         self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
         self.device_link.subscribe(topics.ALL_DEVICE_HEALTH, self._on_health)
+        if self._authority is not None:
+            self.upstream_link.subscribe(topics.REGISTRY_SNAPSHOT, self._on_registry)
         self._forwarder.start()
 
     def stop(self) -> None:
@@ -114,6 +124,12 @@ class Gateway:
 
     def _on_message(self, message: Message) -> None:
         self._count("received")
+        if not self._registry_current():
+            # Fail closed, but lose nothing: no receipt, so the device keeps the batch in
+            # its outbox and sends it again once a current registry has arrived.
+            self._count("held_registry_expired")
+            self.device_link.ack(message)
+            return
         device_id: str | None = None
         seq: int | None = None
         try:
@@ -227,6 +243,54 @@ class Gateway:
                     )
                 except MqttError as exc:
                     log.info("receipt to device %s not sent (%s); it will re-send", device_id, exc)
+
+    # ------------------------------------------------------------------ registry
+
+    def _registry_current(self) -> bool:
+        """Without an authority the registry file is trusted as it is; with one, the
+        newest signed snapshot must not have expired."""
+        if self._authority is None:
+            return True
+        state = self._snapshot_state()
+        return state is not None and now_ms() < state[1]
+
+    def _snapshot_state(self) -> tuple[int, int] | None:
+        try:
+            data = json.loads(self._snapshot_file.read_text(encoding="utf-8"))
+            return int(data["issued_at_ms"]), int(data["expires_at_ms"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def _on_registry(self, message: Message) -> None:
+        """A registry snapshot: applied when the authority signed it and it is newer."""
+        assert self._authority is not None
+        try:
+            snapshot = open_registry_snapshot(message.payload, self._authority)
+            registry = Registry.from_json(snapshot.registry_json.decode(), origin="snapshot")
+        except (ProtocolError, RegistryError, UnicodeDecodeError) as exc:
+            self._count("registry_refused")
+            log.warning("registry snapshot refused: %s", exc)
+            return
+        state = self._snapshot_state()
+        if state is not None and snapshot.issued_at_ms <= state[0]:
+            return  # the same one again (retained), or an older one: keep what we have
+        registry.save(self.registry.path)
+        self._snapshot_file.write_text(
+            json.dumps(
+                {
+                    "issued_at_ms": snapshot.issued_at_ms,
+                    "expires_at_ms": snapshot.expires_at_ms,
+                }
+            ),
+            encoding="utf-8",
+        )
+        self._count("registry_applied")
+        log.info(
+            "registry snapshot of %d applied (%d devices, valid until %d)",
+            snapshot.issued_at_ms,
+            len(registry.devices),
+            snapshot.expires_at_ms,
+        )
 
     def _on_health(self, message: Message) -> None:
         """Relay an agent's health report upstream (QoS 0: the next one replaces it)."""

@@ -21,6 +21,15 @@ class GatewaySettings(ServiceSettings):
     registry_file: Path = Field(
         Path("/etc/civicmesh/registry.json"), description="Device and gateway registry"
     )
+    registry_authority: str | None = Field(
+        None,
+        description=(
+            "Public key of the central registry authority. Set: the gateway takes its "
+            "registry only from snapshots signed by it (retained on civicmesh/v1/registry) "
+            "and holds device batches while its newest snapshot has expired, so a "
+            "revocation takes effect within a snapshot's validity"
+        ),
+    )
     state_dir: Path = Field(Path("/var/lib/civicmesh/gateway"), description="Holds buffer.db")
     device_mqtt: MqttSection = Field(
         default_factory=MqttSection,

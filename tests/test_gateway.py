@@ -58,7 +58,9 @@ def chain(signer: Ed25519Signer, count: int) -> list[SignedBatch]:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, url: str) -> None:
+    def __init__(
+        self, tmp_path: Path, url: str, gateway_overrides: dict[str, Any] | None = None
+    ) -> None:
         self.device = Ed25519Signer.from_seed(os.urandom(32))
         self.other = Ed25519Signer.from_seed(os.urandom(32))
         self.gw = Ed25519Signer.from_seed(os.urandom(32))
@@ -90,7 +92,12 @@ class Rig:
         gw_settings = load_settings(
             GatewaySettings,
             None,
-            {"registry_file": str(path), "state_dir": str(tmp_path / "gw"), "key_file": "x"},
+            {
+                "registry_file": str(path),
+                "state_dir": str(tmp_path / "gw"),
+                "key_file": "x",
+                **(gateway_overrides or {}),
+            },
         )
         self.dev_link = MqttLink(url, f"t-gwdev-{tag}", manual_ack=True)
         self.up_link = MqttLink(url, f"t-gwup-{tag}")
@@ -405,3 +412,63 @@ def test_key_rotation_new_key_works_old_one_stops_after_the_window(rig: Rig) -> 
     forged = encode_rotation(BoundSigner(rig.other, device_id), rig.other.public_key, now_ms())
     with pytest.raises(SignatureError):
         Registry.load(rig.registry_path).rotate_device_key(forged, 0, now_ms())
+
+
+def test_a_device_signing_with_es256_goes_through_gateway_and_ingest(rig: Rig) -> None:
+    from civicmesh.identity import Es256Signer
+
+    chip = Es256Signer.generate()  # a stand-in for a secure element: same interface
+    record = DeviceRecord(chip.key_id, chip.verify_key().to_text(), "z1")
+    Registry.load(rig.registry_path).with_device(record).save(rig.registry_path)
+    # ingest learns devices from the registry; the store needs the device too
+    rig.store.upsert_devices([record])
+    first = _next(chip, 1, GENESIS_HASH)
+    second = _next(chip, 2, first.hash)
+    for batch in (first, second):
+        rig.publish(chip.key_id, batch.message)
+    rig.wait(lambda: [e.seq for e in rig.store.ledger(chip.key_id)] == [1, 2])
+    assert rig.store.ledger(chip.key_id)[0].device_message == first.message
+
+
+def test_gateways_follow_signed_registry_snapshots_and_fail_closed(
+    tmp_path: Path, system_mqtt_url: str
+) -> None:
+    from civicmesh.registry_cli import publish_snapshot
+
+    authority = Ed25519Signer.generate()
+    rig = Rig(tmp_path, system_mqtt_url, {"registry_authority": authority.verify_key().to_text()})
+    central = tmp_path / "central-registry.json"
+    central.write_text(rig.registry_path.read_text())
+    device_id = rig.device.key_id
+    batches = chain(rig.device, 3)
+    try:
+        # no snapshot yet: held, neither stored nor quarantined (the device keeps it)
+        rig.publish(device_id, batches[0].message)
+        rig.wait(lambda: rig.gateway.stats().get("held_registry_expired", 0) >= 1)
+        assert stored_seqs(rig) == [] and rig.reasons() == []
+        # a snapshot signed by someone else changes nothing
+        publish_snapshot(rig.pub, central, Ed25519Signer.generate(), 60_000)
+        rig.wait(lambda: rig.gateway.stats().get("registry_refused", 0) >= 1)
+        # the authority's snapshot: applied, and the device's batches flow
+        publish_snapshot(rig.pub, central, authority, 60_000)
+        rig.wait(lambda: rig.gateway.stats().get("registry_applied", 0) >= 1)
+        rig.publish(device_id, batches[0].message)
+        rig.wait(lambda: stored_seqs(rig) == [1])
+        # the centre revokes the device: the next snapshot carries it to the gateway
+        Registry.load(central).revoke_device(device_id).save(central)
+        publish_snapshot(rig.pub, central, authority, 60_000)
+        rig.wait(lambda: rig.gateway.stats().get("registry_applied", 0) >= 2)
+        rig.publish(device_id, batches[1].message)
+        rig.wait(lambda: "signature.unknown_signer" in rig.reasons())
+        assert stored_seqs(rig) == [1]
+        # a snapshot that has expired: the gateway holds everything until a current one
+        publish_snapshot(rig.pub, central, authority, 300)
+        rig.wait(lambda: rig.gateway.stats().get("registry_applied", 0) >= 3)
+        time.sleep(0.5)
+        held = rig.gateway.stats().get("held_registry_expired", 0)
+        rig.publish(rig.other.key_id, chain(rig.other, 1)[0].message)
+        rig.wait(lambda: rig.gateway.stats().get("held_registry_expired", 0) > held)
+        assert rig.store.ledger(rig.other.key_id) == []
+    finally:
+        rig.pub.publish(topics.REGISTRY_SNAPSHOT, b"", retain=True)  # clear the shared broker
+        rig.close()

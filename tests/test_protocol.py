@@ -19,6 +19,7 @@ from civicmesh.protocol import (
     ChainVerdict,
     ProtocolError,
     Reading,
+    SignatureError,
     judge_chain,
     make_payload,
     open_batch,
@@ -307,3 +308,30 @@ def test_malformed_receipts_have_named_reasons(body: bytes, reason: str) -> None
     with pytest.raises(ProtocolError) as caught:
         protocol.decode_receipt(body)
     assert caught.value.reason == reason
+
+
+def test_es256_batches_verify_and_tampering_or_a_wrong_algorithm_fails() -> None:
+    from civicmesh.identity import ALG_ES256, Es256Signer
+
+    signer = Es256Signer.generate()
+    key = signer.verify_key()
+    assert key.algorithm == ALG_ES256 and VerifyKey.from_text(key.to_text()) == key
+    assert key.to_text().startswith("es256:")
+    payload = make_payload(
+        signer.key_id,
+        1,
+        GENESIS_HASH,
+        1_700_000_000_000,
+        [Reading(1_700_000_000_000, "pm25", 12.5)],
+    )
+    batch = seal_batch(signer, payload)
+    opened = open_batch(batch.message, {signer.key_id: key}.get)
+    assert opened.payload == payload
+    tampered = bytearray(batch.message)
+    tampered[-70] ^= 1
+    with pytest.raises(ProtocolError):
+        open_batch(bytes(tampered), {signer.key_id: key}.get)
+    # the same id registered with an Ed25519 key does not accept an ES256 signature
+    ed = VerifyKey(bytes(32), bound_id=signer.key_id)
+    with pytest.raises(SignatureError, match="algorithm"):
+        open_batch(batch.message, {signer.key_id: ed}.get)
