@@ -7,12 +7,14 @@ so a revocation takes effect at the next message they verify.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from analytics.apiauth import requires
+from analytics.store.base import Store
 from civicmesh.errors import CivicmeshError
 from civicmesh.identity import VerifyKey, derive_id
 from civicmesh.registry import DeviceRecord, Registry, RegistryFile
@@ -22,7 +24,9 @@ router = APIRouter(prefix="/api/v1/admin", tags=["admin"], dependencies=[require
 
 
 class RegisterDeviceIn(BaseModel):
-    public_key: str = Field(min_length=40, max_length=100, description="base64 Ed25519 key")
+    public_key: str = Field(
+        min_length=40, max_length=120, description="base64 Ed25519 key, or es256: and a P-256 key"
+    )
     zone: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
@@ -47,11 +51,19 @@ def _registry(request: Request) -> tuple[Registry, RegistryFile]:
 )
 def register_device(body: RegisterDeviceIn, request: Request) -> Any:
     """Add a device by its public key (its id is derived from the key)."""
+    _, registry = _registry(request)
+    record = add_device(registry.path, request.app.state.store, body)
+    return RegisteredDeviceOut(device_id=record.device_id, zone=record.zone, status="active")
+
+
+def add_device(registry_path: Path, store: Store, body: RegisterDeviceIn) -> DeviceRecord:
+    """Write a new device into the registry file and the store (the API's admin route and
+    the dashboard's admin page both do it this way); HTTP errors for the caller."""
     try:
         key = VerifyKey.from_text(body.public_key)
     except (CivicmeshError, ValueError) as exc:
-        raise HTTPException(422, f"Not an Ed25519 public key: {exc}") from None
-    current, registry = _registry(request)
+        raise HTTPException(422, f"Not a device public key: {exc}") from None
+    current = RegistryFile(registry_path).current()
     device_id = derive_id(key.public_key)
     if device_id in current.devices:
         raise HTTPException(409, f"Device {device_id} is registered already")
@@ -64,9 +76,9 @@ def register_device(body: RegisterDeviceIn, request: Request) -> Any:
         body.kind,
         registered_at_ms=now_ms(),
     )
-    current.with_device(record).save(registry.path)
-    request.app.state.store.upsert_devices([record])
-    return RegisteredDeviceOut(device_id=device_id, zone=body.zone, status="active")
+    current.with_device(record).save(registry_path)
+    store.upsert_devices([record])
+    return record
 
 
 @router.post(

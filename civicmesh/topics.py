@@ -36,36 +36,22 @@ def gateway_health(gateway_id: str) -> str:
     return f"{ROOT}/gw/{gateway_id}/health"
 
 
-def device_from_health_topic(topic: str) -> str | None:
-    """The device id of a device health topic; None for anything else."""
+def _id_of(topic: str, kind: str, leaf: str) -> str | None:
+    """The id in ``{ROOT}/{kind}/{id}/{leaf}``; None for any other topic."""
     parts = topic.split("/")
-    if (
-        len(parts) != 5
-        or f"{parts[0]}/{parts[1]}" != ROOT
-        or (parts[2], parts[4])
-        != (
-            "dev",
-            "health",
-        )
-    ):
+    if len(parts) != 5 or f"{parts[0]}/{parts[1]}" != ROOT or (parts[2], parts[4]) != (kind, leaf):
         return None
     return parts[3] if is_valid_id(parts[3]) else None
+
+
+def device_from_health_topic(topic: str) -> str | None:
+    """The device id of a device health topic; None for anything else."""
+    return _id_of(topic, "dev", "health")
 
 
 def gateway_from_health_topic(topic: str) -> str | None:
     """The gateway id of a gateway health topic; None for anything else."""
-    parts = topic.split("/")
-    if (
-        len(parts) != 5
-        or f"{parts[0]}/{parts[1]}" != ROOT
-        or (parts[2], parts[4])
-        != (
-            "gw",
-            "health",
-        )
-    ):
-        return None
-    return parts[3] if is_valid_id(parts[3]) else None
+    return _id_of(topic, "gw", "health")
 
 
 def gateway_up(gateway_id: str) -> str:

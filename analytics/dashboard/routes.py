@@ -25,6 +25,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from analytics.admin import RegisterDeviceIn as DeviceIn
+from analytics.admin import add_device
 from analytics.dashboard import views
 from analytics.dashboard.auth import (
     COOKIE,
@@ -38,9 +40,7 @@ from analytics.reports.facts import iso
 from analytics.reports.intent import IntentError
 from analytics.reports.service import ReportService, record_dict, to_record
 from analytics.store.base import Store, ZoneShape
-from civicmesh.errors import CivicmeshError
-from civicmesh.identity import VerifyKey, derive_id
-from civicmesh.registry import DeviceRecord, Registry, RegistryFile
+from civicmesh.registry import Registry, RegistryFile
 from civicmesh.timeutil import now_ms
 
 STATIC = resources.files("analytics.dashboard").joinpath("static")
@@ -271,14 +271,6 @@ async def live(request: Request, session: Viewer, dashboard: DashboardDep) -> St
 # ------------------------------------------------------------------------- admin
 
 
-class DeviceIn(BaseModel):
-    public_key: str = Field(min_length=40, max_length=100, description="base64 Ed25519 key")
-    zone: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
-    lat: float | None = Field(default=None, ge=-90, le=90)
-    lon: float | None = Field(default=None, ge=-180, le=180)
-    kind: str = Field(default="multi", pattern="^(air|traffic|multi)$")
-
-
 class DeviceZoneIn(BaseModel):
     zone: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
 
@@ -296,26 +288,10 @@ def _registry(dashboard: Dashboard) -> tuple[Registry, Path]:
 
 @router.post("/api/admin/devices", status_code=201)
 def register_device(body: DeviceIn, session: Admin, dashboard: DashboardDep) -> Any:
-    try:
-        key = VerifyKey.from_text(body.public_key)
-    except (CivicmeshError, ValueError) as exc:
-        raise HTTPException(422, f"Not an Ed25519 public key: {exc}") from None
-    registry, path = _registry(dashboard)
-    device_id = derive_id(key.public_key)
-    if device_id in registry.devices:
-        raise HTTPException(409, f"Device {device_id} is registered already")
-    record = DeviceRecord(
-        device_id,
-        body.public_key,
-        body.zone,
-        body.lat,
-        body.lon,
-        body.kind,
-        registered_at_ms=now_ms(),
-    )
-    registry.with_device(record).save(path)
-    dashboard.store.upsert_devices([record])
-    return {"device_id": device_id, "zone": body.zone}
+    if dashboard.registry_path is None:
+        raise HTTPException(409, "No registry file is configured (registry_file)")
+    record = add_device(dashboard.registry_path, dashboard.store, body)
+    return {"device_id": record.device_id, "zone": record.zone}
 
 
 @router.patch("/api/admin/devices/{device_id}")
