@@ -31,6 +31,7 @@ class RegisterDeviceIn(BaseModel):
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     kind: str = Field(default="multi", pattern="^(air|traffic|multi)$")
+    owner: str = Field(default="", max_length=120, description="Who runs the node")
 
 
 class RegisteredDeviceOut(BaseModel):
@@ -75,6 +76,7 @@ def add_device(registry_path: Path, store: Store, body: RegisterDeviceIn) -> Dev
         body.lon,
         body.kind,
         registered_at_ms=now_ms(),
+        owner=body.owner,
     )
     current.with_device(record).save(registry_path)
     store.upsert_devices([record])

@@ -39,8 +39,13 @@ class DeviceRecord:
     first_key: str | None = None
     previous_key: str | None = None
     previous_key_until_ms: int = 0
+    owner: str = ""  # the independent operator who runs the node
 
     def __post_init__(self) -> None:
+        if len(self.owner) > 120 or not self.owner.isprintable():
+            raise ValueError(
+                "Invalid device record: owner must be printable, 120 characters at most"
+            )
         VerifyKey.from_text(self.public_key)
         origin = VerifyKey.from_text(self.first_key or self.public_key)
         if derive_id(origin.public_key) != self.device_id:

@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.add_argument("--lat", type=float)
     add.add_argument("--lon", type=float)
     add.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
+    add.add_argument("--owner", default="", help="who runs the node (an operator's name)")
     add.set_defaults(func=_add_device)
 
     gw = cmds.add_parser("add-gateway", help="register a gateway public key")
@@ -95,6 +96,7 @@ def _add_device(args: argparse.Namespace) -> int:
         lon=args.lon,
         kind=args.kind,
         registered_at_ms=now_ms(),
+        owner=args.owner,
     )
     _load_or_empty(args.file).with_device(record).save(args.file)
     print(record.device_id)

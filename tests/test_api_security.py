@@ -232,3 +232,23 @@ def test_token_cli_prints_once_and_stores_a_hash(tmp_path: Path) -> None:
     assert token.startswith("cm_") and token not in path.read_text()
     assert json.loads(path.read_text())["tokens"][0]["name"] == "grafana"
     assert TokenFile(path).authenticate(token) is not None
+
+
+def test_admin_registers_a_device_with_zone_location_and_owner(setup: Any) -> None:
+    client, issued, registry_path, store = setup
+    signer = Ed25519Signer.generate()
+    body = {
+        "public_key": signer.verify_key().to_text(),
+        "zone": "old-town",
+        "lat": 57.15,
+        "lon": -2.1,
+        "kind": "air",
+        "owner": "Old Town Residents' Association",
+    }
+    made = client.post(
+        "/api/v1/admin/devices", json=body, headers={"Authorization": f"Bearer {issued['admin']}"}
+    )
+    assert made.status_code == 201 and made.json()["device_id"] == signer.key_id
+    record = Registry.load(registry_path).devices[signer.key_id]
+    assert (record.zone, record.lat, record.owner) == ("old-town", 57.15, body["owner"])
+    assert signer.key_id in {d.device_id for d in store.devices()}

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import MosquittoProcess
@@ -169,3 +170,130 @@ def test_pki_keys_are_private_and_names_checked(tmp_path: Path) -> None:
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     with pytest.raises(PkiError, match="device id"):
         issue(tmp_path, "+/#", server=False)
+
+
+def test_over_tls_revocation_and_rotation_reach_gateway_and_ingest(
+    site: Site, tmp_path: Path
+) -> None:
+    """The whole path on the TLS broker, every client with its own certificate: a device's
+    batches stored; after a rotation the new key works and the old one stops after the
+    window; a revoked device's batches are quarantined."""
+    from dataclasses import replace
+
+    from analytics.ingest import IngestWorker
+    from analytics.settings import AnalyticsSettings
+    from analytics.store import open_store
+    from civicmesh.config import load_settings
+    from civicmesh.identity import BoundSigner
+    from civicmesh.protocol import GENESIS_HASH, Reading, encode_rotation, make_payload, seal_batch
+    from civicmesh.registry import RegistryFile
+    from civicmesh.timeutil import now_ms
+    from gateway.relay import Gateway
+    from gateway.settings import GatewaySettings
+
+    registry_path = tmp_path / "registry.json"
+    Registry.empty().with_device(
+        DeviceRecord(site.a.key_id, site.a.verify_key().to_text(), "z1")
+    ).with_gateway(GatewayRecord(site.gw.key_id, site.gw.verify_key().to_text())).save(
+        registry_path
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    tls = {"tls_ca": str(site.pki / "ca.crt")}
+    settings = load_settings(
+        AnalyticsSettings,
+        None,
+        {
+            "registry_file": str(registry_path),
+            "mqtt": {
+                "url": site.url,
+                **tls,
+                "tls_cert": str(site.pki / "ingest-central.crt"),
+                "tls_key": str(site.pki / "ingest-central.key"),
+            },
+        },
+    )
+    ingest_link = MqttLink(
+        site.url, "t-ingest-tls", manual_ack=True, protocol="5", **settings.mqtt.tls_args()
+    )
+    ingest = IngestWorker(settings, store, RegistryFile(registry_path), ingest_link, "tls")
+    gw_name = f"gw-{site.gw.key_id}"
+    gw_settings = load_settings(
+        GatewaySettings,
+        None,
+        {
+            "registry_file": str(registry_path),
+            "state_dir": str(tmp_path / "gw"),
+            "key_file": "x",
+        },
+    )
+    dev_link = site.link(gw_name)
+    up_link = MqttLink(
+        site.url,
+        "t-gw-up-tls",
+        protocol="5",
+        tls_ca=tls["tls_ca"],
+        tls_cert=str(site.pki / f"{gw_name}.crt"),
+        tls_key=str(site.pki / f"{gw_name}.key"),
+    )
+    gateway = Gateway(gw_settings, site.gw, RegistryFile(registry_path), dev_link, up_link)
+    device = site.link(site.a.key_id)
+
+    def seqs() -> list[int]:
+        return [e.seq for e in store.ledger(site.a.key_id)]
+
+    def wait(predicate: Any, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+    def batch(signer: Any, seq: int, prev: bytes) -> Any:
+        reading = Reading(1_750_000_000_000 + seq * 60_000, "no2", 20.0 + seq)
+        return seal_batch(
+            signer, make_payload(site.a.key_id, seq, prev, 1_750_000_000_000, [reading])
+        )
+
+    try:
+        ingest.start()
+        gateway.start()
+        up_link.connect()
+        dev_link.connect()
+        device.connect()
+        first = batch(site.a, 1, GENESIS_HASH)
+        device.publish(topics.device_up(site.a.key_id), first.message)
+        wait(lambda: seqs() == [1])
+        # rotation: announced by the current key, applied by the operator
+        new_key = Ed25519Signer.generate()
+        announcement = encode_rotation(site.a, new_key.public_key, now_ms())
+        rotated, _ = Registry.load(registry_path).rotate_device_key(
+            announcement, 3_600_000, now_ms()
+        )
+        rotated.save(registry_path)
+        bound = BoundSigner(new_key, site.a.key_id)
+        second = batch(bound, 2, first.hash)
+        device.publish(topics.device_up(site.a.key_id), second.message)
+        wait(lambda: seqs() == [1, 2])
+        record = Registry.load(registry_path).devices[site.a.key_id]
+        Registry.load(registry_path).with_device(
+            replace(record, previous_key_until_ms=now_ms() - 1)
+        ).save(registry_path)
+        stale = batch(site.a, 3, second.hash)  # the old key, after the window
+        device.publish(topics.device_up(site.a.key_id), stale.message)
+        wait(lambda: any(r.reason == "signature.invalid" for r in store.quarantined(100)))
+        third = batch(bound, 3, second.hash)
+        device.publish(topics.device_up(site.a.key_id), third.message)
+        wait(lambda: seqs() == [1, 2, 3])
+        # revocation: from the next batch on, quarantined
+        Registry.load(registry_path).revoke_device(site.a.key_id).save(registry_path)
+        device.publish(topics.device_up(site.a.key_id), batch(bound, 4, third.hash).message)
+        wait(lambda: any(r.reason == "signature.unknown_signer" for r in store.quarantined(100)))
+        assert seqs() == [1, 2, 3]
+    finally:
+        device.close()
+        dev_link.close()
+        gateway.stop()
+        up_link.close()
+        ingest.stop()
+        ingest_link.close()
+        store.close()

@@ -348,11 +348,12 @@ async function renderAdmin() {
     el("label", {}, "Latitude", el("input", { name: "lat", type: "number", step: "any" })),
     el("label", {}, "Longitude", el("input", { name: "lon", type: "number", step: "any" })),
     el("label", {}, "Kind", el("select", { name: "kind" }, ["multi", "air", "traffic"].map((k) => el("option", { value: k, text: k })))),
+    el("label", {}, "Owner (who runs the node)", el("input", { name: "owner", maxlength: "120" })),
     el("button", { type: "submit", text: "Register" }));
   reg.addEventListener("submit", async (e) => {
     e.preventDefault();
     const d = Object.fromEntries(new FormData(reg));
-    const body = { public_key: d.public_key.trim(), zone: d.zone.trim(), kind: d.kind, lat: d.lat ? Number(d.lat) : null, lon: d.lon ? Number(d.lon) : null };
+    const body = { public_key: d.public_key.trim(), zone: d.zone.trim(), kind: d.kind, owner: d.owner.trim(), lat: d.lat ? Number(d.lat) : null, lon: d.lon ? Number(d.lon) : null };
     try { const r = await api("/dashboard/api/admin/devices", { method: "POST", body: JSON.stringify(body) }); result.textContent = `Registered ${r.device_id} in ${r.zone}.`; }
     catch (err) { result.textContent = `Not registered: ${err.message}`; }
   });
