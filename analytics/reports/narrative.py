@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROMPT_VERSION = "narrative-1"
 MAX_TOPICS = 6
+MIN_TOPICS = 3
 # {"id": "traffic.weekend", "lead": "In addition"}, is about 20 tokens: the budget stops
 # a model that repeats itself instead of closing the list.
 TOKENS_PER_TOPIC = 22
@@ -368,14 +369,16 @@ class Narrative:
         }
 
 
-def plan_schema(topic_ids: Sequence[str], max_items: int = MAX_TOPICS) -> dict[str, Any]:
+def plan_schema(
+    topic_ids: Sequence[str], max_items: int = MAX_TOPICS, min_items: int = 1
+) -> dict[str, Any]:
     lead = {"enum": list(LEADS)}
     return {
         "type": "object",
         "properties": {
             "topics": {
                 "type": "array",
-                "minItems": 1,
+                "minItems": max(1, min(min_items, len(topic_ids), max_items)),
                 "maxItems": max(1, min(max_items, len(topic_ids))),
                 "items": {
                     "type": "object",
@@ -462,7 +465,8 @@ def narrate(
         plan = llm.complete_json(
             SYSTEM_PROMPT,
             _prompt(available, sheet, focus),
-            plan_schema(list(by_id), most),
+            # a small model stops after one topic unless the grammar asks for more
+            plan_schema(list(by_id), most, min_items=MIN_TOPICS),
             TOKENS_PER_TOPIC * most + 16,
         )
     except LlmError as exc:
