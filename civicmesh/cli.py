@@ -27,6 +27,7 @@ GROUPS: dict[str, str] = {
     "analytics.dashboard.cli": "analytics",
     "civicmesh.pki": "analytics",
     "firmware_sim.cli": "edge",
+    "training.cli": "train",
     "civicmesh.demo": "all",
 }
 

@@ -65,3 +65,4 @@ class Quality(IntFlag):
     UNCALIBRATED = 32  # no calibration model applied (missing or broken model)
     MODEL_ERROR = 64  # a model failed on this window
     SIMULATED = 128  # produced by firmware_sim, not real hardware
+    GAP = 256  # samples were missing before this window (dropout)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -742,3 +743,96 @@ def open_registry_snapshot(message: bytes, authority: VerifyKey) -> RegistrySnap
     if not isinstance(body[5], bytes) or expires <= issued:
         raise SchemaError("registry snapshot must carry the registry and expire after issue")
     return RegistrySnapshot(parts.signer_id, issued, expires, bytes(body[5]))
+
+
+# --------------------------------------------------------------------------- model releases
+
+RELEASE_KIND = "model-release"
+MAX_MODEL_BYTES = 1024 * 1024  # the edge budget is 1 MB a model
+MAX_RELEASE_BYTES = MAX_MODEL_BYTES + MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRelease:
+    """A model artifact with the manifest a release key signed.
+
+    The manifest (a JSON object: name, version, sha256, size, target sensor types,
+    minimum agent version, groups, runtime) is what is signed; the artifact travels beside
+    it and is accepted only when its SHA-256 and size are the manifest's.
+    """
+
+    signer_id: str
+    manifest: dict[str, Any]
+    artifact: bytes = field(repr=False)
+    message: bytes = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+
+def encode_model_release(signer: Signer, manifest: dict[str, Any], artifact: bytes) -> bytes:
+    """Sign ``manifest`` (it must name the artifact's sha256 and size) and pack both."""
+    if manifest.get("sha256") != hashlib.sha256(artifact).hexdigest():
+        raise ValueError("the manifest's sha256 is not the artifact's")
+    if manifest.get("size") != len(artifact) or len(artifact) > MAX_MODEL_BYTES:
+        raise ValueError(f"the artifact must be the manifest's size and at most {MAX_MODEL_BYTES}")
+    manifest_bytes = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    body = cbor2.dumps({1: PROTOCOL_VERSION, 2: RELEASE_KIND, 3: manifest_bytes}, canonical=True)
+    signed, _ = _cose_sign1(signer, body)
+    return cbor2.dumps({1: signed, 2: bytes(artifact)}, canonical=True)
+
+
+_MANIFEST_TEXT = ("name", "version", "sha256", "min_agent_version")
+
+
+def open_model_release(message: bytes, keys: Sequence[VerifyKey]) -> ModelRelease:
+    """Verify a release against the configured release keys; check the artifact's hash.
+
+    Raises SignatureError (``signature.invalid``) for a manifest no release key signed,
+    SchemaError for a malformed one and ``release.hash`` for an artifact that is not the
+    one the manifest names.
+    """
+    if not isinstance(message, bytes | bytearray) or len(message) > MAX_RELEASE_BYTES:
+        raise TooLargeError(f"a model release is at most {MAX_RELEASE_BYTES} bytes")
+    outer = _loads(bytes(message), "model release")
+    if not isinstance(outer, dict) or set(outer) != {1, 2}:
+        raise SchemaError("model release must be a map with keys 1 (manifest) and 2 (artifact)")
+    signed, artifact = outer[1], outer[2]
+    if not isinstance(signed, bytes) or not isinstance(artifact, bytes):
+        raise SchemaError("model release manifest and artifact must be byte strings")
+    parts = _split_cose(signed, "model release manifest")
+    if not keys:
+        raise SignatureError("no release key is configured: every model release is refused")
+    _check_any(parts, tuple(keys), "model release manifest")
+    body = _loads(parts.payload, "model release manifest")
+    if not isinstance(body, dict) or set(body) != {1, 2, 3} or body[2] != RELEASE_KIND:
+        raise SchemaError("model release manifest must be a release map with keys 1..3")
+    if body[1] != PROTOCOL_VERSION:
+        raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
+    try:
+        manifest = json.loads(body[3])
+    except (TypeError, ValueError):
+        raise SchemaError("model release manifest is not JSON") from None
+    if not isinstance(manifest, dict):
+        raise SchemaError("model release manifest must be a JSON object")
+    for key in _MANIFEST_TEXT:
+        if not isinstance(manifest.get(key), str) or not manifest[key]:
+            raise SchemaError(f"model release manifest field {key!r} must be text")
+    for key in ("target_sensor_types", "groups"):
+        value = manifest.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SchemaError(f"model release manifest field {key!r} must be a list of text")
+    if not isinstance(manifest.get("runtime"), dict):
+        raise SchemaError("model release manifest field 'runtime' must be an object")
+    if manifest.get("size") != len(artifact):
+        raise ProtocolError(
+            "the artifact is not the size its manifest names", reason="release.hash"
+        )
+    if hashlib.sha256(artifact).hexdigest() != manifest["sha256"]:
+        raise ProtocolError("the artifact's sha256 is not its manifest's", reason="release.hash")
+    return ModelRelease(parts.signer_id, manifest, bytes(artifact), bytes(message))

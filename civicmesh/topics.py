@@ -83,8 +83,27 @@ def gateway_from_topic(topic: str) -> str | None:
 REGISTRY_SNAPSHOT = f"{ROOT}/registry"  # retained: the signed registry for gateways
 
 
-def model_release(name: str) -> str:
-    return f"{ROOT}/models/{name}"
+def model_release(group: str, name: str) -> str:
+    """Central -> devices, retained: the signed release of model ``name`` for one device
+    group (staged rollout: a release reaches the groups it is published to, no others)."""
+    _check_label(group, "device group")
+    _check_label(name, "model name")
+    return f"{ROOT}/models/{group}/{name}"
+
+
+def model_releases(group: str) -> str:
+    """The filter a device of ``group`` subscribes to."""
+    _check_label(group, "device group")
+    return f"{ROOT}/models/{group}/+"
+
+
+def _check_label(value: str, what: str) -> None:
+    if not (
+        isinstance(value, str)
+        and 0 < len(value) <= 32
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in value)
+    ):
+        raise ValueError(f"Invalid {what} {value!r}: 1-32 of a-z, A-Z, 0-9, '-', '_', '.'")
 
 
 def quarantine(source: str, source_id: str) -> str:

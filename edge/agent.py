@@ -17,13 +17,15 @@ from typing import Any, Protocol
 from civicmesh import topics
 from civicmesh.custody import ResendPlan, ResendPolicy
 from civicmesh.drivers import SensorDriver
-from civicmesh.errors import MqttError
-from civicmesh.identity import Signer
+from civicmesh.errors import ConfigError, MqttError
+from civicmesh.identity import Signer, VerifyKey
 from civicmesh.mqtt import Message, MqttLink
 from civicmesh.protocol import ProtocolError, decode_receipt
 from civicmesh.systemd import Watchdog, notify
 from civicmesh.timeutil import now_ms
 from edge import __version__
+from edge.models import ModelRuntime
+from edge.ota import ModelStore, ModelUpdater
 from edge.outbox import Outbox
 from edge.settings import EdgeSettings
 from edge.windowing import Windower
@@ -68,7 +70,7 @@ class EdgeAgent:
         self.driver = driver
         self.link = link  # may be shared between agents; not owned
         self.clock = clock or SystemClock()
-        self.model_version = model_version
+        self._model_version = model_version
         self.topic = topics.device_up(signer.key_id)
         window_ms = settings.window_s * 1000
         self.windower = Windower(
@@ -89,6 +91,43 @@ class EdgeAgent:
         if link is not None and settings.await_receipts:
             # subscribe() also works before connect(): it is renewed on every connect.
             link.subscribe(topics.device_receipt(self.device_id), self._on_receipt)
+        self.runtime: ModelRuntime | None = None
+        self.updater: ModelUpdater | None = None
+        if settings.models.enabled:
+            self._start_models(window_ms)
+
+    def _start_models(self, window_ms: int) -> None:
+        section = self.settings.models
+        try:
+            keys = [VerifyKey.from_text(k) for k in section.release_keys]
+        except ValueError as exc:
+            raise ConfigError(f"models.release_keys: {exc}") from None
+        self.runtime = ModelRuntime(window_ms, section.calibrate)
+        store = ModelStore(section.dir or self.settings.state_dir / "models")
+        self.updater = ModelUpdater(
+            store,
+            self.runtime,
+            keys,
+            group=section.group,
+            sensor_types=section.sensor_types,
+            agent_version=__version__,
+        )
+        self.updater.load_active()
+        for path in section.install:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"models.install: cannot read {path}: {exc}") from None
+            self.updater.offer(data)
+        if self.link is not None:
+            self.link.subscribe(topics.model_releases(section.group), self.updater.on_message)
+
+    @property
+    def model_version(self) -> str:
+        """What the batches report: the loaded models' versions, or the fixed label."""
+        if self.runtime is not None:
+            return self.runtime.version_text()
+        return self._model_version
 
     def _on_receipt(self, message: Message) -> None:
         """Runs in the MQTT thread: note the digests; :meth:`apply_receipts` releases them
@@ -119,6 +158,11 @@ class EdgeAgent:
     def collect(self, now: int) -> int:
         """Read the driver up to ``now`` and store the completed windows' readings."""
         readings = self.windower.feed(self.driver.read(now), now)
+        if self.runtime is not None and self.updater is not None:
+            self.updater.apply_pending()
+            readings = self.runtime.process(readings)
+            for _ in {r.ts_ms for r in readings}:
+                self.updater.tick()
         self.outbox.add(readings)
         return len(readings)
 
@@ -171,6 +215,9 @@ class EdgeAgent:
             "device_id": self.device_id,
             "agent_version": __version__,
             "model_version": self.model_version,
+            "models": None
+            if self.runtime is None or self.updater is None
+            else {"loaded": self.runtime.health(), **self.updater.health()},
             "driver": self.settings.driver.name,
             "outbox": asdict(self.outbox.stats()),
             "published": self.published,

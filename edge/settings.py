@@ -18,6 +18,38 @@ class DriverSection(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="Driver keyword options")
 
 
+class ModelsSection(BaseModel):
+    """On-device models and their over-the-air updates (see edge.ota)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Run models and take model releases")
+    dir: Path | None = Field(None, description="Where releases are kept; default state_dir/models")
+    group: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Rollout group: the device takes releases published to this group only",
+    )
+    sensor_types: list[str] = Field(
+        default_factory=list,
+        description="Sensor types on this device (e.g. purpleair-pa-ii); a release names "
+        "the types it is for ('*' = any)",
+    )
+    release_keys: list[str] = Field(
+        default_factory=list,
+        description="Public keys (base64) whose signature a release needs; none = refuse all",
+    )
+    calibrate: list[str] = Field(
+        default_factory=list,
+        description="Metrics this device expects a calibration model for: while none works "
+        "their readings carry the UNCALIBRATED flag",
+    )
+    install: list[Path] = Field(
+        default_factory=list,
+        description="Release files to install at start (verified like an over-the-air one)",
+    )
+
+
 class EdgeSettings(ServiceSettings):
     """Settings of one edge agent (one device)."""
 
@@ -48,3 +80,4 @@ class EdgeSettings(ServiceSettings):
         60.0, gt=0, le=86_400, description="Publish again a batch still without a receipt"
     )
     health_interval_s: float = Field(60.0, gt=0, description="Seconds between health messages")
+    models: ModelsSection = Field(default_factory=ModelsSection)  # type: ignore[arg-type]

@@ -443,7 +443,12 @@ def test_gateways_follow_signed_registry_snapshots_and_fail_closed(
     batches = chain(rig.device, 3)
     try:
         # no snapshot yet: held, neither stored nor quarantined (the device keeps it)
-        rig.publish(device_id, batches[0].message)
+        # (sent again until seen: the gateway's subscription may not be in place yet)
+        for _ in range(30):
+            rig.publish(device_id, batches[0].message)
+            if rig.gateway.stats().get("held_registry_expired", 0) >= 1:
+                break
+            time.sleep(0.5)
         rig.wait(lambda: rig.gateway.stats().get("held_registry_expired", 0) >= 1)
         assert stored_seqs(rig) == [] and rig.reasons() == []
         # a snapshot signed by someone else changes nothing

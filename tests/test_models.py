@@ -1,0 +1,395 @@
+"""Edge models: training on a slice of the real data, ONNX parity, the runtime's
+degradation, signed releases, smoke checks, rollback and staged rollout over Mosquitto."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from civicmesh import topics
+from civicmesh.config import load_settings
+from civicmesh.drivers import SampleBlock
+from civicmesh.identity import Ed25519Signer
+from civicmesh.metrics import Quality
+from civicmesh.mqtt import MqttLink
+from civicmesh.protocol import Reading, encode_model_release, open_batch
+from edge.agent import EdgeAgent
+from edge.errors import ModelError
+from edge.features import FAULT_CLASSES, FAULT_FEATURES, PM25_FEATURES
+from edge.models import ModelRuntime, load_model
+from edge.ota import ModelStore, ModelUpdater
+from edge.settings import EdgeSettings
+from training.cli import manifest_for, publish_release
+from training.evaluate import evaluate_model
+from training.pipeline import MAX_MODEL_BYTES, PARITY_TOLERANCE, build
+
+pytestmark = pytest.mark.slow
+
+T0 = 1_700_000_000_000
+MINUTE = 60_000
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CI slice of `civicmesh models train --small`, once for this module."""
+    out = tmp_path_factory.mktemp("models")
+    for name in ("cal-co", "cal-no2", "cal-pm25", "fault"):
+        build(name, out, seed=0, small=True)
+    return out
+
+
+def test_training_writes_onnx_that_matches_the_trained_model(trained: Path) -> None:
+    for name in ("cal-co", "cal-no2", "cal-pm25", "fault"):
+        card = json.loads((trained / name / "card.json").read_text())
+        shipped = (trained / name / "model.onnx").read_bytes()
+        fp32 = card["variants"]["fp32"]
+        assert fp32["max_abs_diff_vs_trained"] <= PARITY_TOLERANCE, name
+        assert len(shipped) <= MAX_MODEL_BYTES
+        assert card["variants"][card["ships"]]["sha256"] == hashlib.sha256(shipped).hexdigest()
+        assert (trained / name / "card.md").read_text().startswith(f"# Model card: {name}")
+        assert card["operations"]["kind"] in ("tree ensemble", "multilayer perceptron")
+    # calibration beats its baselines even on the slice
+    co = json.loads((trained / "cal-co" / "card.json").read_text())["metrics"]
+    assert co["ours"]["mae"] < co["linear_own_sensor_t_rh"]["mae"]
+    pm = json.loads((trained / "cal-pm25" / "card.json").read_text())["metrics"]
+    assert pm["site_split"]["ours"]["mae"] < pm["site_split"]["raw"]["mae"]
+
+
+def test_evaluate_reproduces_the_card_from_the_artifact(trained: Path) -> None:
+    for name in ("cal-no2", "fault"):
+        result = evaluate_model(trained / name)
+        assert result["max_diff_vs_card"] <= 1e-3, (name, result)
+
+
+def test_int8_variant_is_reported_beside_fp32(trained: Path) -> None:
+    card = json.loads((trained / "cal-no2" / "card.json").read_text())
+    assert set(card["variants"]) == {"fp32", "int8"}
+    assert card["ships"] in ("fp32", "int8") and card["why"]
+    trees = json.loads((trained / "cal-co" / "card.json").read_text())
+    assert set(trees["variants"]) == {"fp32"} and "tree" in trees["why"]
+
+
+# ---------------------------------------------------------------- the runtime
+
+
+def _release(
+    trained: Path, name: str, version: str, key: Ed25519Signer, groups: list[str]
+) -> bytes:
+    manifest, artifact = manifest_for(trained / name, version, groups, "0.1.0")
+    return encode_model_release(key, manifest, artifact)
+
+
+def _updater(
+    tmp_path: Path, key: Ed25519Signer, group: str = "pilot", sensor_types: tuple[str, ...] = ()
+) -> tuple[ModelRuntime, ModelUpdater]:
+    runtime = ModelRuntime(MINUTE, calibrate=("pm25",))
+    updater = ModelUpdater(
+        ModelStore(tmp_path / "models"),
+        runtime,
+        [key.verify_key()],
+        group=group,
+        sensor_types=sensor_types,
+        agent_version="0.1.0",
+    )
+    return runtime, updater
+
+
+def _windows(start: int, count: int, stuck_from: int | None = None) -> list[Reading]:
+    rng = np.random.default_rng(3)
+    out = []
+    for i in range(count):
+        t = start + i * MINUTE
+        pm25 = 6.0 + 3.0 * np.sin(i / 15) + float(rng.normal(0, 0.6))
+        if stuck_from is not None and i >= stuck_from:
+            pm25 = 7.3
+        out += [
+            Reading(t, "pm25", round(pm25, 1)),
+            Reading(t, "pm10", round(pm25 * 1.6 + float(rng.normal(0, 0.5)), 1)),
+            Reading(t, "temperature", 12.0),
+            Reading(t, "relativehumidity", 70.0 + i % 5),
+        ]
+    return out
+
+
+def test_without_models_readings_stay_raw_and_say_so(tmp_path: Path) -> None:
+    runtime, _ = _updater(tmp_path, Ed25519Signer.generate())
+    out = runtime.process(_windows(T0, 3))
+    pm = [r for r in out if r.metric == "pm25"]
+    assert all(r.quality & Quality.UNCALIBRATED and r.raw is None for r in pm)
+    assert all(r.anomaly is None for r in out)
+    assert not any(r.quality & Quality.UNCALIBRATED for r in out if r.metric != "pm25")
+
+
+def test_models_calibrate_score_and_flag_a_stuck_sensor(trained: Path, tmp_path: Path) -> None:
+    key = Ed25519Signer.generate()
+    runtime, updater = _updater(tmp_path, key, sensor_types=("purpleair-pa-ii",))
+    for name in ("fault", "cal-pm25"):
+        event = updater.offer(_release(trained, name, "1.0.0", key, ["pilot"]))
+        assert event.state == "installed", event
+    out = runtime.process(_windows(T0, 120, stuck_from=80))
+    pm = [r for r in out if r.metric == "pm25"]
+    assert all(r.raw is not None and r.value != r.raw for r in pm)  # calibrated, raw kept
+    assert all(r.anomaly is not None and 0.0 <= r.anomaly <= 1.0 for r in out)
+    stuck = [r for r in pm[80:] if r.quality & Quality.STUCK]
+    early = [r for r in pm[20:80] if r.quality & (Quality.STUCK | Quality.SPIKE | Quality.DRIFT)]
+    assert len(stuck) >= 30 and len(early) <= 3
+    assert runtime.version_text() == "cal-pm25:1.0.0;fault:1.0.0"
+
+
+def _constant_model(width: int, value: float, outputs: int) -> bytes:
+    """A valid ONNX model whose outputs are all ``value`` (NaN or out of range)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["features", "axes"], ["s"], keepdims=1),
+            helper.make_node("Mul", ["s", "zero"], ["z"]),
+            helper.make_node("Add", ["z", "value"], ["one"]),
+            helper.make_node("Tile", ["one", "reps"], ["probabilities"]),
+        ],
+        "broken",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, width])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, outputs])],
+        [
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+            helper.make_tensor("value", TensorProto.FLOAT, [], [value]),
+            helper.make_tensor("reps", TensorProto.INT64, [2], [1, outputs]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def _release_of(
+    artifact: bytes, like: Path, version: str, key: Ed25519Signer, groups: list[str]
+) -> bytes:
+    manifest, _ = manifest_for(like, version, groups, "0.1.0")
+    manifest.update(sha256=hashlib.sha256(artifact).hexdigest(), size=len(artifact))
+    return encode_model_release(key, manifest, artifact)
+
+
+def test_a_model_failing_its_smoke_check_is_rolled_back(trained: Path, tmp_path: Path) -> None:
+    key = Ed25519Signer.generate()
+    runtime, updater = _updater(tmp_path, key)
+    assert updater.offer(_release(trained, "fault", "1.0.0", key, ["pilot"])).state == "installed"
+    runtime.process(_windows(T0, 30))
+    nan_model = _constant_model(len(FAULT_FEATURES), float("nan"), len(FAULT_CLASSES))
+    event = updater.offer(_release_of(nan_model, trained / "fault", "1.1.0", key, ["pilot"]))
+    assert event.state == "rolled_back" and "not finite" in event.reason
+    assert runtime.version_text() == "fault:1.0.0"
+    assert updater.store.active()["fault"]["version"] == "1.0.0"
+    out = runtime.process(_windows(T0 + 30 * MINUTE, 5))
+    assert all(r.anomaly is not None for r in out)  # the previous version still works
+
+
+def test_a_calibration_out_of_range_fails_its_smoke_check(trained: Path, tmp_path: Path) -> None:
+    key = Ed25519Signer.generate()
+    runtime, updater = _updater(tmp_path, key, sensor_types=("purpleair-pa-ii",))
+    wild = _constant_model(len(PM25_FEATURES), 2500.0, 1)  # pm25 is plausible up to 2000
+    event = updater.offer(_release_of(wild, trained / "cal-pm25", "1.0.0", key, ["pilot"]))
+    assert event.state == "rolled_back" and "plausible range" in event.reason
+    assert runtime.models() == {}
+    out = runtime.process(_windows(T0, 2))
+    assert all(r.quality & Quality.UNCALIBRATED for r in out if r.metric == "pm25")
+
+
+def test_a_model_failing_in_service_rolls_back_to_the_previous(
+    trained: Path, tmp_path: Path
+) -> None:
+    key = Ed25519Signer.generate()
+    runtime, updater = _updater(tmp_path, key, sensor_types=("purpleair-pa-ii",))
+    for version in ("1.0.0", "2.0.0"):
+        event = updater.offer(_release(trained, "cal-pm25", version, key, ["pilot"]))
+        assert event.state == "installed"
+    assert runtime.version_text() == "cal-pm25:2.0.0"
+    model = runtime.models()["cal-pm25"]
+
+    def broken(rows: Any) -> Any:
+        raise ModelError("simulated accelerator failure")
+
+    model.run = broken  # type: ignore[method-assign]
+    out = runtime.process(_windows(T0, 1))
+    # the failed window keeps its raw value and says why
+    assert all(r.quality & Quality.MODEL_ERROR and r.raw is None for r in out if r.metric == "pm25")
+    assert runtime.version_text() == "cal-pm25:1.0.0"
+    assert updater.store.active()["cal-pm25"] == {"version": "1.0.0", "previous": None}
+    assert updater.events[-1].state == "rolled_back"
+    out = runtime.process(_windows(T0 + MINUTE, 2))
+    assert all(r.raw is not None for r in out if r.metric == "pm25")
+
+
+def test_tampered_foreign_or_unfit_releases_are_refused(trained: Path, tmp_path: Path) -> None:
+    key, stranger = Ed25519Signer.generate(), Ed25519Signer.generate()
+    runtime, updater = _updater(tmp_path, key)
+    good = _release(trained, "fault", "1.0.0", key, ["pilot"])
+    # flip one byte of the artifact (the tail of the message): hash mismatch
+    tampered_artifact = good[:-10] + bytes([good[-10] ^ 1]) + good[-9:]
+    assert "release.hash" in updater.offer(tampered_artifact).reason
+    # change the manifest (the version) after signing: the signature fails
+    tampered_manifest = good.replace(b'"version":"1.0.0"', b'"version":"9.0.0"')
+    assert tampered_manifest != good
+    assert "signature" in updater.offer(tampered_manifest).reason
+    assert (
+        "signature"
+        in updater.offer(_release(trained, "fault", "1.0.0", stranger, ["pilot"])).reason
+    )
+    assert (
+        "release.group" in updater.offer(_release(trained, "fault", "1.0.0", key, ["city"])).reason
+    )
+    pm = _release(trained, "cal-pm25", "1.0.0", key, ["pilot"])
+    assert "release.sensor_type" in updater.offer(pm).reason
+    manifest, artifact = manifest_for(trained / "fault", "1.0.0", ["pilot"], "99.0")
+    assert (
+        "release.agent_version"
+        in updater.offer(encode_model_release(key, manifest, artifact)).reason
+    )
+    assert all(e.state == "refused" for e in updater.events)
+    assert runtime.models() == {} and updater.store.active() == {}
+    assert updater.offer(good).state == "installed"
+    assert updater.offer(good).state == "ignored"  # the same version again
+
+
+def test_a_model_file_tampered_on_disk_falls_back_at_start(trained: Path, tmp_path: Path) -> None:
+    key = Ed25519Signer.generate()
+    _, updater = _updater(tmp_path, key)
+    assert updater.offer(_release(trained, "fault", "1.0.0", key, ["pilot"])).state == "installed"
+    assert updater.offer(_release(trained, "fault", "1.1.0", key, ["pilot"])).state == "installed"
+    path = updater.store.path("fault", "1.1.0")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    runtime2, updater2 = _updater(tmp_path, key)
+    updater2.load_active()
+    assert runtime2.version_text() == "fault:1.0.0"
+    assert updater2.store.active()["fault"]["version"] == "1.0.0"
+
+
+def test_loading_a_broken_artifact_is_a_model_error_not_a_crash(trained: Path) -> None:
+    manifest, _ = manifest_for(trained / "fault", "1.0.0", ["pilot"], "0.1.0")
+    with pytest.raises(ModelError, match="does not load"):
+        load_model(manifest, b"not an onnx model")
+
+
+# ------------------------------------------------------- staged rollout, real broker
+
+
+class PmDriver:
+    """An optical PM sensor with a humidity/temperature neighbour, one sample a minute."""
+
+    metrics = ("pm25", "pm10", "temperature", "relativehumidity")
+    sample_interval_ms = MINUTE
+
+    def __init__(self) -> None:
+        self.cursor = T0
+
+    def read(self, until_ms: int) -> list[SampleBlock]:
+        times = np.arange(self.cursor, until_ms, MINUTE, dtype=np.int64)
+        if len(times) == 0:
+            return []
+        self.cursor = int(times[-1]) + MINUTE
+        i = (times - T0) / MINUTE
+        pm25 = 8.0 + 4.0 * np.sin(i / 30.0)
+        return [
+            SampleBlock("pm25", times, pm25),
+            SampleBlock("pm10", times, pm25 * 1.7),
+            SampleBlock("temperature", times, 10.0 + 0 * i),
+            SampleBlock("relativehumidity", times, 75.0 + 0 * i),
+        ]
+
+    def close(self) -> None:
+        pass
+
+
+def _agent(tmp_path: Path, url: str, name: str, group: str, key: Ed25519Signer) -> EdgeAgent:
+    settings = load_settings(
+        EdgeSettings,
+        None,
+        {
+            "key_file": str(tmp_path / f"{name}.key"),
+            "state_dir": str(tmp_path / name),
+            "mqtt": {"url": url},
+            "driver": {"name": "test"},
+            "await_receipts": False,
+            "models": {
+                "enabled": True,
+                "group": group,
+                "sensor_types": ["purpleair-pa-ii"],
+                "release_keys": [key.verify_key().to_text()],
+                "calibrate": ["pm25"],
+            },
+        },
+    )
+    signer = Ed25519Signer.generate()
+    link = MqttLink(url, f"t-models-{name}-{signer.key_id}")
+    agent = EdgeAgent(settings, signer, PmDriver(), link)  # type: ignore[arg-type]
+    link.connect()
+    return agent
+
+
+@pytest.fixture
+def rollout_group() -> Iterator[str]:
+    """A group name of this test run; its retained releases are cleared afterwards."""
+    group = f"pilot-{int(time.time() * 1000) % 10**9}"
+    yield group
+
+
+@pytest.mark.integration
+def test_staged_rollout_reaches_one_group_and_leaves_the_other(
+    trained: Path, tmp_path: Path, system_mqtt_url: str, rollout_group: str
+) -> None:
+    key = Ed25519Signer.generate()
+    other_group = f"{rollout_group}-city"
+    pilot = _agent(tmp_path, system_mqtt_url, "pilot", rollout_group, key)
+    city = _agent(tmp_path, system_mqtt_url, "city", other_group, key)
+    release_link = MqttLink(system_mqtt_url, f"t-release-{key.key_id}")
+    release_link.connect()
+    try:
+        for name in ("fault", "cal-pm25"):
+            manifest, artifact = manifest_for(trained / name, "1.0.0", [rollout_group], "0.1.0")
+            message = encode_model_release(key, manifest, artifact)
+            publish_release(release_link, message, name, [rollout_group])
+        deadline = time.monotonic() + 15
+        now = T0 + 5 * MINUTE
+        while time.monotonic() < deadline and pilot.model_version != "cal-pm25:1.0.0;fault:1.0.0":
+            now += MINUTE
+            pilot.collect(now)
+            city.collect(now)
+            time.sleep(0.1)
+        assert pilot.model_version == "cal-pm25:1.0.0;fault:1.0.0"
+        city.collect(now)
+        assert city.model_version == "" and city.updater is not None
+        assert city.updater.store.active() == {} and city.updater.events == []
+        # the pilot's next batch says which models made its readings; the city's says none
+        pilot.collect(now + 10 * MINUTE)
+        city.collect(now + 10 * MINUTE)
+        for agent, expected in ((pilot, "cal-pm25:1.0.0;fault:1.0.0"), (city, "")):
+            assert agent.seal_all() >= 1
+            batch = agent.outbox.unsent(1000)[-1][1]
+            payload = open_batch(batch, {agent.device_id: agent.signer.verify_key()}.get).payload
+            assert payload.model_version == expected
+            last = [r for r in payload.readings if r.metric == "pm25"][-1]
+            if expected:
+                assert last.raw is not None and last.anomaly is not None
+            else:
+                assert last.raw is None and last.quality & Quality.UNCALIBRATED
+        health = pilot.health()
+        assert health["models"]["loaded"]["fault"]["version"] == "1.0.0"
+        assert health["models"]["group"] == rollout_group
+        assert city.health()["models"]["active"] == {}
+    finally:
+        for name in ("fault", "cal-pm25"):
+            release_link.publish(topics.model_release(rollout_group, name), b"", retain=True)
+        release_link.close()
+        for agent in (pilot, city):
+            if agent.link is not None:
+                agent.link.close()
+            agent.close()

@@ -1,0 +1,322 @@
+"""Fault detection: real streams, injected faults, labels, features, evaluation.
+
+Faults are injected with firmware_sim's injector into real Sensor.Community and Aarhus
+streams; the label of a sample is the fault that actually changed it. Samples a fault
+window covers but cannot be told apart yet (a stuck value in its first two repeats, a
+drift still smaller than half the stream's typical level) carry weight 0: they are
+neither trained on nor scored. The streams' own faults are labelled by rule: DHT22
+humidity stuck at its 99.9 % ceiling, isolated PM spikes, gaps and values out of range.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.ensemble import RandomForestClassifier
+
+from civicmesh.metrics import BY_NAME
+from edge.features import _SCALES, FAULT_CLASSES, FAULT_FEATURES, decide, stream_features
+from firmware_sim.faults import Fault, apply_faults
+from training.calibration import Fitted
+from training.datasets import Stream, load_aarhus, load_aberdeen
+
+DAY_MS = 86_400_000
+CLASS = {name: i for i, name in enumerate(FAULT_CLASSES)}
+INJECTED = ("stuck", "spike", "drift", "dropout", "out_of_range")
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A stream's features with one label and weight per sample."""
+
+    device: str
+    metric: str
+    times_ms: NDArray[np.int64]
+    features: NDArray[np.float32]
+    labels: NDArray[np.int64]
+    weights: NDArray[np.float64]
+    real_fault: NDArray[np.bool_]  # labelled by rule from the data set's own faults
+
+
+def _real_labels(
+    stream: Stream, times: NDArray[np.int64], values: NDArray[np.float64]
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """The stream's own faults, by rule."""
+    labels = np.zeros(len(values), dtype=np.int64)
+    info = BY_NAME[stream.metric]
+    gaps = np.zeros(len(values), dtype=bool)
+    gaps[1:] = np.diff(times) > 1.5 * stream.interval_ms
+    labels[gaps] = CLASS["dropout"]
+    if stream.metric == "relativehumidity":
+        ceiling = values >= 99.85
+        run = np.zeros(len(values), dtype=np.int64)
+        for i in range(1, len(values)):
+            run[i] = run[i - 1] + 1 if ceiling[i] and values[i] == values[i - 1] else 0
+        labels[ceiling & (run >= 2)] = CLASS["stuck"]
+    if stream.metric in ("pm25", "pm10"):
+        padded = np.pad(values, 5, mode="edge")
+        windows = np.lib.stride_tricks.sliding_window_view(padded, 11)
+        around = np.median(np.delete(windows, 5, axis=1), axis=1)
+        labels[(values > 50.0) & (values > 4.0 * np.maximum(around, 1.0))] = CLASS["spike"]
+    outside = (values < info.minimum) | (values > info.maximum)
+    labels[outside] = CLASS["out_of_range"]
+    return labels, labels != CLASS["ok"]
+
+
+def _fault_plan(stream: Stream, seed: int) -> list[tuple[str, Fault]]:
+    """One fault per day of the stream, its kind cycling, its window and size random."""
+    rng = np.random.default_rng([seed, zlib.crc32(f"{stream.device}/{stream.metric}".encode())])
+    resolution, scale = _SCALES.get(stream.metric, (0.1, 1.0))
+    info = BY_NAME[stream.metric]
+    level = max(float(np.nanmedian(stream.values)), scale)
+    kinds = [k for k in INJECTED if k != "drift" or stream.partner is not None]
+    start, end = int(stream.times_ms[0]), int(stream.times_ms[-1])
+    plan: list[tuple[str, Fault]] = []
+    offset = int(rng.integers(len(kinds)))
+    for day, day_start in enumerate(range(start, end - DAY_MS // 2, DAY_MS)):
+        kind = kinds[(day + offset) % len(kinds)]
+        hours = {
+            "stuck": (1, 6),
+            "spike": (3, 8),
+            "drift": (6, 14),
+            "dropout": (0.3, 2),
+            "out_of_range": (0.5, 3),
+        }[kind]
+        length = int(rng.uniform(*hours) * 3_600_000)
+        begin = day_start + int(rng.uniform(0, max(DAY_MS - length, 1)))
+        stop = begin + length
+        if kind == "stuck":
+            fault = Fault("stuck", stream.metric, begin, stop)
+        elif kind == "spike":
+            magnitude = float(rng.uniform(6, 25)) * scale
+            fault = Fault("spike", stream.metric, begin, stop, magnitude, rate=0.05)
+        elif kind == "drift":
+            magnitude = float(rng.uniform(1.0, 3.0)) * level
+            fault = Fault("drift", stream.metric, begin, stop, magnitude)
+        elif kind == "dropout":
+            fault = Fault("dropout", stream.metric, begin, stop, 1.0)
+        else:
+            beyond = float(rng.uniform(0.05, 0.5)) * (info.maximum - info.minimum)
+            hold = info.maximum + beyond if rng.random() < 0.5 else info.minimum - 10 * resolution
+            fault = Fault("stuck", stream.metric, begin, stop, hold_value=hold)
+        plan.append((kind, fault))
+    return plan
+
+
+def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labelled:
+    """Features and labels of a stream, with injected faults when ``inject``."""
+    times, clean = stream.times_ms, stream.values
+    labels, real = _real_labels(stream, times, clean)
+    weights = np.ones(len(clean))
+    values = clean.copy()
+    partner = stream.partner
+    keep = np.ones(len(clean), dtype=bool)
+    if inject:
+        resolution, _ = _SCALES.get(stream.metric, (0.1, 1.0))
+        level = max(float(np.nanmedian(clean)), _SCALES.get(stream.metric, (0.1, 1.0))[1])
+        for kind, fault in _fault_plan(stream, seed):
+            _, faulted = apply_faults(
+                stream.metric, times, values, [fault], seed, remove_dropouts=False
+            )
+            window = fault.window(times) & ~real
+            changed = window & (np.abs(faulted - values) > resolution / 2)
+            if kind == "dropout":
+                dropped = window
+                keep &= ~dropped
+                after = np.searchsorted(times, fault.end_ms)
+                if after < len(times):
+                    labels[after] = CLASS["dropout"]
+                continue
+            values = faulted
+            if kind == "stuck":
+                run = np.cumsum(window) * window
+                labels[window & (run >= 3) & changed] = CLASS["stuck"]
+                weights[window & ~((run >= 3) & changed)] = 0.0
+            elif kind == "spike":
+                labels[changed] = CLASS["spike"]
+            elif kind == "drift":
+                offset = np.abs(faulted - clean)
+                strong = window & (offset >= 0.5 * level)
+                labels[strong] = CLASS["drift"]
+                weights[window & ~strong] = 0.0
+                # after the window the sensor is repaired; the slow baseline needs a while
+                recovery = (times >= fault.end_ms) & (times < fault.end_ms + 12 * 3_600_000)
+                weights[recovery & (labels == CLASS["ok"])] = 0.0
+            else:
+                labels[changed] = CLASS["out_of_range"]
+                weights[window & ~changed] = 0.0
+    times, values, labels, weights, real = (
+        times[keep],
+        values[keep],
+        labels[keep],
+        weights[keep],
+        real[keep],
+    )
+    if partner is not None:
+        partner = partner[keep]
+    if inject:
+        # a sample after removed ones starts a gap whatever the label says
+        gaps = np.zeros(len(times), dtype=bool)
+        gaps[1:] = np.diff(times) > 1.5 * stream.interval_ms
+        labels[gaps] = CLASS["dropout"]
+        weights[gaps] = 1.0
+    # what a sample shows first: a value out of range, else the gap before it
+    info = BY_NAME[stream.metric]
+    outside = (values < info.minimum) | (values > info.maximum)
+    labels[outside] = CLASS["out_of_range"]
+    weights[outside] = 1.0
+    features = stream_features(stream.metric, times, values, stream.interval_ms, partner)
+    return Labelled(stream.device, stream.metric, times, features, labels, weights, real)
+
+
+def split_devices(devices: list[str], seed: int, test_fraction: float = 0.3) -> set[str]:
+    """The held-out devices: a seeded share of each source (Aberdeen, Aarhus)."""
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for prefix in sorted({d.split("-")[0] for d in devices}):
+        group = sorted({d for d in devices if d.split("-")[0] == prefix})
+        count = max(1, round(len(group) * test_fraction))
+        held.update(str(d) for d in rng.choice(group, count, replace=False))
+    return held
+
+
+def stack(
+    items: list[Labelled],
+) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float64]]:
+    if not items:
+        return (
+            np.empty((0, len(FAULT_FEATURES)), np.float32),
+            np.empty(0, np.int64),
+            np.empty(0),
+        )
+    return (
+        np.concatenate([i.features for i in items]),
+        np.concatenate([i.labels for i in items]),
+        np.concatenate([i.weights for i in items]),
+    )
+
+
+def f1_per_class(
+    labels: NDArray[np.int64], predicted: NDArray[np.int64], weights: NDArray[np.float64]
+) -> dict[str, dict[str, float]]:
+    """Precision, recall and F1 of each fault class, over samples with weight > 0."""
+    scored = weights > 0
+    y, p = labels[scored], predicted[scored]
+    out: dict[str, dict[str, float]] = {}
+    for name in FAULT_CLASSES[1:]:
+        c = CLASS[name]
+        tp = int(np.sum((y == c) & (p == c)))
+        fp = int(np.sum((y != c) & (p == c)))
+        fn = int(np.sum((y == c) & (p != c)))
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+    return out
+
+
+def false_alarms_per_device_day(
+    items: list[Labelled], predicted: list[NDArray[np.int64]]
+) -> tuple[float, int, float]:
+    """Alarms (runs of non-ok predictions starting on a sample labelled ok) per device-day
+    on clean streams; returns (rate, alarms, device-days)."""
+    alarms = 0
+    device_days: dict[str, float] = {}
+    for item, pred in zip(items, predicted, strict=True):
+        flagged = pred != CLASS["ok"]
+        starts = flagged & ~np.concatenate([[False], flagged[:-1]])
+        alarms += int(np.sum(starts & (item.labels == CLASS["ok"])))
+        span = (int(item.times_ms[-1]) - int(item.times_ms[0])) / DAY_MS
+        device_days[item.device] = max(device_days.get(item.device, 0.0), span)
+    days = sum(device_days.values())
+    return (alarms / days if days else 0.0), alarms, days
+
+
+def fault_data(
+    seed: int, *, small: bool = False
+) -> tuple[list[Labelled], list[Labelled], list[Labelled], list[Labelled]]:
+    """Injected train and test streams, and the same devices' clean streams."""
+    streams = load_aberdeen(limit_sensors=3 if small else None) + load_aarhus(
+        limit_points=3 if small else 12, days=3 if small else 7
+    )
+    held = split_devices([s.device for s in streams], seed)
+    injected = [labelled_stream(s, seed) for s in streams]
+    clean = [labelled_stream(s, seed, inject=False) for s in streams]
+    return (
+        [i for i in injected if i.device not in held],
+        [i for i in injected if i.device in held],
+        [c for c in clean if c.device not in held],
+        [c for c in clean if c.device in held],
+    )
+
+
+THRESHOLDS = (0.5, 0.4, 0.3, 0.2, 0.1)
+MAX_FALSE_ALARMS = 1.0  # per device and day, the issue's bar
+
+
+def train_fault(seed: int, *, small: bool = False) -> Fitted:
+    """The fault classifier: Aberdeen PM/T/RH and Aarhus traffic streams, split by device.
+
+    The alarm threshold on p(ok) is the highest of :data:`THRESHOLDS` that keeps the
+    false alarms on the *training* devices' clean streams under the bar.
+    """
+    train, test, clean_train, clean_test = fault_data(seed, small=small)
+    held = {i.device for i in test}
+    X, y, w = stack(train)
+    model = RandomForestClassifier(
+        n_estimators=10 if small else 30,
+        max_leaf_nodes=200,
+        min_samples_leaf=5,
+        n_jobs=2,
+        random_state=seed,
+    ).fit(X[w > 0], y[w > 0])
+
+    def alarms(items: list[Labelled], threshold: float) -> tuple[float, int, float]:
+        predicted = [decide(model.predict_proba(i.features), i.features, threshold) for i in items]
+        return false_alarms_per_device_day(items, predicted)
+
+    threshold = THRESHOLDS[-1]
+    for candidate in THRESHOLDS:
+        if alarms(clean_train, candidate)[0] <= MAX_FALSE_ALARMS:
+            threshold = candidate
+            break
+    Xt, yt, wt = stack(test)
+    per_class = f1_per_class(yt, decide(model.predict_proba(Xt), Xt, threshold), wt)
+    rate, count, days = alarms(clean_test, threshold)
+    Xc, yc, wc = stack(clean_test)
+    real = f1_per_class(yc, decide(model.predict_proba(Xc), Xc, threshold), wc)
+    metrics = {
+        "split": "device: a seeded 30% of the Aberdeen and of the Aarhus devices held out",
+        "devices": {"train": len({i.device for i in train}), "test": len(held)},
+        "samples": {"train": int((w > 0).sum()), "test": int((wt > 0).sum())},
+        "threshold_p_ok": threshold,
+        "injected": per_class,
+        "false_alarms_per_device_day": rate,
+        "false_alarms": count,
+        "clean_device_days": days,
+        "real_faults_recall": {
+            name: {"recall": v["recall"], "support": v["support"]}
+            for name, v in real.items()
+            if v["support"]
+        },
+        "target_met": all(v["f1"] >= 0.9 for v in per_class.values()) and rate <= 1.0,
+    }
+    return Fitted(
+        name="fault",
+        target="*",
+        unit="",
+        estimator=model,
+        features=FAULT_FEATURES,
+        X_test=Xt,
+        y_test=yt.astype(np.float64),
+        metrics=metrics,
+        data={
+            "data_set": "sensor_community_aberdeen + aarhus_citypulse",
+            "learner": "random forest",
+            "classes": list(FAULT_CLASSES),
+            "threshold": threshold,
+        },
+    )
