@@ -14,10 +14,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, for a smoke run")
     parser.add_argument(
-        "--only", choices=["ingest", "queries", "dashboard"], help="run one benchmark"
+        "--only", choices=["ingest", "queries", "dashboard", "edge"], help="run one benchmark"
     )
     parser.add_argument("--workers", type=int, default=2, help="ingest workers (K)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument(
+        "--models", help="edge: a `civicmesh models train` folder (default: train one now)"
+    )
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     figures: dict[str, object] = {}
@@ -62,6 +65,32 @@ def main(argv: list[str] | None = None) -> int:
              f"{result['readings']:,} readings (the demo's backfill); target <= 1000"),
             ("dashboard overview: map drawn, ms", f"{result['overview_ready_ms_median']:.0f}",
              f"baseline (a static file, same browser): {result['baseline_ms_median']:.0f} ms"),
+        ]  # fmt: skip
+    if args.only in (None, "edge"):
+        from pathlib import Path
+
+        import bench.edge_models as edge_models
+
+        result = edge_models.run(Path(args.models) if args.models else None, quick=args.quick)
+        figures["edge"] = result
+        for name, m in result["models"].items():
+            rows.append(
+                (f"edge model {name}: inference per window, µs",
+                 f"{m['inference_us_median']:.1f}",
+                 f"{m['rows_per_window']} row(s), one thread, {m['variant']}, {m['bytes']:,} B; "
+                 f"{m['vs_windowing']:.2f}x the window's own windowing "
+                 f"({result['windowing_us']:.1f} µs); target <= 1000 µs, <= 1 MB")
+            )  # fmt: skip
+        rss = result["rss"]
+        rows += [
+            ("edge runtime per window (PM device), µs", f"{result['runtime_per_window_us']:.0f}",
+             f"4 streams of features ({result['stream_features_us_per_metric']:.0f} µs each, "
+             "Python) + fault model + PM2.5 calibration"),
+            ("edge agent peak RSS with models, MB", f"{rss['with_models']['peak_rss_mb']:.0f}",
+             f"models {rss['with_models']['models']}; without models "
+             f"{rss['without_models']['peak_rss_mb']:.0f} MB "
+             f"({rss['with_models']['peak_rss_mb'] / rss['without_models']['peak_rss_mb']:.2f}x); "
+             "target <= 100"),
         ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)

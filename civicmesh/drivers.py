@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from civicmesh.errors import CivicmeshError
-from civicmesh.metrics import BY_NAME
+from civicmesh.metrics import BY_NAME, RAW_CHANNELS
 
 
 class DriverError(CivicmeshError):
@@ -39,7 +39,7 @@ class SampleBlock:
     values: Sequence[float]
 
     def __post_init__(self) -> None:
-        if self.metric not in BY_NAME:
+        if self.metric not in BY_NAME and self.metric not in RAW_CHANNELS:
             raise ValueError(f"Invalid sample block: unknown metric {self.metric!r}")
         if len(self.times_ms) != len(self.values):
             raise ValueError("Invalid sample block: times and values differ in length")
@@ -70,6 +70,7 @@ class SensorDriver(Protocol):
 DRIVERS: dict[str, str] = {
     "sim": "firmware_sim.driver:SimulatedDriver",
     "replay-sensor-community": "firmware_sim.replay:ReplayDriver",
+    "replay-uci": "firmware_sim.replay_uci:UciReplayDriver",
 }
 
 

@@ -41,6 +41,13 @@ METRICS: tuple[Metric, ...] = (
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+
+# Raw sensor channels: inputs of on-device models in the sensor's own units (e.g. the
+# resistance response of a metal-oxide gas sensor). The agent windows them like metrics
+# but never publishes them: a calibration model turns them into a metric.
+RAW_CHANNELS: frozenset[str] = frozenset(
+    {"mox_s1", "mox_s2", "mox_s3", "mox_s4", "mox_s5", "abs_humidity"}
+)
 BY_CODE: dict[int, Metric] = {m.code: m for m in METRICS}
 
 

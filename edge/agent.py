@@ -158,9 +158,10 @@ class EdgeAgent:
     def collect(self, now: int) -> int:
         """Read the driver up to ``now`` and store the completed windows' readings."""
         readings = self.windower.feed(self.driver.read(now), now)
+        raw = self.windower.take_raw()  # raw channels: model inputs, never published
         if self.runtime is not None and self.updater is not None:
             self.updater.apply_pending()
-            readings = self.runtime.process(readings)
+            readings = self.runtime.process(readings, raw)
             for _ in {r.ts_ms for r in readings}:
                 self.updater.tick()
         self.outbox.add(readings)

@@ -32,6 +32,7 @@ FAULT_FEATURES: tuple[str, ...] = (
     "level_dev",  # fast minus slow average of the log level
     "ratio_dev",  # fast minus slow average of the log ratio to the partner channel
     "ratio_now",  # this sample's log ratio minus its slow average
+    "ratio_z",  # ratio_dev in units of the ratio's own slow spread
     "has_partner",  # 1 when a partner channel (pm25 <-> pm10) is present
     "kind_air",
     "kind_weather",
@@ -112,6 +113,7 @@ class StreamFeatures:
         self._last_t: int | None = None
         self._level = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
         self._ratio = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
+        self._ratio_var = _Ewma(slow_tau_ms)
         kind = self.info.kind
         self._kind = (float(kind == "air"), float(kind == "weather"), float(kind == "traffic"))
 
@@ -146,13 +148,15 @@ class StreamFeatures:
         level = math.log1p(max(value, 0.0) / self.scale)
         fast, slow = (e.update(t_ms, level) for e in self._level)
         level_dev = fast - slow
-        ratio_dev, ratio_now, has_partner = 0.0, 0.0, 0.0
+        ratio_dev, ratio_now, ratio_z, has_partner = 0.0, 0.0, 0.0, 0.0
         if partner is not None and math.isfinite(partner):
             has_partner = 1.0
             ratio = math.log((max(value, 0.0) + 1.0) / (max(partner, 0.0) + 1.0))
             rfast, rslow = (e.update(t_ms, ratio) for e in self._ratio)
             ratio_dev = rfast - rslow
             ratio_now = ratio - rslow
+            ratio_var = self._ratio_var.update(t_ms, ratio_now * ratio_now)
+            ratio_z = ratio_dev / math.sqrt(ratio_var + 0.01)
         self._history.append(value)
         self._last_t = t_ms
         return np.array(
@@ -168,6 +172,7 @@ class StreamFeatures:
                 level_dev,
                 ratio_dev,
                 ratio_now,
+                ratio_z,
                 has_partner,
                 *self._kind,
             ],
@@ -235,15 +240,21 @@ GAS_FEATURES: tuple[str, ...] = (
 
 
 class GasFeatures:
-    """Inputs of the metal-oxide gas calibration, from hourly means of the 5 sensors.
+    """Inputs of the metal-oxide gas calibration (trained on hourly means).
 
     Metal-oxide resistance follows a power law of concentration, hence the logs; the
-    ``rel_`` features divide by the sensor's own running one-week median, which follows
-    the slow baseline drift these sensors show over months.
+    ``rel_`` features subtract the log of the sensor's own running one-week median of
+    hourly means, which follows the slow baseline drift these sensors show over months.
+    Windows shorter than an hour add to the hour they fall in.
     """
 
     def __init__(self, baseline_hours: int = 168) -> None:
-        self._baseline: list[deque[float]] = [deque(maxlen=baseline_hours) for _ in MOX_CHANNELS]
+        self._baseline: list[deque[float]] = [
+            deque(maxlen=baseline_hours - 1) for _ in MOX_CHANNELS
+        ]
+        self._hour: int | None = None
+        self._sums = [0.0] * len(MOX_CHANNELS)
+        self._count = 0
 
     def update(
         self,
@@ -255,14 +266,22 @@ class GasFeatures:
     ) -> NDArray[np.float32]:
         if len(mox) != len(MOX_CHANNELS):
             raise ValueError(f"expected {len(MOX_CHANNELS)} metal-oxide channels")
+        hour = t_ms // HOUR_MS
+        if self._hour is not None and hour != self._hour and self._count:
+            for baseline, total in zip(self._baseline, self._sums, strict=True):
+                baseline.append(math.log(max(total / self._count, 1.0)))
+            self._sums, self._count = [0.0] * len(MOX_CHANNELS), 0
+        self._hour = hour
+        self._sums = [a + b for a, b in zip(self._sums, mox, strict=True)]
+        self._count += 1
         logs = [math.log(max(x, 1.0)) for x in mox]
-        rel = []
-        for log_x, baseline in zip(logs, self._baseline, strict=True):
-            baseline.append(log_x)
-            rel.append(log_x - float(np.median(np.fromiter(baseline, dtype=np.float64))))
-        hour = (t_ms // HOUR_MS) % 24
+        rel = [
+            log_x - _median([*baseline, log_x])
+            for log_x, baseline in zip(logs, self._baseline, strict=True)
+        ]
+        hour_of_day = hour % 24
         weekday = (t_ms // (24 * HOUR_MS) + 3) % 7  # 1970-01-01 was a Thursday
-        angle = 2.0 * math.pi * hour / 24.0
+        angle = 2.0 * math.pi * hour_of_day / 24.0
         return np.array(
             [
                 *logs,

@@ -26,8 +26,11 @@ from edge.errors import ModelError
 from edge.features import (
     FAULT_CLASSES,
     FAULT_FEATURES,
+    GAS_FEATURES,
+    MOX_CHANNELS,
     PARTNERS,
     PM25_FEATURES,
+    GasFeatures,
     StreamFeatures,
     decide,
     pm25_features,
@@ -35,7 +38,11 @@ from edge.features import (
 
 log = logging.getLogger(__name__)
 
-FEATURE_SETS: dict[str, tuple[str, ...]] = {"stream-v1": FAULT_FEATURES, "pm25-v1": PM25_FEATURES}
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "stream-v1": FAULT_FEATURES,
+    "pm25-v1": PM25_FEATURES,
+    "gas-v1": GAS_FEATURES,
+}
 FLAG_OF_CLASS: dict[str, Quality] = {
     "stuck": Quality.STUCK,
     "spike": Quality.SPIKE,
@@ -57,6 +64,13 @@ class ModelSpec:
     target_metric: str = "*"
     classes: tuple[str, ...] = ()
     threshold: float = 0.5
+    features: tuple[str, ...] = ()  # the columns of the feature set the model takes
+    window_ms: int | None = None  # the window length it was trained on, if it matters
+
+    @property
+    def columns(self) -> list[int]:
+        full = FEATURE_SETS[self.feature_set]
+        return [full.index(name) for name in self.features]
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ModelSpec:
@@ -70,6 +84,8 @@ class ModelSpec:
                 target_metric=str(runtime.get("target_metric", "*")),
                 classes=tuple(runtime.get("classes") or ()),
                 threshold=float(runtime.get("threshold") or 0.5),
+                features=tuple(runtime.get("features") or ()),
+                window_ms=int(runtime["window_s"]) * 1000 if runtime.get("window_s") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"model manifest lacks a usable runtime block: {exc}") from None
@@ -79,6 +95,16 @@ class ModelSpec:
             raise ModelError(f"model {spec.name}: classes {spec.classes} are not this agent's")
         if spec.kind == "calibration" and spec.target_metric not in BY_NAME:
             raise ModelError(f"model {spec.name}: unknown target metric {spec.target_metric!r}")
+        full = FEATURE_SETS.get(spec.feature_set)
+        if full is None:
+            raise ModelError(
+                f"model {spec.name}: this agent has no feature set {spec.feature_set!r}"
+            )
+        unknown = [f for f in spec.features if f not in full]
+        if unknown or not spec.features:
+            raise ModelError(
+                f"model {spec.name}: features {unknown or '[]'} not in {spec.feature_set}"
+            )
         return spec
 
 
@@ -103,6 +129,9 @@ class OnnxModel:
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # tiny models: the default arena pre-allocates far more than they ever use
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         try:
             self._session = ort.InferenceSession(
                 artifact, options, providers=["CPUExecutionProvider"]
@@ -114,14 +143,10 @@ class OnnxModel:
             raise ModelError(f"model {spec.name}: expected one input, found {len(inputs)}")
         self._input = inputs[0].name
         width = inputs[0].shape[-1]
-        expected = len(FEATURE_SETS.get(spec.feature_set, ()))
-        if spec.feature_set not in FEATURE_SETS:
-            raise ModelError(
-                f"model {spec.name}: this agent has no feature set {spec.feature_set!r}"
-            )
+        expected = len(spec.features)
         if isinstance(width, int) and width != expected:
             raise ModelError(
-                f"model {spec.name}: takes {width} features, {spec.feature_set} has {expected}"
+                f"model {spec.name}: takes {width} features, its manifest names {expected}"
             )
 
     def run(self, rows: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -187,14 +212,27 @@ class ModelRuntime:
         self._lock = threading.Lock()
         self._models: dict[str, Model] = {}
         self._streams: dict[str, StreamFeatures] = {}
+        self._gas = GasFeatures()
         self.recent: dict[str, deque[NDArray[np.float32]]] = {}
         self.stats: dict[str, ModelStats] = {}
         self.on_failure: Callable[[str, str], None] | None = None
 
     # ---- the set of models -----------------------------------------------------
 
+    def refusal(self, spec: ModelSpec) -> str | None:
+        """Why this agent cannot run a model of this spec, or None."""
+        if spec.window_ms is not None and spec.window_ms != self.interval_ms:
+            return (
+                f"trained on {spec.window_ms // 1000} s windows; this agent windows "
+                f"{self.interval_ms // 1000} s (set window_s)"
+            )
+        return None
+
     def install(self, model: Model) -> Model | None:
         """Swap in ``model`` (atomically for the windows); returns the one it replaces."""
+        problem = self.refusal(model.spec)
+        if problem is not None:
+            raise ModelError(f"model {model.spec.name}: {problem}")
         with self._lock:
             previous = self._models.get(model.spec.name)
             self._models[model.spec.name] = model
@@ -216,9 +254,13 @@ class ModelRuntime:
 
     # ---- per window ------------------------------------------------------------
 
-    def process(self, readings: list[Reading]) -> list[Reading]:
-        """The readings with calibration, anomaly scores and flags applied."""
-        if not readings:
+    def process(
+        self, readings: list[Reading], raw: dict[int, dict[str, float]] | None = None
+    ) -> list[Reading]:
+        """The readings with calibration, anomaly scores and flags applied, plus the
+        readings gas models make from raw channels (``raw``: window start -> means)."""
+        raw = raw or {}
+        if not readings and not raw:
             return readings
         models = self.models()
         by_window: dict[int, list[int]] = {}
@@ -227,7 +269,36 @@ class ModelRuntime:
         out = list(readings)
         for indices in by_window.values():
             self._window(out, indices, models)
+        made: list[Reading] = []
+        for ts in sorted(raw):
+            values = {out[i].metric: out[i].raw or out[i].value for i in by_window.get(ts, [])}
+            made += self._from_raw(ts, raw[ts], values, models)
+        if made:
+            out = sorted(out + made, key=lambda r: (r.ts_ms, BY_NAME[r.metric].code))
         return out
+
+    def _from_raw(
+        self,
+        ts: int,
+        channels: dict[str, float],
+        values: dict[str, float],
+        models: dict[str, Model],
+    ) -> list[Reading]:
+        """Gas readings from the metal-oxide channels of one window."""
+        try:
+            mox = tuple(channels[c] for c in MOX_CHANNELS)
+            inputs = (values["temperature"], values["relativehumidity"], channels["abs_humidity"])
+        except KeyError:
+            return []  # not a gas device, or a channel missing in this window
+        features = self._gas.update(ts, mox, *inputs)
+        made = []
+        for model in models.values():
+            if model.spec.feature_set != "gas-v1":
+                continue
+            result = self._run(model, features[None, :])
+            if result is not None:
+                made.append(Reading(ts, model.spec.target_metric, float(result[0, 0])))
+        return made
 
     def _window(self, out: list[Reading], indices: list[int], models: dict[str, Model]) -> None:
         values = {out[i].metric: out[i].value for i in indices}
@@ -286,11 +357,13 @@ class ModelRuntime:
             return pm25_features(reading.value, rh, temperature)
         return None
 
-    def _run(self, model: Model, rows: NDArray[np.float32]) -> NDArray[np.float32] | None:
+    def _run(self, model: Model, full: NDArray[np.float32]) -> NDArray[np.float32] | None:
+        """Run ``model`` on rows of its whole feature set; None when it failed."""
         stats = self.stats.setdefault(model.spec.name, ModelStats())
         stats.windows += 1
         recent = self.recent.setdefault(model.spec.name, deque(maxlen=RECENT_ROWS))
-        recent.extend(rows)
+        recent.extend(full)
+        rows = np.ascontiguousarray(full[:, model.spec.columns])
         start = time.perf_counter()
         try:
             outputs = model.run(rows)
@@ -307,14 +380,32 @@ class ModelRuntime:
             self.on_failure(model.spec.name, problem)
         return None
 
-    def smoke_rows(self, spec: ModelSpec) -> NDArray[np.float32] | None:
-        """The recent feature rows a new version of this model is checked on."""
+    def smoke_rows(self, spec: ModelSpec) -> NDArray[np.float32]:
+        """The recent rows (of the whole feature set) a new version is checked on."""
         recent = self.recent.get(spec.name)
         if recent:
-            return np.stack(list(recent))
-        # nothing seen yet (a fresh device): the features of a quiet, valid stream
+            return np.stack(list(recent))[:, spec.columns]
+        return self._quiet_rows(spec)[:, spec.columns]
+
+    def _quiet_rows(self, spec: ModelSpec) -> NDArray[np.float32]:
+        """Nothing seen yet (a fresh device): the features of quiet, valid windows."""
         if spec.feature_set == "pm25-v1":
             return np.stack([pm25_features(x, 60.0, 15.0) for x in (2.0, 8.0, 25.0, 60.0)])
+        if spec.feature_set == "gas-v1":
+            gas = GasFeatures()
+            mox = (1050.0, 900.0, 850.0, 1500.0, 1000.0)
+            return np.stack(
+                [
+                    gas.update(
+                        h * 3_600_000,
+                        tuple(m * (1 + 0.05 * (h % 5)) for m in mox),
+                        15.0,
+                        50.0,
+                        0.85,
+                    )
+                    for h in range(24)
+                ]
+            )
         stream = StreamFeatures("pm25" if spec.kind == "fault" else spec.target_metric, 60_000)
         return np.stack([stream.update(i * 60_000, 5.0 + (i % 3), 8.0) for i in range(RECENT_ROWS)])
 

@@ -189,6 +189,9 @@ class ModelUpdater:
             model = load_model(release.manifest, release.artifact)
         except ModelError as exc:
             return self._event(name, version, "refused", f"model.load: {exc}")
+        unfit = self.runtime.refusal(model.spec)
+        if unfit is not None:
+            return self._event(name, version, "refused", f"model.window: {unfit}")
         problem = self._smoke_check(model)
         if problem is not None:
             # never swapped in: the previous version keeps running
@@ -228,8 +231,6 @@ class ModelUpdater:
 
     def _smoke_check(self, model: Model) -> str | None:
         rows = self.runtime.smoke_rows(model.spec)
-        if rows is None:
-            return None
         try:
             outputs = model.run(rows)
         except ModelError as exc:

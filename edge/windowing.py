@@ -1,6 +1,8 @@
 """Windowing: raw samples -> one reading per metric and epoch-aligned window.
 
 The reading's time is the window start, its value the mean of the window's samples.
+Raw channels (:data:`civicmesh.metrics.RAW_CHANNELS`) are windowed the same way but
+become no readings: :meth:`Windower.take_raw` hands their means to the models.
 A window is emitted once the driver's horizon has passed its end, so the result does
 not depend on how the samples were split over ``feed`` calls.
 """
@@ -13,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from civicmesh.drivers import SampleBlock
-from civicmesh.metrics import BY_NAME, Quality
+from civicmesh.metrics import BY_NAME, RAW_CHANNELS, Quality
 from civicmesh.protocol import Reading
 
 
@@ -25,6 +27,7 @@ class Windower:
         self.expected_samples = expected_samples
         self.base_flags = int(Quality.SIMULATED) if simulated else 0
         self._held: dict[str, tuple[NDArray[np.int64], NDArray[np.float64]]] = {}
+        self._raw: dict[int, dict[str, float]] = {}
 
     def feed(self, blocks: Iterable[SampleBlock], until_ms: int) -> list[Reading]:
         """Add samples; return readings of every window that ends at or before ``until_ms``."""
@@ -43,9 +46,26 @@ class Windower:
             if not done.any():
                 continue
             self._held[metric] = (times[~done], values[~done])
-            readings.extend(self._window(metric, times[done], values[done]))
+            if metric in RAW_CHANNELS:
+                self._raw_windows(metric, times[done], values[done])
+            else:
+                readings.extend(self._window(metric, times[done], values[done]))
         readings.sort(key=lambda r: (r.ts_ms, BY_NAME[r.metric].code))
         return readings
+
+    def take_raw(self) -> dict[int, dict[str, float]]:
+        """Window start -> raw channel means, for the windows completed so far."""
+        raw, self._raw = self._raw, {}
+        return raw
+
+    def _raw_windows(
+        self, channel: str, times: NDArray[np.int64], values: NDArray[np.float64]
+    ) -> None:
+        starts = (times // self.window_ms) * self.window_ms
+        keys, inverse = np.unique(starts, return_inverse=True)
+        means = np.bincount(inverse, weights=values) / np.bincount(inverse)
+        for start, mean in zip(keys.tolist(), means.tolist(), strict=True):
+            self._raw.setdefault(int(start), {})[channel] = float(mean)
 
     def _window(
         self, metric: str, times: NDArray[np.int64], values: NDArray[np.float64]

@@ -28,6 +28,7 @@ from edge.features import FAULT_CLASSES, FAULT_FEATURES, PM25_FEATURES
 from edge.models import ModelRuntime, load_model
 from edge.ota import ModelStore, ModelUpdater
 from edge.settings import EdgeSettings
+from edge.windowing import Windower
 from training.cli import manifest_for, publish_release
 from training.evaluate import evaluate_model
 from training.pipeline import MAX_MODEL_BYTES, PARITY_TOLERANCE, build
@@ -393,3 +394,54 @@ def test_staged_rollout_reaches_one_group_and_leaves_the_other(
             if agent.link is not None:
                 agent.link.close()
             agent.close()
+
+
+def test_gas_calibration_on_the_device_reproduces_the_held_out_error(
+    trained: Path, tmp_path: Path
+) -> None:
+    """The UCI recording replayed through driver -> windows -> runtime: the on-device CO
+    and NO2 match the model card's held-out MAE (same features, same split)."""
+    from firmware_sim.replay_uci import UciReplayDriver, load_uci_file
+    from training.calibration import UCI_SPLIT
+    from training.datasets import uci_file
+
+    key = Ed25519Signer.generate()
+    runtime = ModelRuntime(3_600_000)
+    updater = ModelUpdater(
+        ModelStore(tmp_path / "models"),
+        runtime,
+        [key.verify_key()],
+        group="pilot",
+        sensor_types=("uci-mox-5",),
+        agent_version="0.1.0",
+    )
+    for name in ("cal-co", "cal-no2"):
+        assert updater.offer(_release(trained, name, "1.0.0", key, ["pilot"])).state == "installed"
+    driver = UciReplayDriver(str(uci_file()))
+    windower = Windower(3_600_000, 1)
+    recording = load_uci_file(uci_file())
+    out: list[Reading] = []
+    end = int(recording.times_ms[-1]) + 3_600_000
+    for until in range(int(recording.times_ms[0]), end + 7 * 86_400_000, 7 * 86_400_000):
+        readings = windower.feed(driver.read(until), until)
+        out += runtime.process(readings, windower.take_raw())
+    split = int(UCI_SPLIT.timestamp() * 1000)
+    for metric, reference in (("co", recording.co), ("no2", recording.no2)):
+        truth = dict(zip(recording.times_ms.tolist(), reference.tolist(), strict=True))
+        pairs = [
+            (r.value, truth[r.ts_ms])
+            for r in out
+            if r.metric == metric and r.ts_ms >= split and not np.isnan(truth[r.ts_ms])
+        ]
+        mae = float(np.mean([abs(a - b) for a, b in pairs]))
+        card = json.loads((trained / f"cal-{metric}" / "card.json").read_text())
+        expected = card["variants"][card["ships"]]["error"]
+        assert abs(mae - expected) <= 1e-3 * max(expected, 1.0), (metric, mae, expected)
+        assert len(pairs) == card["metrics"]["rows"]["test"]
+
+
+def test_a_gas_model_refuses_an_agent_with_other_windows(trained: Path, tmp_path: Path) -> None:
+    key = Ed25519Signer.generate()
+    _, updater = _updater(tmp_path, key, sensor_types=("uci-mox-5",))
+    event = updater.offer(_release(trained, "cal-co", "1.0.0", key, ["pilot"]))
+    assert event.state == "refused" and "3600 s windows" in event.reason

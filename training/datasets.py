@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from firmware_sim.errors import SimulationError
+from firmware_sim.replay_uci import load_uci_file
 from training.errors import TrainingError
 
 _DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -39,7 +41,8 @@ class UciAirQuality:
     """Hourly metal-oxide responses beside a reference analyzer (De Vito et al.).
 
     Times are the station's local clock read as UTC (it did not follow DST). Missing
-    values (``-200`` in the file) are NaN.
+    values (``-200`` in the file) are NaN. Parsed by the replay driver's own loader, so
+    training and on-device replay read the file the same way.
     """
 
     times_ms: NDArray[np.int64]
@@ -51,46 +54,24 @@ class UciAirQuality:
     no2: NDArray[np.float64]  # reference NO2, µg/m³
 
 
+def uci_file(root: Path | None = None) -> Path:
+    return (root or datasets_dir()) / "uci_air_quality" / "AirQualityUCI.csv"
+
+
 def load_uci(root: Path | None = None) -> UciAirQuality:
-    path = (root or datasets_dir()) / "uci_air_quality" / "AirQualityUCI.csv"
-    times: list[int] = []
-    rows: list[list[float]] = []
     try:
-        with path.open(encoding="utf-8") as handle:
-            header = handle.readline().rstrip("\n").split(";")
-            index = {name: i for i, name in enumerate(header) if name}
-            wanted = [
-                "PT08.S1(CO)",
-                "PT08.S2(NMHC)",
-                "PT08.S3(NOx)",
-                "PT08.S4(NO2)",
-                "PT08.S5(O3)",
-                "T",
-                "RH",
-                "AH",
-                "CO(GT)",
-                "NO2(GT)",
-            ]
-            columns = [index[name] for name in wanted]
-            for line in handle:
-                fields = line.rstrip("\n").split(";")
-                if not fields[0]:
-                    continue  # the file's trailing all-empty lines
-                stamp = datetime.strptime(f"{fields[0]} {fields[1]}", "%d/%m/%Y %H.%M.%S")
-                times.append(_ms(stamp))
-                rows.append([float(fields[c].replace(",", ".")) for c in columns])
-    except (OSError, KeyError, ValueError, IndexError) as exc:
-        raise TrainingError(f"cannot read {path}: {exc}") from exc
-    data = np.array(rows, dtype=np.float64)
-    data[data == -200.0] = np.nan
+        recording = load_uci_file(uci_file(root))
+    except SimulationError as exc:
+        raise TrainingError(str(exc)) from exc
+    device = recording.device
     return UciAirQuality(
-        times_ms=np.array(times, dtype=np.int64),
-        mox=data[:, 0:5],
-        temperature=data[:, 5],
-        rh=data[:, 6],
-        abs_humidity=data[:, 7],
-        co=data[:, 8],
-        no2=data[:, 9],
+        times_ms=recording.times_ms,
+        mox=device[:, 0:5],
+        temperature=device[:, 5],
+        rh=device[:, 6],
+        abs_humidity=device[:, 7],
+        co=recording.co,
+        no2=recording.no2,
     )
 
 

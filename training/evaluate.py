@@ -30,7 +30,7 @@ def evaluate_model(folder: Path) -> dict[str, Any]:
     metrics = card["metrics"]
     if name in ("cal-co", "cal-no2"):
         X, y, _, test = gas_split(load_uci(), name.removeprefix("cal-"), small=small)
-        result = scores(export.run(sess, X[test])[:, 0].astype(np.float64), y[test])
+        result = scores(export.run_rows(sess, X[test])[:, 0].astype(np.float64), y[test])
         expected = metrics["ours"]
         if card["ships"] != "fp32":
             expected = {**expected, "mae": card["variants"][card["ships"]]["error"]}
@@ -39,16 +39,16 @@ def evaluate_model(folder: Path) -> dict[str, Any]:
         pa = load_purpleair()
         test = pa.day >= PURPLEAIR_SPLIT
         X = pm25_feature_matrix(pa)
-        result = scores(export.run(sess, X[test])[:, 0].astype(np.float64), pa.reference[test])
+        result = scores(export.run_rows(sess, X[test])[:, 0].astype(np.float64), pa.reference[test])
         diff = abs(result["mae"] - card["variants"][card["ships"]]["error"])
     elif name == "fault":
         _, test, _, clean_test = fault_data(seed, small=small)
         Xt, yt, wt = stack(test)
         threshold = float(card["runtime"]["threshold"])
-        per_class = f1_per_class(yt, decide(export.run(sess, Xt), Xt, threshold), wt)
+        per_class = f1_per_class(yt, decide(export.run_rows(sess, Xt), Xt, threshold), wt)
         rate, _, _ = false_alarms_per_device_day(
             clean_test,
-            [decide(export.run(sess, c.features), c.features, threshold) for c in clean_test],
+            [decide(export.run_rows(sess, c.features), c.features, threshold) for c in clean_test],
         )
         result = {
             "f1": {k: round(v["f1"], 4) for k, v in per_class.items()},
