@@ -118,13 +118,12 @@ def _child(models_dir: str, with_models: bool) -> None:
     """Runs in a fresh process: an agent through 7 days of hourly windows, then VmHWM."""
     from civicmesh.config import load_settings
     from civicmesh.identity import Ed25519Signer
+    from civicmesh.protocol import encode_model_release
     from edge.agent import EdgeAgent
     from edge.settings import EdgeSettings
     from firmware_sim.replay_uci import UciReplayDriver
     from training.cli import manifest_for
     from training.datasets import uci_file
-
-    from civicmesh.protocol import encode_model_release
 
     class Device:
         """The UCI gas sensors plus a PM sensor and its neighbours, one minute a sample."""

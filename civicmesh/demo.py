@@ -73,6 +73,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo.add_argument(
         "--live-interval", type=float, default=5.0, help="seconds between live publishes"
     )
+    demo.add_argument(
+        "--no-models",
+        action="store_true",
+        help="no edge models (default: the first zone's devices run the fault model, "
+        "trained once on a slice of the real data and installed as a signed release)",
+    )
     demo.set_defaults(func=run_demo)
 
 
@@ -264,6 +270,8 @@ class Demo:
             stack.callback(edge_link.close)
             end = now_ms()
             start = end - int(args.days * DAY_MS)
+            pilot_zone = sorted(d.zone for d in city.devices)[0]
+            release = None if args.no_models else self._pilot_release()
             devices = []
             for device in city.devices:
                 signer = demo_signer(args.seed, device.name)
@@ -277,6 +285,13 @@ class Demo:
                         "mqtt": {"url": mqtt_url},
                         "driver": {"name": "sim", "options": options},
                         "resend_after_s": DEMO_RESEND_AFTER_S,
+                        "models": {
+                            "enabled": release is not None and device.zone == pilot_zone,
+                            "group": "pilot",
+                            "sensor_types": ["sim"],
+                            "release_keys": [release[1]] if release else [],
+                            "install": [str(release[0])] if release else [],
+                        },
                     },
                 )
                 agent = EdgeAgent(
@@ -284,6 +299,14 @@ class Demo:
                 )
                 devices.append(DemoDevice(device.name, device.zone, signer, agent))
 
+            if release is not None:
+                pilots = [d for d in devices if d.agent.model_version]
+                print(
+                    f"civicmesh demo: {len(pilots)} devices in zone {pilot_zone} run "
+                    f"{pilots[0].agent.model_version if pilots else 'no model'} "
+                    "(signed release, verified on each device)",
+                    flush=True,
+                )
             self._install_signal_handlers()
             print(
                 f"civicmesh demo: {len(devices)} devices in {len(city.zones)} zones; "
@@ -350,6 +373,38 @@ class Demo:
                 flush=True,
             )
         return 0
+
+    def _pilot_release(self) -> tuple[Path, str] | None:
+        """The fault model as a signed release file, and the release key's public half.
+
+        Trained once on a slice of the real data sets (about 10 s) and cached beside the
+        state dir, keyed by the training code, so later demos start at once.
+        """
+        try:
+            from civicmesh.protocol import encode_model_release
+            from training.cli import manifest_for
+            from training.errors import TrainingError
+            from training.pipeline import build
+        except ImportError as exc:
+            print(f"civicmesh demo: no edge models ({exc}; install civicmesh[train])")
+            return None
+        code = hashlib.sha256()
+        for package in ("edge", "training"):
+            for path in sorted((Path(__file__).parents[1] / package).glob("*.py")):
+                code.update(path.read_bytes())
+        cache = self.state.parent / "models-cache" / code.hexdigest()[:12]
+        try:
+            if not (cache / "fault" / "card.json").exists():
+                print("civicmesh demo: training the edge fault model (once) ...", flush=True)
+                build("fault", cache, seed=0, small=True)
+            manifest, artifact = manifest_for(cache / "fault", "1.0.0", ["pilot"], "0.1.0")
+        except TrainingError as exc:
+            print(f"civicmesh demo: no edge models ({exc})", flush=True)
+            return None
+        key = demo_signer(self.args.seed, "model-release")
+        path = self.state / "fault-1.0.0.release"
+        path.write_bytes(encode_model_release(key, manifest, artifact))
+        return path, key.verify_key().to_text()
 
     def _wait_for_ingest(self, store: Any, devices: list[DemoDevice], timeout: float) -> int:
         """Wait until the store holds every batch the agents have sealed and every outbox
