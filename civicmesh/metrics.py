@@ -73,3 +73,4 @@ class Quality(IntFlag):
     MODEL_ERROR = 64  # a model failed on this window
     SIMULATED = 128  # produced by firmware_sim, not real hardware
     GAP = 256  # samples were missing before this window (dropout)
+    IMPLAUSIBLE = 512  # contradicts another metric of the same window (PM2.5 > PM10)

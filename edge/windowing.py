@@ -10,6 +10,7 @@ not depend on how the samples were split over ``feed`` calls.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,7 +52,7 @@ class Windower:
             else:
                 readings.extend(self._window(metric, times[done], values[done]))
         readings.sort(key=lambda r: (r.ts_ms, BY_NAME[r.metric].code))
-        return readings
+        return flag_implausible(readings)
 
     def take_raw(self) -> dict[int, dict[str, float]]:
         """Window start -> raw channel means, for the windows completed so far."""
@@ -84,3 +85,25 @@ class Windower:
                 flags |= Quality.OUT_OF_RANGE
             out.append(Reading(int(start), metric, float(mean), int(flags)))
         return out
+
+
+# (a, b, test): readings of a and b in one window that cannot both be right.
+IMPLAUSIBLE_PAIRS = (
+    # PM2.5 is part of PM10; optical sensors report both from one count (10% + 1 µg/m³ slack)
+    ("pm25", "pm10", lambda pm25, pm10: pm25 > 1.1 * pm10 + 1.0),
+    # a mean speed needs vehicles to measure it on
+    ("mean_speed", "vehicle_count", lambda speed, count: speed > 0 and count == 0),
+)
+
+
+def flag_implausible(readings: list[Reading]) -> list[Reading]:
+    """Flag both readings of a physically impossible combination in one window."""
+    by_key = {(r.ts_ms, r.metric): i for i, r in enumerate(readings)}
+    for (ts, metric), i in list(by_key.items()):
+        for a, b, impossible in IMPLAUSIBLE_PAIRS:
+            j = by_key.get((ts, b)) if metric == a else None
+            if j is not None and impossible(readings[i].value, readings[j].value):
+                for k in (i, j):
+                    flags = readings[k].quality | Quality.IMPLAUSIBLE
+                    readings[k] = replace(readings[k], quality=int(flags))
+    return readings

@@ -76,6 +76,24 @@ def load_series(data_dir: Path, sensor_id: int) -> dict[str, tuple[list[int], li
     return series
 
 
+def read_series(
+    series: dict[str, tuple[NDArray[np.int64], NDArray[np.float64]]],
+    positions: dict[str, int],
+    until_ms: int,
+) -> list[SampleBlock]:
+    """The samples of each series before ``until_ms`` not returned yet (advances
+    ``positions``, in the order of its keys)."""
+    blocks = []
+    for metric in positions:
+        times, values = series[metric]
+        begin = positions[metric]
+        end = int(np.searchsorted(times, until_ms, side="left"))
+        if end > begin:
+            blocks.append(sample_block(metric, times[begin:end], values[begin:end]))
+            positions[metric] = end
+    return blocks
+
+
 class ReplayDriver:
     """Replays one or more archive sensors (e.g. an SDS011 and its DHT22 neighbour)."""
 
@@ -121,15 +139,7 @@ class ReplayDriver:
     def read(self, until_ms: int) -> list[SampleBlock]:
         if self._closed:
             raise SimulationError("Replay driver is closed")
-        blocks = []
-        for metric in self._metrics:
-            times, values = self._series[metric]
-            begin = self._positions[metric]
-            end = int(np.searchsorted(times, until_ms, side="left"))
-            if end > begin:
-                blocks.append(sample_block(metric, times[begin:end], values[begin:end]))
-                self._positions[metric] = end
-        return blocks
+        return read_series(self._series, self._positions, until_ms)
 
     def close(self) -> None:
         self._closed = True

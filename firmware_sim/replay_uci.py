@@ -19,8 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from civicmesh.drivers import SampleBlock
-from firmware_sim.driver import sample_block
 from firmware_sim.errors import InvalidSpecError, SimulationError
+from firmware_sim.replay import read_series
 
 HOUR_MS = 3_600_000
 _COLUMNS = (
@@ -108,15 +108,7 @@ class UciReplayDriver:
     def read(self, until_ms: int) -> list[SampleBlock]:
         if self._closed:
             raise SimulationError("UCI replay driver is closed")
-        blocks = []
-        for channel in CHANNELS:
-            times, values = self._series[channel]
-            begin = self._positions[channel]
-            end = int(np.searchsorted(times, until_ms, side="left"))
-            if end > begin:
-                blocks.append(sample_block(channel, times[begin:end], values[begin:end]))
-                self._positions[channel] = end
-        return blocks
+        return read_series(self._series, self._positions, until_ms)
 
     def close(self) -> None:
         self._closed = True

@@ -88,6 +88,23 @@ def test_partial_and_out_of_range_windows_are_flagged() -> None:
     assert readings[1].quality == int(Quality.PARTIAL_WINDOW | Quality.OUT_OF_RANGE)
 
 
+def test_impossible_combinations_are_flagged_on_both_readings() -> None:
+    blocks = [
+        SampleBlock("pm25", [T0, T0 + 60_000], [30.0, 5.0]),
+        SampleBlock("pm10", [T0, T0 + 60_000], [12.0, 9.0]),  # first window: PM2.5 > PM10
+        SampleBlock("vehicle_count", [T0, T0 + 60_000], [0.0, 4.0]),
+        SampleBlock("mean_speed", [T0, T0 + 60_000], [40.0, 38.0]),  # speed, no vehicles
+    ]
+    readings = Windower(60_000, 1).feed(blocks, T0 + 120_000)
+    flagged = {(r.ts_ms, r.metric) for r in readings if r.quality & Quality.IMPLAUSIBLE}
+    assert flagged == {
+        (T0, "pm25"),
+        (T0, "pm10"),
+        (T0, "vehicle_count"),
+        (T0, "mean_speed"),
+    }
+
+
 def test_outbox_seals_a_hash_chain_and_survives_reopen(tmp_path: Path) -> None:
     signer = Ed25519Signer.from_seed(b"e" * 32)
     outbox = Outbox(tmp_path / "o.db")

@@ -21,7 +21,9 @@ ONLINE_WINDOWS = 3
 CHART_METRICS = ("pm25", "pm10", "no2", "o3", "vehicle_count", "mean_speed")
 RANGES = {"24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
 MAX_POINTS = 400
-FAULT_FLAGS = int(Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT)
+FAULT_FLAGS = int(
+    Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT | Quality.IMPLAUSIBLE
+)
 
 
 def zone_aqi(store: Store, now_ms: int) -> dict[str, aqi.IndexResult]:

@@ -31,7 +31,9 @@ TRAFFIC_METRICS = ("vehicle_count", "mean_speed")
 REPORT_METRICS = AIR_METRICS + TRAFFIC_METRICS
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 # A reading flagged with any of these is a fault or an anomaly found at the edge.
-FAULT_FLAGS = int(Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT)
+FAULT_FLAGS = int(
+    Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT | Quality.IMPLAUSIBLE
+)
 LOW_COMPLETENESS = 0.8
 # Days need this share of their hours, 8-h means 6 of 8 hours (the usual 75% rule).
 MIN_DAY_HOURS = 18
