@@ -32,7 +32,7 @@ FAULT_FEATURES: tuple[str, ...] = (
     "level_dev",  # fast minus slow average of the log level
     "ratio_dev",  # fast minus slow average of the log ratio to the partner channel
     "ratio_now",  # this sample's log ratio minus its slow average
-    "ratio_z",  # ratio_dev in units of the ratio's own slow spread
+    "ratio_z",  # ratio_dev in units of the ratio's sample-to-sample noise
     "has_partner",  # 1 when a partner channel (pm25 <-> pm10) is present
     "kind_air",
     "kind_weather",
@@ -113,7 +113,8 @@ class StreamFeatures:
         self._last_t: int | None = None
         self._level = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
         self._ratio = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
-        self._ratio_var = _Ewma(slow_tau_ms)
+        self._ratio_noise = _Ewma(slow_tau_ms)
+        self._last_ratio: float | None = None
         kind = self.info.kind
         self._kind = (float(kind == "air"), float(kind == "weather"), float(kind == "traffic"))
 
@@ -155,8 +156,11 @@ class StreamFeatures:
             rfast, rslow = (e.update(t_ms, ratio) for e in self._ratio)
             ratio_dev = rfast - rslow
             ratio_now = ratio - rslow
-            ratio_var = self._ratio_var.update(t_ms, ratio_now * ratio_now)
-            ratio_z = ratio_dev / math.sqrt(ratio_var + 0.01)
+            # noise from successive differences: a slow drift does not inflate it
+            step = 0.0 if self._last_ratio is None else ratio - self._last_ratio
+            self._last_ratio = ratio
+            noise = self._ratio_noise.update(t_ms, step * step / 2.0)
+            ratio_z = ratio_dev / math.sqrt(noise + 1e-4)
         self._history.append(value)
         self._last_t = t_ms
         return np.array(

@@ -280,7 +280,7 @@ def fault_data(
     )
 
 
-THRESHOLDS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
+THRESHOLDS = (0.5, 0.45, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1)
 RARE_CLASS_WEIGHT = 2.0  # spikes and drift are rare samples; weigh them up in training
 MAX_FALSE_ALARMS = 1.0  # per device and day, the bar
 
