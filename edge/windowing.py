@@ -9,7 +9,7 @@ not depend on how the samples were split over ``feed`` calls.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import numpy as np
@@ -88,7 +88,7 @@ class Windower:
 
 
 # (a, b, test): readings of a and b in one window that cannot both be right.
-IMPLAUSIBLE_PAIRS = (
+IMPLAUSIBLE_PAIRS: tuple[tuple[str, str, Callable[[float, float], bool]], ...] = (
     # PM2.5 is part of PM10; optical sensors report both from one count (10% + 1 µg/m³ slack)
     ("pm25", "pm10", lambda pm25, pm10: pm25 > 1.1 * pm10 + 1.0),
     # a mean speed needs vehicles to measure it on
