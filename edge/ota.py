@@ -59,11 +59,12 @@ class UpdateEvent:
     reason: str = ""
 
     def as_dict(self) -> dict[str, str]:
+        # health messages are at most 4 KiB: reasons are cut here, the log has them whole
         return {
             "name": self.name,
             "version": self.version,
             "state": self.state,
-            "reason": self.reason,
+            "reason": self.reason[:160],
         }
 
 

@@ -310,7 +310,9 @@ class PmDriver:
         pass
 
 
-def _agent(tmp_path: Path, url: str, name: str, group: str, key: Ed25519Signer) -> EdgeAgent:
+def _agent(
+    tmp_path: Path, url: str, name: str, group: str, key: Ed25519Signer, *, connect: bool = True
+) -> EdgeAgent:
     settings = load_settings(
         EdgeSettings,
         None,
@@ -331,8 +333,9 @@ def _agent(tmp_path: Path, url: str, name: str, group: str, key: Ed25519Signer) 
     )
     signer = Ed25519Signer.generate()
     link = MqttLink(url, f"t-models-{name}-{signer.key_id}")
-    agent = EdgeAgent(settings, signer, PmDriver(), link)  # type: ignore[arg-type]
-    link.connect()
+    agent = EdgeAgent(settings, signer, PmDriver(), link if connect else None)  # type: ignore[arg-type]
+    if connect:
+        link.connect()
     return agent
 
 
@@ -445,3 +448,25 @@ def test_a_gas_model_refuses_an_agent_with_other_windows(trained: Path, tmp_path
     _, updater = _updater(tmp_path, key, sensor_types=("uci-mox-5",))
     event = updater.offer(_release(trained, "cal-co", "1.0.0", key, ["pilot"]))
     assert event.state == "refused" and "3600 s windows" in event.reason
+
+
+def test_health_with_models_fits_a_health_message(trained: Path, tmp_path: Path) -> None:
+    from civicmesh.health import MAX_HEALTH_BYTES, from_agent
+
+    key = Ed25519Signer.generate()
+    agent = _agent(tmp_path, "mqtt://127.0.0.1:1", "health", "pilot", key, connect=False)
+    try:
+        assert agent.updater is not None
+        for name in ("fault", "cal-pm25"):
+            agent.updater.offer(_release(trained, name, "1.0.0", key, ["pilot"]))
+        for _ in range(8):  # a run of refusals with long reasons
+            agent.updater.offer(b"x" * 300)
+        agent.collect(T0 + 30 * MINUTE)
+        payload = json.dumps(agent.health()).encode()
+        assert len(payload) <= MAX_HEALTH_BYTES
+        report = from_agent(payload, agent.device_id, "gw", T0)
+        assert report.model_version == "cal-pm25:1.0.0;fault:1.0.0"
+    finally:
+        if agent.link is not None:
+            agent.link.close()
+        agent.close()
