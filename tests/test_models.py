@@ -470,3 +470,35 @@ def test_health_with_models_fits_a_health_message(trained: Path, tmp_path: Path)
         if agent.link is not None:
             agent.link.close()
         agent.close()
+
+
+@pytest.mark.integration
+def test_cli_keygen_release_and_list(
+    trained: Path, tmp_path: Path, system_mqtt_url: str, rollout_group: str, capsys: Any
+) -> None:
+    from civicmesh.cli import main
+
+    key_file = tmp_path / "release.key"
+    assert main(["models", "keygen", "--key", str(key_file)]) == 0
+    public = capsys.readouterr().out.strip().rsplit(" ", 1)[-1]
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    out = tmp_path / "fault.release"
+    args = ["models", "release", str(trained / "fault"), "--version", "2.1.0"]
+    args += ["--key", str(key_file), "--group", rollout_group, "--out", str(out)]
+    assert main([*args, "--mqtt-url", system_mqtt_url]) == 0
+    try:
+        key = Ed25519Signer.load(key_file)
+        assert key.verify_key().to_text() == public
+        _, updater = _updater(tmp_path, key, group=rollout_group)
+        assert updater.offer(out.read_bytes()).state == "installed"
+        capsys.readouterr()
+        listing = ["models", "list", str(trained), "--mqtt-url", system_mqtt_url]
+        assert main(listing) == 0
+        printed = capsys.readouterr().out
+        assert "fault: F1" in printed  # the local artifact's card
+        assert f"models/{rollout_group}/fault: fault 2.1.0 groups={rollout_group}" in printed
+    finally:
+        link = MqttLink(system_mqtt_url, f"t-clear-{rollout_group}")
+        link.connect()
+        link.publish(topics.model_release(rollout_group, "fault"), b"", retain=True)
+        link.close()
