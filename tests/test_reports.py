@@ -225,6 +225,27 @@ def test_an_unusable_plan_falls_back_and_says_why(store: Store, plan: Any, reaso
     assert check_numbers(narrative.text, sheet) == []
 
 
+@pytest.mark.parametrize(
+    ("question", "picked", "stated"),
+    [
+        ("How was NO2 in harbour last week?", "data.completeness", ["NO2"]),
+        ("How were PM2.5 and NO2 in harbour last week?", "pm25.peak", ["PM2.5", "NO2"]),
+    ],
+)
+def test_an_answer_states_what_it_was_asked_about(
+    store: Store, question: str, picked: str, stated: list[str]
+) -> None:
+    # the model's plan leaves the asked metrics' headline out; code puts it first
+    plan = {"topics": [{"id": picked, "lead": ""}]}
+    answer = service(store, ScriptedLlm(plan)).ask(question, NOW)
+    assert answer.narrative.source == "llm", answer.narrative.fallback_reason
+    assert answer.narrative.topics[-1] == picked
+    told = answer.narrative.topics[: len(stated)]
+    assert sorted(t.split(".")[0] for t in told) == sorted(answer.intent.metrics)
+    assert all(name in answer.text for name in stated), answer.text
+    assert check_numbers(answer.text, answer.sheets[0]) == []
+
+
 def test_prompts_hold_no_numbers_names_or_question_text(store: Store) -> None:
     sheet = week_sheet(store)
     llm = ScriptedLlm({"topics": [{"id": topics_for(sheet)[0].id, "lead": ""}]})

@@ -447,13 +447,18 @@ def narrate(
     focus: str = "the period",
     topics: Sequence[Topic] | None = None,
     limit: int | None = None,
+    required: Sequence[str] = (),
     on_llm_text: Callable[[str], str] | None = None,
 ) -> Narrative:
     """The narrative of ``sheet``: planned by ``llm`` when it can, else deterministic.
 
-    ``on_llm_text`` lets a test corrupt the model's text to prove the check catches it.
+    ``required`` topic ids are told whatever the model picks (an answer about NO2 must
+    state NO2): code puts a missing one first. ``on_llm_text`` lets a test corrupt the
+    model's text to prove the check catches it.
     """
     available = list(topics) if topics is not None else topics_for(sheet)[:OFFERED_TOPICS]
+    # the deterministic text tells the first topics: the required ones lead
+    available.sort(key=lambda t: t.id not in required)
     if llm is None:
         return deterministic(sheet, available, heading, "no LLM backend configured", None, limit)
     if not available:
@@ -478,7 +483,7 @@ def narrate(
             )
         plan = salvaged
     seconds = time.perf_counter() - started
-    problem, chosen, sentences = _apply_plan(plan, by_id, sheet)
+    problem, chosen, sentences = _apply_plan(plan, by_id, sheet, required, most)
     if problem is not None:
         fallback = deterministic(
             sheet, available, heading, f"LLM plan refused: {problem}", llm.model_name, limit
@@ -538,14 +543,18 @@ def _with_seconds(narrative: Narrative, seconds: float) -> Narrative:
 
 
 def _apply_plan(
-    plan: Any, by_id: dict[str, Topic], sheet: FactSheet
+    plan: Any,
+    by_id: dict[str, Topic],
+    sheet: FactSheet,
+    required: Sequence[str] = (),
+    most: int = MAX_TOPICS,
 ) -> tuple[str | None, list[Topic], list[str]]:
     if not isinstance(plan, dict) or not isinstance(plan.get("topics"), list):
         return "the plan is not an object with a topics list", [], []
     chosen: list[Topic] = []
     sentences: list[str] = []
     used: set[str] = set()
-    for item in plan["topics"][:MAX_TOPICS]:
+    for item in plan["topics"][:most]:
         if not isinstance(item, dict):
             return "a topic entry is not an object", [], []
         topic = by_id.get(str(item.get("id")))
@@ -571,4 +580,11 @@ def _apply_plan(
         sentences.append(sentence)
     if not chosen:
         return "the plan chose no topic", [], []
+    missing = [by_id[i] for i in required if i in by_id and by_id[i] not in chosen]
+    if missing:
+        if len(chosen) + len(missing) > most:
+            keep = max(most - len(missing), 0)
+            chosen, sentences = chosen[:keep], sentences[:keep]
+        chosen = missing + chosen
+        sentences = [render_topic(t, sheet) for t in missing] + sentences
     return None, chosen, sentences

@@ -40,6 +40,7 @@ from analytics.reports.narrative import (
     PROMPT_VERSION,
     Narrative,
     NarrativeError,
+    Topic,
     check_numbers,
     deterministic,
     narrate,
@@ -211,15 +212,30 @@ class ReportService:
         period = intent.periods[0]
         sheet = self._sheet(intent.places[0], period.start_ms, period.end_ms, intent.metrics)
         wanted = set(intent.metrics)
-        topics = [t for t in topics_for(sheet) if _topic_metrics(t.id) & wanted]
+        # the asked metrics' own topics before the data-quality ones, which go with any
+        relevant = [t for t in topics_for(sheet) if _topic_metrics(t.id) & wanted]
+        specific = [t for t in relevant if _topic_metrics(t.id) != set(REPORT_METRICS)]
+        general = [t for t in relevant if _topic_metrics(t.id) == set(REPORT_METRICS)]
+        # an answer states every metric it was asked about: its most important topic
+        required: list[Topic] = []
+        for metric in intent.metrics:
+            own = [t for t in specific if _topic_metrics(t.id) == {metric}]
+            shared = [t for t in specific if metric in _topic_metrics(t.id)]
+            first = (own or shared or [None])[0]
+            if first is not None and first not in required:
+                required.append(first)
+        required = required[:ANSWER_TOPICS]
+        rest = [t for t in specific + general if t not in required]
+        topics = required + rest[: max(ANSWER_TOPICS + 2 - len(required), 0)]
         heading = title(sheet, "Answer")
         narrative = narrate(
             sheet,
             self.llm,
             heading=heading,
             focus=period.label,
-            topics=topics[: ANSWER_TOPICS + 2],
+            topics=topics,
             limit=ANSWER_TOPICS,
+            required=[t.id for t in required],
         )
         notes: tuple[str, ...] = ()
         if not sheet.facts or all(
