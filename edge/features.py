@@ -33,6 +33,8 @@ FAULT_FEATURES: tuple[str, ...] = (
     "ratio_dev",  # fast minus slow average of the log ratio to the partner channel
     "ratio_now",  # this sample's log ratio minus its slow average
     "ratio_z",  # ratio_dev in units of the ratio's sample-to-sample noise
+    "ratio_mid",  # a 4-hour average of the log ratio minus its slow average
+    "resid_fast",  # fast average of the value minus what partner x slow ratio predicts
     "has_partner",  # 1 when a partner channel (pm25 <-> pm10) is present
     "kind_air",
     "kind_weather",
@@ -114,6 +116,8 @@ class StreamFeatures:
         self._level = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
         self._ratio = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))
         self._ratio_noise = _Ewma(slow_tau_ms)
+        self._ratio_mid = _Ewma(4 * HOUR_MS)
+        self._resid = _Ewma(fast_tau_ms)
         self._last_ratio: float | None = None
         kind = self.info.kind
         self._kind = (float(kind == "air"), float(kind == "weather"), float(kind == "traffic"))
@@ -150,11 +154,18 @@ class StreamFeatures:
         fast, slow = (e.update(t_ms, level) for e in self._level)
         level_dev = fast - slow
         ratio_dev, ratio_now, ratio_z, has_partner = 0.0, 0.0, 0.0, 0.0
+        ratio_mid = resid_fast = 0.0
         if partner is not None and math.isfinite(partner):
             has_partner = 1.0
             ratio = math.log((max(value, 0.0) + 1.0) / (max(partner, 0.0) + 1.0))
+            # a drift adds an offset: it shows as a residual against what the partner
+            # and the usual ratio predict, whatever the concentration
+            usual = self._ratio[1].value
+            expected = (max(partner, 0.0) + 1.0) * math.exp(ratio if usual is None else usual)
+            resid_fast = self._resid.update(t_ms, (max(value, 0.0) + 1.0 - expected) / self.scale)
             rfast, rslow = (e.update(t_ms, ratio) for e in self._ratio)
             ratio_dev = rfast - rslow
+            ratio_mid = self._ratio_mid.update(t_ms, ratio) - rslow
             ratio_now = ratio - rslow
             # noise from successive differences: a slow drift does not inflate it
             step = 0.0 if self._last_ratio is None else ratio - self._last_ratio
@@ -177,6 +188,8 @@ class StreamFeatures:
                 ratio_dev,
                 ratio_now,
                 ratio_z,
+                ratio_mid,
+                resid_fast,
                 has_partner,
                 *self._kind,
             ],

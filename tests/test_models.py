@@ -24,7 +24,7 @@ from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import Reading, encode_model_release, open_batch
 from edge.agent import EdgeAgent
 from edge.errors import ModelError
-from edge.features import FAULT_CLASSES, FAULT_FEATURES, PM25_FEATURES
+from edge.features import FAULT_CLASSES, FAULT_FEATURES, PM25_FEATURES, stream_features
 from edge.models import ModelRuntime, load_model
 from edge.ota import ModelStore, ModelUpdater
 from edge.settings import EdgeSettings
@@ -46,6 +46,27 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("cal-co", "cal-no2", "cal-pm25", "fault"):
         build(name, out, seed=0, small=True)
     return out
+
+
+def test_drift_on_one_pm_channel_shows_in_the_ratio_features_not_in_common_swings() -> None:
+    """A PM10 offset growing over 8 h moves the ratio and residual features; the same
+    stream with both channels swinging together (weather) leaves them near zero."""
+    times = T0 + np.arange(0, 48 * 60, 2, dtype=np.int64) * MINUTE
+    hours = (times - T0) / 3_600_000
+    rng = np.random.default_rng(3)
+    pm25 = 6.0 + 4.0 * np.sin(hours / 3.0) + rng.normal(0, 0.3, len(times))  # weather
+    pm10 = 1.6 * pm25 + rng.normal(0, 0.3, len(times))  # both channels move alike
+    drift = np.clip((hours - 36.0) / 8.0, 0.0, 1.0) * 12.0  # 0 .. 12 µg/m³ from hour 36
+    names = ("ratio_dev", "ratio_mid", "resid_fast", "ratio_z")
+    cols = [FAULT_FEATURES.index(n) for n in names]
+    clean = stream_features("pm10", times, pm10, 2 * MINUTE, pm25)[:, cols]
+    drifted = stream_features("pm10", times, pm10 + drift, 2 * MINUTE, pm25)[:, cols]
+    late = hours >= 42.0
+    settled = hours >= 24.0
+    for i, name in enumerate(names):
+        swing = np.percentile(np.abs(clean[settled, i]), 95)
+        assert np.median(drifted[late, i]) > 3 * swing, (name, swing)
+    assert np.array_equal(clean[hours < 36.0], drifted[hours < 36.0])  # causal
 
 
 def test_training_writes_onnx_that_matches_the_trained_model(trained: Path) -> None:
