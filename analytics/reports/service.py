@@ -221,9 +221,9 @@ class ReportService:
         for metric in intent.metrics:
             own = [t for t in specific if _topic_metrics(t.id) == {metric}]
             shared = [t for t in specific if metric in _topic_metrics(t.id)]
-            first = (own or shared or [None])[0]
-            if first is not None and first not in required:
-                required.append(first)
+            candidates = own or shared
+            if candidates and candidates[0] not in required:
+                required.append(candidates[0])
         required = required[:ANSWER_TOPICS]
         rest = [t for t in specific + general if t not in required]
         topics = required + rest[: max(ANSWER_TOPICS + 2 - len(required), 0)]
