@@ -147,13 +147,13 @@ class IngestWorker:
                 uplink = topics.ALL_GATEWAY_UP
             self.link.subscribe(uplink, self._on_uplink)
             self.link.subscribe(topics.ALL_QUARANTINE, self._on_quarantine)
-            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health)
+            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health, qos=0)
         else:
             if self._protocol_choice == "3.1.1":
                 uplink = topics.ALL_GATEWAY_UP
             self.link.subscribe(uplink, self._on_uplink)
             self.link.subscribe(topics.ALL_QUARANTINE, self._on_quarantine)
-            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health)
+            self.link.subscribe(topics.ALL_GATEWAY_HEALTH, self._on_health, qos=0)
             self.link.connect()
             if self.link.protocol_version != 5 and uplink != topics.ALL_GATEWAY_UP:
                 # A 3.1.1 broker (amqtt) has no shared subscriptions: one worker, plain filter.
@@ -231,7 +231,9 @@ class IngestWorker:
 
     def _on_health(self, message: Message) -> None:
         """Keep the newest health report per device; the worker stores them (paho's
-        thread must not wait on the database)."""
+        thread must not wait on the database). Health is QoS 0: acknowledged at once in
+        case a broker (amqtt) delivers it at QoS 1 anyway."""
+        self.link.ack(message)
         gateway_id = topics.gateway_from_health_topic(message.topic)
         try:
             if gateway_id is None:

@@ -94,7 +94,8 @@ class Gateway:
                 topics.gateway_receipt(self.signer.key_id), self._on_upstream_receipt
             )
         self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
-        self.device_link.subscribe(topics.ALL_DEVICE_HEALTH, self._on_health)
+        # health is QoS 0 end to end: the next report replaces a lost one
+        self.device_link.subscribe(topics.ALL_DEVICE_HEALTH, self._on_health, qos=0)
         if self._authority is not None:
             self.upstream_link.subscribe(topics.REGISTRY_SNAPSHOT, self._on_registry)
         self._forwarder.start()
@@ -294,6 +295,8 @@ class Gateway:
 
     def _on_health(self, message: Message) -> None:
         """Relay an agent's health report upstream (QoS 0: the next one replaces it)."""
+        # a broker that delivers it at QoS 1 anyway (amqtt does) waits for the ack
+        self.device_link.ack(message)
         device_id = topics.device_from_health_topic(message.topic)
         if device_id is None or self.registry.device_key(device_id) is None:
             self._count("health_dropped")

@@ -293,35 +293,40 @@ def test_a_batch_lost_on_the_way_fills_its_gap_when_re_sent(rig: Rig) -> None:
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4, 5])
 
 
-def test_agent_health_is_relayed_and_kept_newest_first(rig: Rig) -> None:
-    def report(device: str, t: int, batches: int) -> bytes:
-        return json.dumps(
-            {
-                "device_id": device,
-                "agent_version": "0.1.0",
-                "model_version": "cal-2",
-                "driver": "sim",
-                "time_ms": t,
-                "published": 1,
-                "confirmed": 1,
-                "outbox": {
-                    "pending_readings": 7,
-                    "sealed_batches": batches,
-                    "unpublished_batches": 0,
-                    "oldest_pending_ms": None,
-                    "last_seq": 3,
-                    "dropped_total": 0,
-                },
-            }
-        ).encode()
+def health_report(device: str, t: int, batches: int) -> bytes:
+    return json.dumps(
+        {
+            "device_id": device,
+            "agent_version": "0.1.0",
+            "model_version": "cal-2",
+            "driver": "sim",
+            "time_ms": t,
+            "published": 1,
+            "confirmed": 1,
+            "outbox": {
+                "pending_readings": 7,
+                "sealed_batches": batches,
+                "unpublished_batches": 0,
+                "oldest_pending_ms": None,
+                "last_seq": 3,
+                "dropped_total": 0,
+            },
+        }
+    ).encode()
 
+
+def test_agent_health_is_relayed_and_kept_newest_first(rig: Rig) -> None:
     stranger = Ed25519Signer.from_seed(os.urandom(32))
-    rig.pub.publish(topics.device_health(stranger.key_id), report(stranger.key_id, 1, 1))
+    rig.pub.publish(topics.device_health(stranger.key_id), health_report(stranger.key_id, 1, 1))
     rig.pub.publish(topics.device_health(rig.device.key_id), b"{not json")
-    rig.pub.publish(topics.device_health(rig.other.key_id), report(rig.device.key_id, 1, 1))
-    rig.pub.publish(topics.device_health(rig.device.key_id), report(rig.device.key_id, 2000, 5))
+    rig.pub.publish(topics.device_health(rig.other.key_id), health_report(rig.device.key_id, 1, 1))
+    rig.pub.publish(
+        topics.device_health(rig.device.key_id), health_report(rig.device.key_id, 2000, 5)
+    )
     rig.wait(lambda: rig.store.device_health())
-    rig.pub.publish(topics.device_health(rig.device.key_id), report(rig.device.key_id, 1000, 9))
+    rig.pub.publish(
+        topics.device_health(rig.device.key_id), health_report(rig.device.key_id, 1000, 9)
+    )
     rig.wait(lambda: rig.gateway.stats().get("health_relayed", 0) >= 2)
     time.sleep(0.6)  # the older report reached ingest too, and must not win
     (kept,) = rig.store.device_health()
@@ -329,6 +334,30 @@ def test_agent_health_is_relayed_and_kept_newest_first(rig: Rig) -> None:
     assert kept.gateway_id == rig.gw.key_id and kept.model_version == "cal-2"
     # the stranger, the malformed message and the one naming another device were dropped
     assert rig.gateway.stats()["health_dropped"] == 3
+
+
+def test_health_through_amqtt_is_delivered_at_qos_0(
+    tmp_path: Path, embedded_broker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """amqtt delivers at the subscription's QoS: health subscribed at QoS 1 arrived as
+    QoS 1, was never acknowledged, and the broker logged a PUBACK timeout for each one."""
+    delivered: list[tuple[str, int]] = []
+    for owner in (Gateway, IngestWorker):
+        original = owner._on_health
+
+        def spy(self: Any, message: Any, original: Any = original, name: str = owner.__name__):
+            delivered.append((name, message.qos))
+            original(self, message)
+
+        monkeypatch.setattr(owner, "_on_health", spy)
+    rig = Rig(tmp_path, embedded_broker.url)
+    try:
+        report = health_report(rig.device.key_id, 1000, 2)
+        rig.pub.publish(topics.device_health(rig.device.key_id), report, qos=0)
+        rig.wait(lambda: rig.store.device_health())
+        assert sorted(delivered) == [("Gateway", 0), ("IngestWorker", 0)]
+    finally:
+        rig.close()
 
 
 def test_a_revoked_device_is_refused_from_its_next_batch_on(rig: Rig) -> None:
