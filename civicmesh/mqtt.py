@@ -249,7 +249,9 @@ class MqttLink:
         reason: ReasonCode,
         properties: object,
     ) -> None:
-        if self._connected.is_set():
+        if client is not self._client:  # close() dropped it: a disconnect we asked for
+            log.debug("MQTT connection to %s closed", self.address.host)
+        elif self._connected.is_set():
             log.warning("MQTT connection to %s lost: %s", self.address.host, reason)
         self._connected.clear()
 
