@@ -274,7 +274,9 @@ def simulate(
         regional = (55.0 + 18.0 * season) * (0.45 + 0.55 * sun) * (1.0 + 0.08 * weather.stagnation)
         o3 = (regional - 0.8 * traffic_no2) * device.gain["o3"]
         o3 = o3 * (1.0 + 0.04 * noise("o3")) + 2.0 * noise("o3", 1)
-        out["o3"] = np.maximum(o3, 1.0)
+        # titrated to nothing, an electrochemical sensor still reads its own noise: a
+        # constant floor would repeat one value for hours and look stuck
+        out["o3"] = np.maximum(o3, 1.0 + 1.5 * np.abs(noise("o3", 2)))
     if "co" in wanted:
         co = (0.18 * bg * np.sqrt(dilution) + 0.9 * load * dilution) * device.gain["co"]
         co = co * (1.0 + 0.05 * noise("co")) + 0.02 * noise("co", 1)
