@@ -231,9 +231,7 @@ class IngestWorker:
 
     def _on_health(self, message: Message) -> None:
         """Keep the newest health report per device; the worker stores them (paho's
-        thread must not wait on the database). Health is QoS 0: acknowledged at once in
-        case a broker (amqtt) delivers it at QoS 1 anyway."""
-        self.link.ack(message)
+        thread must not wait on the database)."""
         gateway_id = topics.gateway_from_health_topic(message.topic)
         try:
             if gateway_id is None:

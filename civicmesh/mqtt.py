@@ -257,7 +257,7 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
-        handler = self._handler_for(msg.topic)
+        qos, handler = self._subscription_for(msg.topic)
         if handler is None:
             # Not acknowledged on purpose: a persistent session redelivers it once a
             # handler is subscribed (a message can arrive before subscribe() after a restart).
@@ -265,20 +265,24 @@ class MqttLink:
                 "MQTT message on %s matches no subscription yet; left unacknowledged", msg.topic
             )
             return
+        if qos == 0:
+            # nothing to acknowledge was asked for; a broker that delivers above the
+            # subscription's QoS anyway (amqtt) is answered at once
+            self.ack(message)
         handler(message)
 
-    def _handler_for(self, topic: str) -> Handler | None:
+    def _subscription_for(self, topic: str) -> tuple[int, Handler | None]:
         with self._lock:
             subscriptions = list(self._subscriptions.items())
-        for topic_filter, (_qos, handler) in subscriptions:
+        for topic_filter, (qos, handler) in subscriptions:
             plain = (
                 topic_filter.split("/", 2)[2]
                 if topic_filter.startswith("$share/")
                 else topic_filter
             )
             if paho.topic_matches_sub(plain, topic):
-                return handler
-        return None
+                return qos, handler
+        return 0, None
 
     # ------------------------------------------------------------------- actions
 

@@ -295,8 +295,6 @@ class Gateway:
 
     def _on_health(self, message: Message) -> None:
         """Relay an agent's health report upstream (QoS 0: the next one replaces it)."""
-        # a broker that delivers it at QoS 1 anyway (amqtt does) waits for the ack
-        self.device_link.ack(message)
         device_id = topics.device_from_health_topic(message.topic)
         if device_id is None or self.registry.device_key(device_id) is None:
             self._count("health_dropped")

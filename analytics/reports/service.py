@@ -226,7 +226,7 @@ class ReportService:
                 required.append(candidates[0])
         required = required[:ANSWER_TOPICS]
         rest = [t for t in specific + general if t not in required]
-        topics = required + rest[: max(ANSWER_TOPICS + 2 - len(required), 0)]
+        topics = (required + rest)[: ANSWER_TOPICS + 2]
         heading = title(sheet, "Answer")
         narrative = narrate(
             sheet,
