@@ -35,6 +35,9 @@ FAULT_FEATURES: tuple[str, ...] = (
     "ratio_z",  # ratio_dev in units of the ratio's sample-to-sample noise
     "ratio_mid",  # a 4-hour average of the log ratio minus its slow average
     "resid_fast",  # fast average of the value minus what partner x slow ratio predicts
+    "wiggle_fast",  # log of the typical-step ratio to the partner minus the fast log ratio
+    "wiggle_dev",  # wiggle_fast minus its slow average
+    "wiggle_mid",  # a 4-hour average of wiggle_fast minus its slow average
     "has_partner",  # 1 when a partner channel (pm25 <-> pm10) is present
     "kind_air",
     "kind_weather",
@@ -118,6 +121,11 @@ class StreamFeatures:
         self._ratio_noise = _Ewma(slow_tau_ms)
         self._ratio_mid = _Ewma(4 * HOUR_MS)
         self._resid = _Ewma(fast_tau_ms)
+        self._steps = (_Ewma(fast_tau_ms), _Ewma(fast_tau_ms))
+        self._wiggle = (_Ewma(slow_tau_ms), _Ewma(4 * HOUR_MS))
+        self._last_pair: tuple[float, float] | None = None
+        self._pairs_since: int | None = None
+        self._warm_up_ms = fast_tau_ms
         self._last_ratio: float | None = None
         kind = self.info.kind
         self._kind = (float(kind == "air"), float(kind == "weather"), float(kind == "traffic"))
@@ -154,7 +162,7 @@ class StreamFeatures:
         fast, slow = (e.update(t_ms, level) for e in self._level)
         level_dev = fast - slow
         ratio_dev, ratio_now, ratio_z, has_partner = 0.0, 0.0, 0.0, 0.0
-        ratio_mid = resid_fast = 0.0
+        ratio_mid = resid_fast = wiggle_fast = wiggle_dev = wiggle_mid = 0.0
         if partner is not None and math.isfinite(partner):
             has_partner = 1.0
             ratio = math.log((max(value, 0.0) + 1.0) / (max(partner, 0.0) + 1.0))
@@ -172,6 +180,21 @@ class StreamFeatures:
             self._last_ratio = ratio
             noise = self._ratio_noise.update(t_ms, step * step / 2.0)
             ratio_z = ratio_dev / math.sqrt(noise + 1e-4)
+            # an offset drift adds to the level, not to the sample-to-sample noise: the
+            # ratio of typical steps to the partner's stays while the level ratio grows. A
+            # real rise of one channel (coarse dust, say) is noisier and moves both alike.
+            # (typical steps need an hour of samples first: one step says little)
+            if self._last_pair is not None and self._pairs_since is not None:
+                last_value, last_partner = self._last_pair
+                sv = self._steps[0].update(t_ms, abs(value - last_value))
+                sp = self._steps[1].update(t_ms, abs(max(partner, 0.0) - last_partner))
+                if t_ms - self._pairs_since >= self._warm_up_ms:
+                    wiggle = math.log((sv + res) / (sp + res)) - rfast
+                    wslow, wmid = (e.update(t_ms, wiggle) for e in self._wiggle)
+                    wiggle_fast, wiggle_dev, wiggle_mid = wiggle, wiggle - wslow, wmid - wslow
+            else:
+                self._pairs_since = t_ms
+            self._last_pair = (value, max(partner, 0.0))
         self._history.append(value)
         self._last_t = t_ms
         return np.array(
@@ -190,6 +213,9 @@ class StreamFeatures:
                 ratio_z,
                 ratio_mid,
                 resid_fast,
+                wiggle_fast,
+                wiggle_dev,
+                wiggle_mid,
                 has_partner,
                 *self._kind,
             ],

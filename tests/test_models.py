@@ -69,6 +69,30 @@ def test_drift_on_one_pm_channel_shows_in_the_ratio_features_not_in_common_swing
     assert np.array_equal(clean[hours < 36.0], drifted[hours < 36.0])  # causal
 
 
+def test_an_offset_drift_is_calm_for_its_level_a_real_rise_of_one_channel_is_not() -> None:
+    """An offset grows the level, not the sample-to-sample noise: the wiggle features
+    move. A real rise of PM10 alone (coarse dust: noise grows with the level) moves the
+    ratio features just as much but leaves the wiggle features where they were."""
+    times = T0 + np.arange(0, 48 * 60, 2, dtype=np.int64) * MINUTE
+    hours = (times - T0) / 3_600_000
+    rng = np.random.default_rng(3)
+    pm25 = 6.0 + 4.0 * np.sin(hours / 3.0) + rng.normal(0, 0.3, len(times))
+    pm10 = 1.6 * pm25 + rng.normal(0, 0.3, len(times))
+    ramp = np.clip((hours - 36.0) / 8.0, 0.0, 1.0)
+    names = ("wiggle_dev", "wiggle_mid")
+    cols = [FAULT_FEATURES.index(n) for n in names]
+    clean = stream_features("pm10", times, pm10, 2 * MINUTE, pm25)[:, cols]
+    drifted = stream_features("pm10", times, pm10 + 12.0 * ramp, 2 * MINUTE, pm25)[:, cols]
+    dusty = stream_features("pm10", times, pm10 * (1.0 + 1.2 * ramp), 2 * MINUTE, pm25)
+    late, settled = hours >= 42.0, hours >= 24.0
+    ratio = FAULT_FEATURES.index("ratio_dev")
+    assert np.median(dusty[late, ratio]) > 0.3  # the ratio alone cannot tell them apart
+    for i, name in enumerate(names):
+        swing = np.percentile(np.abs(clean[settled, i]), 95)
+        assert np.median(drifted[late, i]) < -2 * swing, (name, swing)
+        assert abs(np.median(dusty[late, cols[i]])) < swing, (name, swing)
+
+
 def test_training_writes_onnx_that_matches_the_trained_model(trained: Path) -> None:
     for name in ("cal-co", "cal-no2", "cal-pm25", "fault"):
         card = json.loads((trained / name / "card.json").read_text())
