@@ -31,6 +31,7 @@ from edge.settings import EdgeSettings
 from edge.windowing import Windower
 from training.cli import manifest_for, publish_release
 from training.evaluate import evaluate_model
+from training.faults import CLASS, Labelled, episodes
 from training.pipeline import MAX_MODEL_BYTES, PARITY_TOLERANCE, build
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,29 @@ def test_an_offset_drift_is_calm_for_its_level_a_real_rise_of_one_channel_is_not
         swing = np.percentile(np.abs(clean[settled, i]), 95)
         assert np.median(drifted[late, i]) < -2 * swing, (name, swing)
         assert abs(np.median(dusty[late, cols[i]])) < swing, (name, swing)
+
+
+def test_drift_events_count_an_alarm_in_the_early_part_true_and_one_after_repair_false() -> None:
+    """One injected drift over samples 10-29, scored (labelled) from 20; the sensor is
+    repaired at 30. Alarms at 15-16 (before the label, inside the window) and at 25 hit
+    the episode; an alarm at 40 (after the repair) is a false one."""
+    n, drift = 50, CLASS["drift"]
+    windows = np.zeros(n, dtype=np.int64)
+    windows[10:30] = drift
+    labels = np.zeros(n, dtype=np.int64)
+    labels[20:30] = drift
+    item = Labelled(
+        "d", "pm10", T0 + np.arange(n, dtype=np.int64) * MINUTE,
+        np.zeros((n, len(FAULT_FEATURES)), np.float32), labels, np.ones(n), np.zeros(n, bool),
+        windows,
+    )  # fmt: skip
+    predicted = np.zeros(n, dtype=np.int64)
+    predicted[[15, 16, 25, 40]] = drift
+    view = episodes([item], [predicted], "drift")
+    assert (view["episodes"], view["detected"]) == (1, 1)
+    assert view["median_delay_h"] == pytest.approx(5 / 60)
+    assert (view["alarms"], view["true_alarms"]) == (3, 2)
+    assert view["event_f1"] == pytest.approx(2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))
 
 
 def test_training_writes_onnx_that_matches_the_trained_model(trained: Path) -> None:

@@ -154,7 +154,10 @@ def train_gas(uci: UciAirQuality, target: str, seed: int, *, small: bool = False
         "linear_all_channels": base_all,
         "mae_reduction_vs_linear_own_sensor": 1.0 - ours["mae"] / base["mae"],
         "mae_reduction_vs_linear_all_channels": 1.0 - ours["mae"] / base_all["mae"],
-        "target_met": 1.0 - ours["mae"] / base["mae"] >= 0.30,
+        # "at least 30% below a linear-regression baseline": met only when it holds
+        # against both the usual single-sensor calibration and a fit on every channel
+        "target_met": min(1.0 - ours["mae"] / base["mae"], 1.0 - ours["mae"] / base_all["mae"])
+        >= 0.30,
     }
     return Fitted(
         name=f"cal-{target}",

@@ -39,6 +39,7 @@ class Labelled:
     labels: NDArray[np.int64]
     weights: NDArray[np.float64]
     real_fault: NDArray[np.bool_]  # labelled by rule from the data set's own faults
+    windows: NDArray[np.int64]  # class of the injected fault whose window covers the sample
 
 
 def _real_labels(
@@ -114,6 +115,7 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
     values = clean.copy()
     partner = stream.partner
     keep = np.ones(len(clean), dtype=bool)
+    windows = np.zeros(len(clean), dtype=np.int64)
     if inject:
         resolution, _ = _SCALES.get(stream.metric, (0.1, 1.0))
         level = max(float(np.nanmedian(clean)), _SCALES.get(stream.metric, (0.1, 1.0))[1])
@@ -122,6 +124,7 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
                 stream.metric, times, values, [fault], seed, remove_dropouts=False
             )
             window = fault.window(times) & ~real
+            windows[fault.window(times)] = CLASS[kind]
             changed = window & (np.abs(faulted - values) > resolution / 2)
             if kind == "dropout":
                 dropped = window
@@ -148,12 +151,13 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
             else:
                 labels[changed] = CLASS["out_of_range"]
                 weights[window & ~changed] = 0.0
-    times, values, labels, weights, real = (
+    times, values, labels, weights, real, windows = (
         times[keep],
         values[keep],
         labels[keep],
         weights[keep],
         real[keep],
+        windows[keep],
     )
     if partner is not None:
         partner = partner[keep]
@@ -169,7 +173,7 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
     labels[outside] = CLASS["out_of_range"]
     weights[outside] = 1.0
     features = stream_features(stream.metric, times, values, stream.interval_ms, partner)
-    return Labelled(stream.device, stream.metric, times, features, labels, weights, real)
+    return Labelled(stream.device, stream.metric, times, features, labels, weights, real, windows)
 
 
 def split_devices(devices: list[str], seed: int, test_fraction: float = 0.3) -> set[str]:
@@ -222,11 +226,20 @@ def episodes(
     items: list[Labelled], predicted: list[NDArray[np.int64]], name: str
 ) -> dict[str, float]:
     """Event view of one fault class: runs of samples labelled ``name`` (episodes), how
-    many got at least one alarm of that class, and the median delay to the first one."""
+    many got at least one alarm of that class, and the median delay to the first one;
+    and the alarms: runs of ``name`` predictions, true when they touch that fault's
+    injected window (its early, unscored part included), false anywhere else (the hours
+    after a repair included). Event F1 from the two."""
     c = CLASS[name]
-    total = found = 0
+    total = found = alarms = true_alarms = 0
     delays: list[float] = []
     for item, pred in zip(items, predicted, strict=True):
+        raised = pred == c
+        run_starts = np.flatnonzero(raised & ~np.concatenate([[False], raised[:-1]]))
+        run_ends = np.flatnonzero(raised & ~np.concatenate([raised[1:], [False]]))
+        for begin, end in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+            alarms += 1
+            true_alarms += bool(np.any(item.windows[begin : end + 1] == c))
         labelled = item.labels == c
         starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
         ends = np.flatnonzero(labelled & ~np.concatenate([labelled[1:], [False]]))
@@ -238,10 +251,17 @@ def episodes(
                 delays.append(
                     (int(item.times_ms[begin + hits[0]]) - int(item.times_ms[begin])) / 3.6e6
                 )
+    recall = found / total if total else 0.0
+    precision = true_alarms / alarms if alarms else 0.0
     return {
         "episodes": total,
         "detected": found,
         "median_delay_h": float(np.median(delays)) if delays else float("nan"),
+        "alarms": alarms,
+        "true_alarms": true_alarms,
+        "event_precision": precision,
+        "event_recall": recall,
+        "event_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
     }
 
 
