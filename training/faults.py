@@ -305,15 +305,11 @@ RARE_CLASS_WEIGHT = 2.0  # spikes and drift are rare samples; weigh them up in t
 MAX_FALSE_ALARMS = 1.0  # per device and day, the issue's bar
 
 
-def train_fault(seed: int, *, small: bool = False) -> Fitted:
-    """The fault classifier: Aberdeen PM/T/RH and Aarhus traffic streams, split by device.
+FOLDS = 3  # for the alarm threshold: devices held out of training, as in the field
 
-    The alarm threshold on p(ok) is the highest of :data:`THRESHOLDS` that keeps the
-    false alarms on the *training* devices' clean streams under the bar.
-    """
-    train, test, clean_train, clean_test = fault_data(seed, small=small)
-    held = {i.device for i in test}
-    X, y, w = stack(train)
+
+def _fit_forest(items: list[Labelled], seed: int, small: bool) -> RandomForestClassifier:
+    X, y, w = stack(items)
     model = RandomForestClassifier(
         n_estimators=10 if small else 30,
         max_leaf_nodes=200,
@@ -323,16 +319,51 @@ def train_fault(seed: int, *, small: bool = False) -> Fitted:
     )
     weights = np.where(np.isin(y, [CLASS["spike"], CLASS["drift"]]), RARE_CLASS_WEIGHT, 1.0)
     model.fit(X[w > 0], y[w > 0], sample_weight=weights[w > 0])
+    return model
+
+
+def out_of_fold_false_alarms(
+    train: list[Labelled], clean_train: list[Labelled], seed: int, *, small: bool = False
+) -> dict[float, float]:
+    """False alarms per device-day at each of :data:`THRESHOLDS`, on clean streams of
+    training devices that the model scoring them did not see (:data:`FOLDS` seeded
+    device splits, alarms and device-days pooled). In-sample, the same rule promised at
+    most one and gave 1.75 on two of three such splits."""
+    devices = sorted({i.device for i in train})
+    alarms = dict.fromkeys(THRESHOLDS, 0)
+    days = 0.0
+    for fold in range(1, FOLDS + 1):
+        held = split_devices(devices, seed + fold)
+        model = _fit_forest([i for i in train if i.device not in held], seed, small)
+        clean = [c for c in clean_train if c.device in held]
+        probabilities = [model.predict_proba(c.features) for c in clean]
+        for threshold in THRESHOLDS:
+            predicted = [
+                decide(p, c.features, threshold) for p, c in zip(probabilities, clean, strict=True)
+            ]
+            _, count, fold_days = false_alarms_per_device_day(clean, predicted)
+            alarms[threshold] += count
+        days += fold_days
+    return {t: (alarms[t] / days if days else 0.0) for t in THRESHOLDS}
+
+
+def train_fault(seed: int, *, small: bool = False) -> Fitted:
+    """The fault classifier: Aberdeen PM/T/RH and Aarhus traffic streams, split by device.
+
+    The alarm threshold on p(ok) is the highest of :data:`THRESHOLDS` that keeps the
+    out-of-fold false alarms on the training devices' clean streams under the bar.
+    """
+    train, test, clean_train, clean_test = fault_data(seed, small=small)
+    held = {i.device for i in test}
+    model = _fit_forest(train, seed, small)
+    w = stack(train)[2]
 
     def alarms(items: list[Labelled], threshold: float) -> tuple[float, int, float]:
         predicted = [decide(model.predict_proba(i.features), i.features, threshold) for i in items]
         return false_alarms_per_device_day(items, predicted)
 
-    threshold = THRESHOLDS[-1]
-    for candidate in THRESHOLDS:
-        if alarms(clean_train, candidate)[0] <= MAX_FALSE_ALARMS:
-            threshold = candidate
-            break
+    fold_rates = out_of_fold_false_alarms(train, clean_train, seed, small=small)
+    threshold = next((t for t in THRESHOLDS if fold_rates[t] <= MAX_FALSE_ALARMS), THRESHOLDS[-1])
     Xt, yt, wt = stack(test)
     per_class = f1_per_class(yt, decide(model.predict_proba(Xt), Xt, threshold), wt)
     rate, count, days = alarms(clean_test, threshold)
@@ -345,6 +376,9 @@ def train_fault(seed: int, *, small: bool = False) -> Fitted:
         "devices": {"train": len({i.device for i in train}), "test": len(held)},
         "samples": {"train": int((w > 0).sum()), "test": int((wt > 0).sum())},
         "threshold_p_ok": threshold,
+        "threshold_rule": f"highest with at most {MAX_FALSE_ALARMS:g} false alarm per device-day"
+        f" out of fold ({FOLDS} device splits of the training devices)",
+        "false_alarms_out_of_fold": {str(t): round(r, 3) for t, r in fold_rates.items()},
         "injected": per_class,
         "false_alarms_per_device_day": rate,
         "drift_episodes": drift_events,
