@@ -31,7 +31,7 @@ from edge.settings import EdgeSettings
 from edge.windowing import Windower
 from training.cli import manifest_for, publish_release
 from training.evaluate import evaluate_model
-from training.faults import CLASS, Labelled, episodes
+from training.faults import CLASS, MAX_FALSE_ALARMS, THRESHOLDS, Labelled, episodes
 from training.pipeline import MAX_MODEL_BYTES, PARITY_TOLERANCE, build
 
 pytestmark = pytest.mark.slow
@@ -132,6 +132,12 @@ def test_training_writes_onnx_that_matches_the_trained_model(trained: Path) -> N
     assert co["ours"]["mae"] < co["linear_own_sensor_t_rh"]["mae"]
     pm = json.loads((trained / "cal-pm25" / "card.json").read_text())["metrics"]
     assert pm["site_split"]["ours"]["mae"] < pm["site_split"]["raw"]["mae"]
+    # the alarm threshold: the highest whose out-of-fold false alarms stay under the bar
+    fault = json.loads((trained / "fault" / "card.json").read_text())["metrics"]
+    rates = {float(t): r for t, r in fault["false_alarms_out_of_fold"].items()}
+    assert len(rates) == len(THRESHOLDS)
+    under = [t for t, r in rates.items() if r <= MAX_FALSE_ALARMS]
+    assert fault["threshold_p_ok"] == (max(under) if under else min(THRESHOLDS))
 
 
 def test_evaluate_reproduces_the_card_from_the_artifact(trained: Path) -> None:
