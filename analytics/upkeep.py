@@ -28,6 +28,9 @@ class StoreUpkeep:
         self._thread = threading.Thread(target=self._run, name="store-upkeep", daemon=True)
         self._counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # this process refreshes one range set at a time, so flush() cannot return while
+        # the thread still holds ranges it took (Postgres: the others find the lock taken)
+        self._refreshing = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -43,9 +46,7 @@ class StoreUpkeep:
 
     def run_once(self, *, upkeep: bool = True) -> None:
         """One refresh (and, with ``upkeep``, partitions ahead and retention)."""
-        refreshed = self.store.refresh_rollups()
-        with self._lock:
-            self._counts["rollup_ranges_refreshed"] += refreshed
+        self._refresh()
         if not upkeep:
             return
         ensure_ahead = getattr(self.store, "ensure_partitions_ahead", None)
@@ -54,6 +55,22 @@ class StoreUpkeep:
         dropped = self.store.apply_retention(now_ms(), self.settings.retention())
         if any(dropped.values()):
             log.info("retention: %s", dropped)
+
+    def flush(self) -> int:
+        """Refresh until nothing is left dirty, e.g. before a report on data that has just
+        arrived (between two periodic refreshes the rollups lag the readings); the
+        ranges refreshed."""
+        total = 0
+        while refreshed := self._refresh():
+            total += refreshed
+        return total
+
+    def _refresh(self) -> int:
+        with self._refreshing:
+            refreshed = self.store.refresh_rollups()
+        with self._lock:
+            self._counts["rollup_ranges_refreshed"] += refreshed
+        return refreshed
 
     def _run(self) -> None:
         next_upkeep = 0.0

@@ -319,6 +319,7 @@ class Demo:
                     break
                 device.agent.backfill(start, end)
             produced = self._wait_for_ingest(store, devices, timeout=120)
+            upkeep.flush()  # the report below reads the rollups, not the readings
             for device in devices:
                 device.agent.publish_health()  # what the dashboard shows as outbox backlog
             print(

@@ -197,6 +197,19 @@ def test_upkeep_thread_keeps_rollups_current(store: Store) -> None:
         upkeep.stop()
 
 
+def test_upkeep_flush_brings_rollups_up_to_date_at_once(store: Store) -> None:
+    from analytics.settings import StorageSettings
+    from analytics.upkeep import StoreUpkeep
+
+    upkeep = StoreUpkeep(store, StorageSettings(rollup_refresh_s=3600))  # thread not started
+    write_in_batches(store, DEVICE_A, readings(10, START, 1))
+    assert not store.rollup_series("pm25", START, START + HOUR, Resolution.HOUR)  # lagging
+    assert upkeep.flush() >= 1
+    assert store.rollup_series("pm25", START, START + HOUR, Resolution.HOUR)
+    assert upkeep.flush() == 0  # nothing left dirty
+    assert upkeep.stats()["rollup_ranges_refreshed"] >= 1
+
+
 @pytest.mark.integration
 def test_timescaledb_detection_falls_back_to_plain_postgresql(pg_database: str) -> None:
     # This server has no TimescaleDB: auto takes the plain path, require refuses clearly.
