@@ -56,12 +56,16 @@ class StoreUpkeep:
         if any(dropped.values()):
             log.info("retention: %s", dropped)
 
-    def flush(self) -> int:
+    def flush(self, max_rounds: int = 20) -> int:
         """Refresh until nothing is left dirty, e.g. before a report on data that has just
         arrived (between two periodic refreshes the rollups lag the readings); the
-        ranges refreshed."""
+        ranges refreshed. At most ``max_rounds`` refreshes: under live ingest new ranges
+        keep arriving, and what came after the call may wait for the thread."""
         total = 0
-        while refreshed := self._refresh():
+        for _ in range(max_rounds):
+            refreshed = self._refresh()
+            if not refreshed:
+                break
             total += refreshed
         return total
 
