@@ -201,7 +201,9 @@ def _api_run(args: argparse.Namespace) -> int:
         reports = service_for(settings, store)
         scheduler = None
         if settings.reports.schedule:
-            scheduler = ReportScheduler(reports, settings.reports.schedule_interval_s)
+            scheduler = ReportScheduler(
+                reports, settings.reports.schedule_interval_s, settings.reports.schedule_delay_s
+            )
             scheduler.start()
         app = create_app(
             store,

@@ -234,6 +234,12 @@ class ReportSettings(BaseModel):
         le=86_400.0,
         description="How often the schedule looks for due reports",
     )
+    schedule_delay_s: float = Field(
+        default=1800.0,
+        ge=0.0,
+        le=86_400.0,
+        description="How long after a period ends its scheduled reports wait for late batches",
+    )
 
 
 class DashboardSettings(BaseModel):

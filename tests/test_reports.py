@@ -441,6 +441,17 @@ def test_api_ask_reports_and_facts(store: Store) -> None:
     assert {"/api/v1/ask", "/api/v1/reports", "/api/v1/facts"} <= set(paths)
 
 
+def test_the_schedule_gives_late_batches_time_before_writing_a_day(store: Store) -> None:
+    svc = service(store)
+    # a month back: periods no other test writes (the store is shared)
+    after_midnight = (NOW - timedelta(days=30)).replace(hour=0, minute=10)
+    day_start, _ = report_window("daily", after_midnight)
+    early = generate_due(svc, after_midnight, delay_s=1800)
+    assert not [r for r in early if r.kind == "daily" and r.period_start_ms == day_start]
+    later = generate_due(svc, after_midnight + timedelta(minutes=25), delay_s=1800)
+    assert [r for r in later if r.kind == "daily" and r.period_start_ms == day_start]
+
+
 def test_due_reports_are_written_once_with_what_they_rest_on(store: Store) -> None:
     svc = service(store)
     written = generate_due(svc, NOW)

@@ -637,10 +637,14 @@ def scopes(service: ReportService) -> list[str | None]:
     return [None, *service.zones()]
 
 
-def generate_due(service: ReportService, now: datetime | None = None) -> list[ReportRecord]:
+def generate_due(
+    service: ReportService, now: datetime | None = None, *, delay_s: float = 0.0
+) -> list[ReportRecord]:
     """Write the reports whose period has ended and that are not stored yet: yesterday's
-    daily report and last week's weekly report, for the city and every zone."""
-    now = (now or service.now()).astimezone(service.tz)
+    daily report and last week's weekly report, for the city and every zone. With
+    ``delay_s``, a period counts as ended that long after its end: batches sealed in its
+    last minutes are still on their way through gateways and ingest then."""
+    now = ((now or service.now()) - timedelta(seconds=delay_s)).astimezone(service.tz)
     written = []
     for kind in ("daily", "weekly"):
         start_ms, _ = report_window(kind, now)
@@ -662,17 +666,18 @@ class ReportScheduler(threading.Thread):
     """Writes due reports every ``interval_s`` until stopped; failures are logged and
     retried at the next tick, never fatal to the service."""
 
-    def __init__(self, service: ReportService, interval_s: float) -> None:
+    def __init__(self, service: ReportService, interval_s: float, delay_s: float = 0.0) -> None:
         super().__init__(name="civicmesh-reports", daemon=True)
         self._service = service
         self._interval = interval_s
+        self._delay = delay_s
         self._stop_event = threading.Event()
         self.written = 0
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             try:
-                self.written += len(generate_due(self._service))
+                self.written += len(generate_due(self._service, delay_s=self._delay))
             except (StoreError, NarrativeError, FactSheetError) as exc:
                 log.warning("report schedule: %s (retrying in %.0f s)", exc, self._interval)
             self._stop_event.wait(self._interval)
