@@ -124,7 +124,7 @@ class StreamFeatures:
         self._steps = (_Ewma(fast_tau_ms), _Ewma(fast_tau_ms))
         self._wiggle = (_Ewma(slow_tau_ms), _Ewma(4 * HOUR_MS))
         self._last_pair: tuple[float, float] | None = None
-        self._pairs_since: int | None = None
+        self._pairs_since = 0  # when the first pair came (set with it)
         self._warm_up_ms = fast_tau_ms
         self._last_ratio: float | None = None
         kind = self.info.kind
@@ -184,7 +184,9 @@ class StreamFeatures:
             # ratio of typical steps to the partner's stays while the level ratio grows. A
             # real rise of one channel (coarse dust, say) is noisier and moves both alike.
             # (typical steps need an hour of samples first: one step says little)
-            if self._last_pair is not None and self._pairs_since is not None:
+            if self._last_pair is None:
+                self._pairs_since = t_ms
+            else:
                 last_value, last_partner = self._last_pair
                 sv = self._steps[0].update(t_ms, abs(value - last_value))
                 sp = self._steps[1].update(t_ms, abs(max(partner, 0.0) - last_partner))
@@ -192,8 +194,6 @@ class StreamFeatures:
                     wiggle = math.log((sv + res) / (sp + res)) - rfast
                     wslow, wmid = (e.update(t_ms, wiggle) for e in self._wiggle)
                     wiggle_fast, wiggle_dev, wiggle_mid = wiggle, wiggle - wslow, wmid - wslow
-            else:
-                self._pairs_since = t_ms
             self._last_pair = (value, max(partner, 0.0))
         self._history.append(value)
         self._last_t = t_ms

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
 from civicmesh import topics
@@ -49,14 +50,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_drift_on_one_pm_channel_shows_in_the_ratio_features_not_in_common_swings() -> None:
-    """A PM10 offset growing over 8 h moves the ratio and residual features; the same
-    stream with both channels swinging together (weather) leaves them near zero."""
+def _pm_pair() -> tuple[
+    NDArray[np.int64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]
+]:
+    """Two days of a PM2.5/PM10 pair every 2 min, swinging together with the weather:
+    times, hours since the start, PM2.5, PM10."""
     times = T0 + np.arange(0, 48 * 60, 2, dtype=np.int64) * MINUTE
     hours = (times - T0) / 3_600_000
     rng = np.random.default_rng(3)
     pm25 = 6.0 + 4.0 * np.sin(hours / 3.0) + rng.normal(0, 0.3, len(times))  # weather
     pm10 = 1.6 * pm25 + rng.normal(0, 0.3, len(times))  # both channels move alike
+    return times, hours, pm25, pm10
+
+
+def test_drift_on_one_pm_channel_shows_in_the_ratio_features_not_in_common_swings() -> None:
+    """A PM10 offset growing over 8 h moves the ratio and residual features; the same
+    stream with both channels swinging together (weather) leaves them near zero."""
+    times, hours, pm25, pm10 = _pm_pair()
     drift = np.clip((hours - 36.0) / 8.0, 0.0, 1.0) * 12.0  # 0 .. 12 µg/m³ from hour 36
     names = ("ratio_dev", "ratio_mid", "resid_fast", "ratio_z")
     cols = [FAULT_FEATURES.index(n) for n in names]
@@ -74,11 +84,7 @@ def test_an_offset_drift_is_calm_for_its_level_a_real_rise_of_one_channel_is_not
     """An offset grows the level, not the sample-to-sample noise: the wiggle features
     move. A real rise of PM10 alone (coarse dust: noise grows with the level) moves the
     ratio features just as much but leaves the wiggle features where they were."""
-    times = T0 + np.arange(0, 48 * 60, 2, dtype=np.int64) * MINUTE
-    hours = (times - T0) / 3_600_000
-    rng = np.random.default_rng(3)
-    pm25 = 6.0 + 4.0 * np.sin(hours / 3.0) + rng.normal(0, 0.3, len(times))
-    pm10 = 1.6 * pm25 + rng.normal(0, 0.3, len(times))
+    times, hours, pm25, pm10 = _pm_pair()
     ramp = np.clip((hours - 36.0) / 8.0, 0.0, 1.0)
     names = ("wiggle_dev", "wiggle_mid")
     cols = [FAULT_FEATURES.index(n) for n in names]

@@ -123,8 +123,9 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
             _, faulted = apply_faults(
                 stream.metric, times, values, [fault], seed, remove_dropouts=False
             )
-            window = fault.window(times) & ~real
-            windows[fault.window(times)] = CLASS[kind]
+            covered = fault.window(times)
+            windows[covered] = CLASS[kind]
+            window = covered & ~real
             changed = window & (np.abs(faulted - values) > resolution / 2)
             if kind == "dropout":
                 dropped = window
@@ -222,6 +223,13 @@ def f1_per_class(
     return out
 
 
+def _runs(mask: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """(first, last) index of each run of True in ``mask``."""
+    starts = np.flatnonzero(mask & ~np.concatenate([[False], mask[:-1]]))
+    ends = np.flatnonzero(mask & ~np.concatenate([mask[1:], [False]]))
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
 def episodes(
     items: list[Labelled], predicted: list[NDArray[np.int64]], name: str
 ) -> dict[str, float]:
@@ -234,16 +242,10 @@ def episodes(
     total = found = alarms = true_alarms = 0
     delays: list[float] = []
     for item, pred in zip(items, predicted, strict=True):
-        raised = pred == c
-        run_starts = np.flatnonzero(raised & ~np.concatenate([[False], raised[:-1]]))
-        run_ends = np.flatnonzero(raised & ~np.concatenate([raised[1:], [False]]))
-        for begin, end in zip(run_starts.tolist(), run_ends.tolist(), strict=True):
+        for begin, end in _runs(pred == c):
             alarms += 1
             true_alarms += bool(np.any(item.windows[begin : end + 1] == c))
-        labelled = item.labels == c
-        starts = np.flatnonzero(labelled & ~np.concatenate([[False], labelled[:-1]]))
-        ends = np.flatnonzero(labelled & ~np.concatenate([labelled[1:], [False]]))
-        for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        for begin, end in _runs(item.labels == c):
             total += 1
             hits = np.flatnonzero(pred[begin : end + 1] == c)
             if hits.size:
@@ -271,15 +273,20 @@ def false_alarms_per_device_day(
     """Alarms (runs of non-ok predictions starting on a sample labelled ok) per device-day
     on clean streams; returns (rate, alarms, device-days)."""
     alarms = 0
-    device_days: dict[str, float] = {}
     for item, pred in zip(items, predicted, strict=True):
-        flagged = pred != CLASS["ok"]
-        starts = flagged & ~np.concatenate([[False], flagged[:-1]])
-        alarms += int(np.sum(starts & (item.labels == CLASS["ok"])))
-        span = (int(item.times_ms[-1]) - int(item.times_ms[0])) / DAY_MS
-        device_days[item.device] = max(device_days.get(item.device, 0.0), span)
-    days = sum(device_days.values())
+        starts = [begin for begin, _ in _runs(pred != CLASS["ok"])]
+        alarms += int(np.sum(item.labels[starts] == CLASS["ok"]))
+    days = device_days(items)
     return (alarms / days if days else 0.0), alarms, days
+
+
+def device_days(items: list[Labelled]) -> float:
+    """Days covered, per device the longest of its streams, summed."""
+    spans: dict[str, float] = {}
+    for item in items:
+        span = (int(item.times_ms[-1]) - int(item.times_ms[0])) / DAY_MS
+        spans[item.device] = max(spans.get(item.device, 0.0), span)
+    return sum(spans.values())
 
 
 def fault_data(
@@ -341,9 +348,8 @@ def out_of_fold_false_alarms(
             predicted = [
                 decide(p, c.features, threshold) for p, c in zip(probabilities, clean, strict=True)
             ]
-            _, count, fold_days = false_alarms_per_device_day(clean, predicted)
-            alarms[threshold] += count
-        days += fold_days
+            alarms[threshold] += false_alarms_per_device_day(clean, predicted)[1]
+        days += device_days(clean)
     return {t: (alarms[t] / days if days else 0.0) for t in THRESHOLDS}
 
 
@@ -356,25 +362,27 @@ def train_fault(seed: int, *, small: bool = False) -> Fitted:
     train, test, clean_train, clean_test = fault_data(seed, small=small)
     held = {i.device for i in test}
     model = _fit_forest(train, seed, small)
-    w = stack(train)[2]
 
-    def alarms(items: list[Labelled], threshold: float) -> tuple[float, int, float]:
-        predicted = [decide(model.predict_proba(i.features), i.features, threshold) for i in items]
-        return false_alarms_per_device_day(items, predicted)
+    def classify(items: list[Labelled], threshold: float) -> list[NDArray[np.int64]]:
+        return [decide(model.predict_proba(i.features), i.features, threshold) for i in items]
 
     fold_rates = out_of_fold_false_alarms(train, clean_train, seed, small=small)
     threshold = next((t for t in THRESHOLDS if fold_rates[t] <= MAX_FALSE_ALARMS), THRESHOLDS[-1])
     Xt, yt, wt = stack(test)
-    per_class = f1_per_class(yt, decide(model.predict_proba(Xt), Xt, threshold), wt)
-    rate, count, days = alarms(clean_test, threshold)
-    predicted_test = [decide(model.predict_proba(i.features), i.features, threshold) for i in test]
+    predicted_test = classify(test, threshold)
+    per_class = f1_per_class(yt, np.concatenate(predicted_test), wt)
     drift_events = episodes(test, predicted_test, "drift")
-    Xc, yc, wc = stack(clean_test)
-    real = f1_per_class(yc, decide(model.predict_proba(Xc), Xc, threshold), wc)
+    predicted_clean = classify(clean_test, threshold)
+    rate, count, days = false_alarms_per_device_day(clean_test, predicted_clean)
+    _, yc, wc = stack(clean_test)
+    real = f1_per_class(yc, np.concatenate(predicted_clean), wc)
     metrics = {
         "split": "device: a seeded 30% of the Aberdeen and of the Aarhus devices held out",
         "devices": {"train": len({i.device for i in train}), "test": len(held)},
-        "samples": {"train": int((w > 0).sum()), "test": int((wt > 0).sum())},
+        "samples": {
+            "train": sum(int((i.weights > 0).sum()) for i in train),
+            "test": int((wt > 0).sum()),
+        },
         "threshold_p_ok": threshold,
         "threshold_rule": f"highest with at most {MAX_FALSE_ALARMS:g} false alarm per device-day"
         f" out of fold ({FOLDS} device splits of the training devices)",
