@@ -8,6 +8,9 @@ agent: its readings keep their raw values and carry ``UNCALIBRATED`` or ``MODEL_
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import math
 import threading
@@ -138,6 +141,8 @@ class OnnxModel:
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise ModelError(f"model {spec.name} {spec.version} does not load: {exc}") from None
+        finally:
+            _return_freed_memory()
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"model {spec.name}: expected one input, found {len(inputs)}")
@@ -160,6 +165,15 @@ class OnnxModel:
 
 # Loaders by artifact format; tests and other runtimes register through the same table.
 LOADERS: dict[str, Callable[[ModelSpec, bytes], Model]] = {"onnx": OnnxModel}
+
+
+def _return_freed_memory() -> None:
+    """Give the heap pages freed while a session was built back to the system: building
+    one parses the whole model, and glibc keeps what was freed. With the four models an
+    agent held 99.6 MB resident before this, 95.9 MB after. Elsewhere than glibc, nothing
+    to do."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def load_model(manifest: dict[str, Any], artifact: bytes) -> Model:
