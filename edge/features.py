@@ -38,6 +38,9 @@ FAULT_FEATURES: tuple[str, ...] = (
     "wiggle_fast",  # log of the typical-step ratio to the partner minus the fast log ratio
     "wiggle_dev",  # wiggle_fast minus its slow average
     "wiggle_mid",  # a 4-hour average of wiggle_fast minus its slow average
+    "fine_above",  # 1 when the pair's PM2.5 exceeds its PM10 (PM2.5 is part of PM10)
+    "fine_above_1h",  # fine_above averaged over the last hour
+    "fine_above_by",  # log1p of that excess, in the metric's scales
     "has_partner",  # 1 when a partner channel (pm25 <-> pm10) is present
     "kind_air",
     "kind_weather",
@@ -123,6 +126,7 @@ class StreamFeatures:
         self._resid = _Ewma(fast_tau_ms)
         self._steps = (_Ewma(fast_tau_ms), _Ewma(fast_tau_ms))
         self._wiggle = (_Ewma(slow_tau_ms), _Ewma(4 * HOUR_MS))
+        self._fine_above = _Ewma(fast_tau_ms)
         self._last_pair: tuple[float, float] | None = None
         self._pairs_since = 0  # when the first pair came (set with it)
         self._warm_up_ms = fast_tau_ms
@@ -163,6 +167,7 @@ class StreamFeatures:
         level_dev = fast - slow
         ratio_dev, ratio_now, ratio_z, has_partner = 0.0, 0.0, 0.0, 0.0
         ratio_mid = resid_fast = wiggle_fast = wiggle_dev = wiggle_mid = 0.0
+        fine_above = fine_above_1h = fine_above_by = 0.0
         if partner is not None and math.isfinite(partner):
             has_partner = 1.0
             ratio = math.log((max(value, 0.0) + 1.0) / (max(partner, 0.0) + 1.0))
@@ -195,6 +200,14 @@ class StreamFeatures:
                     wslow, wmid = (e.update(t_ms, wiggle) for e in self._wiggle)
                     wiggle_fast, wiggle_dev, wiggle_mid = wiggle, wiggle - wslow, wmid - wslow
             self._last_pair = (value, max(partner, 0.0))
+            # PM2.5 counts particles PM10 counts too: a sensor's PM2.5 above its PM10 is
+            # impossible (never once in the clean Aberdeen streams), and an offset on the
+            # PM2.5 channel shows so early, long before the ratio stands out
+            if self.metric in ("pm25", "pm10"):
+                fine, coarse = (value, partner) if self.metric == "pm25" else (partner, value)
+                if fine - coarse > res:
+                    fine_above, fine_above_by = 1.0, math.log1p((fine - coarse) / self.scale)
+                fine_above_1h = self._fine_above.update(t_ms, fine_above)
         self._history.append(value)
         self._last_t = t_ms
         return np.array(
@@ -216,6 +229,9 @@ class StreamFeatures:
                 wiggle_fast,
                 wiggle_dev,
                 wiggle_mid,
+                fine_above,
+                fine_above_1h,
+                fine_above_by,
                 has_partner,
                 *self._kind,
             ],

@@ -42,7 +42,7 @@ from edge.features import (
 log = logging.getLogger(__name__)
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
-    "stream-v3": FAULT_FEATURES,
+    "stream-v4": FAULT_FEATURES,
     "pm25-v1": PM25_FEATURES,
     "gas-v1": GAS_FEATURES,
 }

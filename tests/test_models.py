@@ -100,6 +100,30 @@ def test_an_offset_drift_is_calm_for_its_level_a_real_rise_of_one_channel_is_not
         assert abs(np.median(dusty[late, cols[i]])) < swing, (name, swing)
 
 
+def test_pm25_above_its_pm10_is_flagged_on_both_channels_and_never_on_a_clean_pair() -> None:
+    """An offset on PM2.5 lifts it over its own PM10 (impossible: PM2.5 is part of PM10)
+    before the ratio features make much of it; both streams of the pair see it, a clean
+    pair never does, and neither does a stream without a partner."""
+    times, hours, pm25, pm10 = _pm_pair()
+    offset = np.where(hours >= 36.0, 4.0, 0.0)  # PM2.5 reads 4 µg/m³ high from hour 36
+    names = ("fine_above", "fine_above_1h", "fine_above_by")
+    cols = [FAULT_FEATURES.index(n) for n in names]
+    for metric, value, partner in (("pm25", pm25, pm10), ("pm10", pm10, pm25)):
+        clean = stream_features(metric, times, value, 2 * MINUTE, partner)[:, cols]
+        assert not clean.any(), metric
+    drifted = pm25 + offset
+    above = drifted > pm10 + 0.1
+    assert 0.2 < above[hours >= 36.0].mean() < 1.0  # only where PM2.5 is low enough
+    fine = stream_features("pm25", times, drifted, 2 * MINUTE, pm10)[:, cols]
+    coarse = stream_features("pm10", times, pm10, 2 * MINUTE, drifted)[:, cols]
+    for features in (fine, coarse):
+        np.testing.assert_array_equal(features[:, 0], above.astype(np.float32))
+        assert features[hours >= 36.0, 1].max() > 0.5 and not features[hours < 36.0, 1].any()
+        assert np.all(features[~above, 2] == 0.0) and np.all(features[above, 2] > 0.0)
+    alone = stream_features("pm25", times, drifted, 2 * MINUTE)[:, cols]
+    assert not alone.any()
+
+
 def test_drift_events_count_an_alarm_in_the_early_part_true_and_one_after_repair_false() -> None:
     """One injected drift over samples 10-29, scored (labelled) from 20; the sensor is
     repaired at 30. Alarms at 15-16 (before the label, inside the window) and at 25 hit

@@ -147,7 +147,7 @@ def build(name: str, out_dir: Path, seed: int = 0, *, small: bool = False) -> di
                 "cal-co": "gas-v1",
                 "cal-no2": "gas-v1",
                 "cal-pm25": "pm25-v1",
-                "fault": "stream-v3",
+                "fault": "stream-v4",
             }[name],
             "classes": fitted.data.get("classes", []),
             "threshold": fitted.data.get("threshold"),
