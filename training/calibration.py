@@ -131,16 +131,75 @@ def gas_split(
     return features[:, columns], y, train, test
 
 
-def train_gas(uci: UciAirQuality, target: str, seed: int, *, small: bool = False) -> Fitted:
-    kind, names = GAS_SETUP[target]
-    X, y, train, test = gas_split(uci, target, small=small)
-    model = fit(_learner(kind, seed, small), X[train], y[train])
-    predicted = model.predict(X[test])
-    # baselines: the usual field calibration (own sensor, T, RH) and all raw channels
+def _gas_fits(
+    uci: UciAirQuality,
+    target: str,
+    X: NDArray[np.float32],
+    y: NDArray[np.float64],
+    train: NDArray[np.bool_],
+    test: NDArray[np.bool_],
+    seed: int,
+    small: bool,
+) -> tuple[Any, NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Our model and the two linear baselines fitted on ``train``: the model and the
+    three predictions of ``test``. The baselines: the usual field calibration (own
+    sensor, T, RH) and a fit on all raw channels."""
+    model = fit(_learner(GAS_SETUP[target][0], seed, small), X[train], y[train])
     raw = np.column_stack([uci.mox, uci.temperature, uci.rh, uci.abs_humidity])
     own = raw[:, [_OWN_SENSOR[target], 5, 6]]
     single = LinearRegression().fit(own[train], y[train]).predict(own[test])
     multi = LinearRegression().fit(raw[train], y[train]).predict(raw[test])
+    return model, model.predict(X[test]), single, multi
+
+
+def rolling_origin(
+    uci: UciAirQuality, target: str, seed: int, *, small: bool = False
+) -> dict[str, Any]:
+    """Each test month predicted by models refitted on every month before it, as monthly
+    re-releases from a co-located reference would be: does the season gap explain the
+    held-out error? Ours and both baselines refitted alike; MAE per month and pooled."""
+    X, y, train, test = gas_split(uci, target, small=small)
+    usable = train | test
+    times = uci.times_ms
+    month = UCI_SPLIT
+    months: list[dict[str, Any]] = []
+    pooled: dict[str, list[NDArray[np.float64]]] = {"ours": [], "own": [], "all": [], "y": []}
+    while int(month.timestamp() * 1000) <= int(times[test].max()):
+        after = datetime(month.year + month.month // 12, month.month % 12 + 1, 1, tzinfo=UTC)
+        start, end = (int(m.timestamp() * 1000) for m in (month, after))
+        fit_rows = usable & (times < start)
+        test_rows = test & (times >= start) & (times < end)
+        if test_rows.any():
+            _, ours, own, multi = _gas_fits(uci, target, X, y, fit_rows, test_rows, seed, small)
+            truth = y[test_rows]
+            for key, values in (("ours", ours), ("own", own), ("all", multi), ("y", truth)):
+                pooled[key].append(values)
+            months.append(
+                {
+                    "month": month.strftime("%Y-%m"),
+                    "rows": int(test_rows.sum()),
+                    "mae_ours": float(np.mean(np.abs(ours - truth))),
+                    "mae_linear_own_sensor": float(np.mean(np.abs(own - truth))),
+                    "mae_linear_all_channels": float(np.mean(np.abs(multi - truth))),
+                }
+            )
+        month = after
+    truth = np.concatenate(pooled["y"])
+    mae = {k: float(np.mean(np.abs(np.concatenate(v) - truth))) for k, v in pooled.items()}
+    return {
+        "months": months,
+        "mae_ours": mae["ours"],
+        "mae_linear_own_sensor": mae["own"],
+        "mae_linear_all_channels": mae["all"],
+        "mae_reduction_vs_linear_own_sensor": 1.0 - mae["ours"] / mae["own"],
+        "mae_reduction_vs_linear_all_channels": 1.0 - mae["ours"] / mae["all"],
+    }
+
+
+def train_gas(uci: UciAirQuality, target: str, seed: int, *, small: bool = False) -> Fitted:
+    kind, names = GAS_SETUP[target]
+    X, y, train, test = gas_split(uci, target, small=small)
+    model, predicted, single, multi = _gas_fits(uci, target, X, y, train, test, seed, small)
     ours = scores(predicted, y[test])
     base = scores(single, y[test])
     base_all = scores(multi, y[test])
@@ -158,6 +217,8 @@ def train_gas(uci: UciAirQuality, target: str, seed: int, *, small: bool = False
         # against both the usual single-sensor calibration and a fit on every channel
         "target_met": min(1.0 - ours["mae"] / base["mae"], 1.0 - ours["mae"] / base_all["mae"])
         >= 0.30,
+        # not the target's split; tells whether training data of the test season helps
+        "rolling_origin_monthly": rolling_origin(uci, target, seed, small=small),
     }
     return Fitted(
         name=f"cal-{target}",
