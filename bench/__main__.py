@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{rss['without_models']['peak_rss_mb']:.0f} MB "
              f"({rss['with_models']['peak_rss_mb'] / rss['without_models']['peak_rss_mb']:.2f}x); "
              "target <= 100"),
+            ("edge agent peak RSS, PM device, MB", f"{rss['pm_device']['peak_rss_mb']:.0f}",
+             f"models {rss['pm_device']['models']}"),
+            ("edge agent peak RSS, gas device, MB", f"{rss['gas_device']['peak_rss_mb']:.0f}",
+             f"models {rss['gas_device']['models']}"),
         ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)

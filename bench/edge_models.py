@@ -114,7 +114,15 @@ def inference(models_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _child(models_dir: str, with_models: bool) -> None:
+DEVICES: dict[str, tuple[str, ...]] = {
+    "without_models": (),
+    "pm_device": ("fault", "cal-pm25"),
+    "gas_device": ("fault", "cal-co", "cal-no2"),
+    "with_models": ("fault", "cal-pm25", "cal-co", "cal-no2"),  # both boards on one agent
+}
+
+
+def _child(models_dir: str, names: tuple[str, ...]) -> None:
     """Runs in a fresh process: an agent through 7 days of hourly windows, then VmHWM."""
     from civicmesh.config import load_settings
     from civicmesh.identity import Ed25519Signer
@@ -153,12 +161,11 @@ def _child(models_dir: str, with_models: bool) -> None:
         tmp = Path(tmp_name)
         key = Ed25519Signer.generate()
         installs = []
-        if with_models:
-            for name in ("fault", "cal-pm25", "cal-co", "cal-no2"):
-                manifest, artifact = manifest_for(Path(models_dir) / name, "1.0.0", ["g"], "0.1.0")
-                path = tmp / f"{name}.release"
-                path.write_bytes(encode_model_release(key, manifest, artifact))
-                installs.append(str(path))
+        for name in names:
+            manifest, artifact = manifest_for(Path(models_dir) / name, "1.0.0", ["g"], "0.1.0")
+            path = tmp / f"{name}.release"
+            path.write_bytes(encode_model_release(key, manifest, artifact))
+            installs.append(str(path))
         settings = load_settings(
             EdgeSettings,
             None,
@@ -169,7 +176,7 @@ def _child(models_dir: str, with_models: bool) -> None:
                 "window_s": 3600,
                 "await_receipts": False,
                 "models": {
-                    "enabled": with_models,
+                    "enabled": bool(names),
                     "group": "g",
                     "sensor_types": ["purpleair-pa-ii", "uci-mox-5"],
                     "release_keys": [key.verify_key().to_text()],
@@ -201,16 +208,14 @@ def _child(models_dir: str, with_models: bool) -> None:
 
 def peak_rss(models_dir: Path) -> dict[str, Any]:
     out = {}
-    for with_models in (False, True):
+    for device, names in DEVICES.items():
         result = subprocess.run(
-            [sys.executable, "-m", "bench.edge_models", str(models_dir), str(int(with_models))],
+            [sys.executable, "-m", "bench.edge_models", str(models_dir), ",".join(names)],
             capture_output=True,
             text=True,
             check=True,
         )
-        out["with_models" if with_models else "without_models"] = json.loads(
-            result.stdout.strip().splitlines()[-1]
-        )
+        out[device] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
 
 
@@ -229,4 +234,4 @@ def run(models_dir: Path | None = None, quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2] == "1")
+    _child(sys.argv[1], tuple(n for n in sys.argv[2].split(",") if n))
