@@ -127,6 +127,7 @@ class StreamFeatures:
         self._steps = (_Ewma(fast_tau_ms), _Ewma(fast_tau_ms))
         self._wiggle = (_Ewma(slow_tau_ms), _Ewma(4 * HOUR_MS))
         self._fine_above = _Ewma(fast_tau_ms)
+        self._is_fine = {"pm25": True, "pm10": False}.get(metric)  # None: no PM pair
         self._last_pair: tuple[float, float] | None = None
         self._pairs_since = 0  # when the first pair came (set with it)
         self._warm_up_ms = fast_tau_ms
@@ -203,8 +204,8 @@ class StreamFeatures:
             # PM2.5 counts particles PM10 counts too: a sensor's PM2.5 above its PM10 is
             # impossible (never once in the clean Aberdeen streams), and an offset on the
             # PM2.5 channel shows so early, long before the ratio stands out
-            if self.metric in ("pm25", "pm10"):
-                fine, coarse = (value, partner) if self.metric == "pm25" else (partner, value)
+            if self._is_fine is not None:
+                fine, coarse = (value, partner) if self._is_fine else (partner, value)
                 if fine - coarse > res:
                     fine_above, fine_above_by = 1.0, math.log1p((fine - coarse) / self.scale)
                 fine_above_1h = self._fine_above.update(t_ms, fine_above)
