@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # module -> the extra that provides it (for the error message when it is missing)
 GROUPS: dict[str, str] = {
     "civicmesh.registry_cli": "",
+    "civicmesh.audit.cli": "",
     "edge.cli": "edge",
     "gateway.cli": "gateway",
     "analytics.cli": "analytics",
