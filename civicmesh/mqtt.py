@@ -7,8 +7,15 @@ acknowledge a message only after the database committed it.
 - ``publish`` waits for the broker's PUBACK (QoS 1) and raises :class:`MqttError` when
   it does not come: callers keep the message in their durable outbox until then.
 - MQTT 5 is tried first; a broker that refuses it (amqtt speaks 3.1.1 only) gets 3.1.1.
-- paho's network thread reconnects with exponential backoff (0.5 s .. 30 s) and every
+- paho's network thread reconnects with exponential backoff (1 s .. 30 s) and every
   subscription is renewed on each connect.
+- A handler never takes the link down: it runs inside a guard that logs and counts what
+  it raised, hands the message to the subscription's ``on_error`` (to quarantine it) and
+  then acknowledges it, so a poison message is not redelivered for ever.
+- The owner keeps the link alive: :meth:`MqttLink.maintain`, called from the owner's main
+  loop, connects a link that never connected (booted offline) and rebuilds one whose
+  network thread died, with its own backoff (1 s .. ``reconnect_max_s``); :attr:`healthy`
+  is what a systemd watchdog should watch.
 - ``persistent=True`` asks for a persistent session (clean start off, session expiry
   set), so the broker queues QoS 1 messages while the subscriber is away.
 """
@@ -76,6 +83,9 @@ class Message:
 
 
 Handler = Callable[[Message], None]
+# Called with a message whose handler raised and the exception; returns whether the
+# message is dealt with (acknowledge it: True) or must stay unacknowledged (False).
+ErrorHandler = Callable[[Message, Exception], bool]
 
 
 class MqttLink:
@@ -94,6 +104,7 @@ class MqttLink:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        reconnect_max_s: float = 60.0,
     ) -> None:
         if protocol not in ("auto", "5", "3.1.1"):
             raise ValueError(f"Invalid MQTT protocol {protocol!r}: use auto, 5 or 3.1.1")
@@ -105,18 +116,25 @@ class MqttLink:
         self._keepalive = keepalive
         self._max_inflight = max_inflight
         self._tls = (tls_ca, tls_cert, tls_key)
-        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._subscriptions: dict[str, tuple[int, Handler, ErrorHandler | None]] = {}
         self._subacks: set[int] = set()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
         self._client: paho.Client | None = None
         self.protocol_version = 0
+        self.handler_errors = 0  # messages whose handler raised (each logged)
+        self.rebuilds = 0  # connections maintain() made after a dead or missing one
+        self._reconnect_max_s = reconnect_max_s
+        self._backoff_s = 1.0
+        self._next_attempt = 0.0  # monotonic time of maintain()'s next connect attempt
+        self._closed = False
 
     # ----------------------------------------------------------------- lifecycle
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect (MQTT 5 first when ``auto``) and start the network thread."""
+        self._closed = False
         choices = {"auto": [5, 4], "5": [5], "3.1.1": [4]}[self._protocol_choice]
         last_error = ""
         for version in choices:
@@ -203,8 +221,56 @@ class MqttLink:
         self._connected.clear()
 
     def close(self) -> None:
-        """Disconnect cleanly and stop the network thread."""
+        """Disconnect cleanly and stop the network thread; :meth:`maintain` stops too."""
+        self._closed = True
         self._stop()
+
+    def _thread_alive(self) -> bool:
+        client = self._client
+        # paho keeps its network thread in a private attribute; None before loop_start().
+        thread = getattr(client, "_thread", None) if client is not None else None
+        return isinstance(thread, threading.Thread) and thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """The link works or is being worked on: its network thread runs (paho reconnects
+        by itself), or :meth:`maintain` has a connect attempt scheduled. False when the
+        network thread died and nobody called :meth:`maintain` since."""
+        if self._client is None:
+            return not self._closed and time.monotonic() < self._next_attempt + 5.0
+        return self._thread_alive()
+
+    def maintain(self, timeout: float = 5.0) -> bool:
+        """Keep the link up; call it from the owner's loop. Returns :attr:`is_connected`.
+
+        A link that never connected (broker down at boot) or whose network thread died
+        is connected afresh, at most once per backoff interval (1 s doubling to
+        ``reconnect_max_s``); a link whose thread runs is left to paho's own reconnect."""
+        if self._closed:
+            return False
+        if self._client is not None and self._thread_alive():
+            return self.is_connected
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        if self._client is not None:
+            log.error(
+                "MQTT network thread for %s:%s died; rebuilding the connection",
+                self.address.host,
+                self.address.port,
+            )
+            self._stop()
+        try:
+            self.connect(timeout)
+        except MqttError as exc:
+            self._next_attempt = time.monotonic() + self._backoff_s
+            log.warning("MQTT %s; next attempt in %.0f s", exc, self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, self._reconnect_max_s)
+            return False
+        self.rebuilds += 1
+        self._backoff_s = 1.0
+        self._next_attempt = 0.0
+        return True
 
     def __enter__(self) -> MqttLink:
         self.connect()
@@ -215,7 +281,8 @@ class MqttLink:
 
     @property
     def is_connected(self) -> bool:
-        return self._connected.is_set()
+        # A dead network thread leaves the flag set; such a link is not connected.
+        return self._connected.is_set() and self._thread_alive()
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -237,7 +304,7 @@ class MqttLink:
         _no_delay(client)
         with self._lock:
             subscriptions = list(self._subscriptions.items())
-        for topic_filter, (qos, _handler) in subscriptions:
+        for topic_filter, (qos, _handler, _on_error) in subscriptions:
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
 
@@ -257,7 +324,7 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
-        qos, handler = self._subscription_for(msg.topic)
+        qos, handler, on_error = self._subscription_for(msg.topic)
         if handler is None:
             # Not acknowledged on purpose: a persistent session redelivers it once a
             # handler is subscribed (a message can arrive before subscribe() after a restart).
@@ -269,20 +336,47 @@ class MqttLink:
             # nothing to acknowledge was asked for; a broker that delivers above the
             # subscription's QoS anyway (amqtt) is answered at once
             self.ack(message)
-        handler(message)
+        try:
+            handler(message)
+        # The guard: whatever a handler raises must not unwind paho's network thread.
+        except Exception as exc:
+            self._handler_failed(message, qos, exc, on_error)
 
-    def _subscription_for(self, topic: str) -> tuple[int, Handler | None]:
+    def _handler_failed(
+        self, message: Message, qos: int, exc: Exception, on_error: ErrorHandler | None
+    ) -> None:
+        """A handler raised: log and count it, let ``on_error`` quarantine the message,
+        then acknowledge it (unless ``on_error`` says it must stay unacknowledged)."""
+        self.handler_errors += 1
+        log.error(
+            "MQTT handler for %s raised %s: %s",
+            message.topic,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        settle = True
+        if on_error is not None:
+            try:
+                settle = on_error(message, exc)
+            except Exception as second:  # the same guard for the error handler
+                log.error("MQTT error handler for %s raised too: %r", message.topic, second)
+                settle = True
+        if settle and qos > 0:
+            self.ack(message)
+
+    def _subscription_for(self, topic: str) -> tuple[int, Handler | None, ErrorHandler | None]:
         with self._lock:
             subscriptions = list(self._subscriptions.items())
-        for topic_filter, (qos, handler) in subscriptions:
+        for topic_filter, (qos, handler, on_error) in subscriptions:
             plain = (
                 topic_filter.split("/", 2)[2]
                 if topic_filter.startswith("$share/")
                 else topic_filter
             )
             if paho.topic_matches_sub(plain, topic):
-                return qos, handler
-        return 0, None
+                return qos, handler, on_error
+        return 0, None, None
 
     # ------------------------------------------------------------------- actions
 
@@ -299,7 +393,7 @@ class MqttLink:
         QoS 0 returns at once, so it is also what a handler running in paho's own thread
         may publish (waiting for a PUBACK there would deadlock)."""
         client = self._require()
-        if not self._connected.is_set():
+        if not self.is_connected:
             raise MqttError("not connected to the broker")
         info = client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS,):
@@ -310,7 +404,7 @@ class MqttLink:
         while not info.is_published():
             if time.monotonic() > deadline:
                 raise MqttError(f"no PUBACK for {topic} within {timeout:.1f} s")
-            if not self._connected.is_set():
+            if not self.is_connected:
                 raise MqttError("connection lost before PUBACK")
             time.sleep(0.001)
 
@@ -323,7 +417,7 @@ class MqttLink:
         acknowledged prefix is reported so a caller can release exactly those.
         """
         client = self._require()
-        if not self._connected.is_set():
+        if not self.is_connected:
             raise MqttError("not connected to the broker")
         infos = []
         for topic, payload in items:
@@ -337,15 +431,26 @@ class MqttLink:
             if infos[done].is_published():
                 done += 1
                 continue
-            if time.monotonic() > deadline or not self._connected.is_set():
+            if time.monotonic() > deadline or not self.is_connected:
                 break
             time.sleep(0.001)
         return done
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        """Subscribe now (if connected) and again after every reconnect."""
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        on_error: ErrorHandler | None = None,
+    ) -> None:
+        """Subscribe now (if connected) and again after every reconnect.
+
+        ``handler`` runs on paho's network thread inside a guard; when it raises,
+        ``on_error`` (if given) gets the message and the exception, see :data:`ErrorHandler`.
+        """
         with self._lock:
-            self._subscriptions[topic_filter] = (qos, handler)
+            self._subscriptions[topic_filter] = (qos, handler, on_error)
         if self._client is not None and self._connected.is_set():
             result, mid = self._client.subscribe(topic_filter, qos=qos)
             if result == MQTTErrorCode.MQTT_ERR_SUCCESS:

@@ -61,6 +61,9 @@ MAX_SEQ = 2**63 - 1
 MAX_TEXT = 64
 MAX_RECEIPT_DIGESTS = 4096
 DIGEST_BYTES = 16
+# Integers accepted as reading values: beyond 2**53 a float no longer holds them exactly,
+# and a CBOR bignum (2**1100) does not fit a float at all.
+MAX_INT_VALUE = 2**53
 _MIN_TIME_MS = 946_684_800_000  # 2000-01-01: anything earlier is a broken clock
 _MAX_TIME_MS = 4_102_444_800_000  # 2100-01-01
 
@@ -175,8 +178,8 @@ class BatchPayload:
     version: int = PROTOCOL_VERSION
 
     def __post_init__(self) -> None:
-        if self.version != PROTOCOL_VERSION:
-            raise ValueError(f"Invalid batch: unsupported protocol version {self.version}")
+        if not _is_version(self.version):
+            raise ValueError(f"Invalid batch: unsupported protocol version {self.version!r}")
         if not is_valid_id(self.device_id):
             raise ValueError(f"Invalid batch: malformed device id {self.device_id!r}")
         if not 1 <= self.seq <= MAX_SEQ:
@@ -383,10 +386,18 @@ def _int(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
+def _is_version(value: Any) -> bool:
+    """Exactly the integer 1: ``True`` and ``1.0`` compare equal to it but are not it."""
+    return type(value) is int and value == PROTOCOL_VERSION
+
+
 def _float(value: Any, name: str) -> float:
-    # Integers are accepted for values (CBOR encoders may shrink 3.0 to 3); NaN and
-    # infinities are legal on the wire and are judged row by row at ingest.
+    # Integers are accepted for values (CBOR encoders may shrink 3.0 to 3), within the
+    # range a float holds exactly; NaN and infinities are legal on the wire and are
+    # judged row by row at ingest.
     if type(value) is int:
+        if not -MAX_INT_VALUE <= value <= MAX_INT_VALUE:
+            raise SchemaError(f"batch field {name} is an integer beyond +-2**53")
         return float(value)
     if type(value) is not float:
         raise SchemaError(f"batch field {name} must be a number")
@@ -404,7 +415,7 @@ def decode_payload(payload_bytes: bytes) -> BatchPayload:
         extra = sorted(set(body) - expected, key=str)
         raise SchemaError(f"batch payload keys wrong: missing {missing}, unexpected {extra}")
     version = body[1]
-    if version != PROTOCOL_VERSION:
+    if not _is_version(version):
         raise SchemaError(f"unsupported protocol version {version!r}", reason="schema.version")
     device_id = body[2]
     if not isinstance(device_id, str) or not is_valid_id(device_id):
@@ -511,7 +522,7 @@ def open_envelope(message: bytes, lookup: KeyLookup) -> GatewayEnvelope:
     body = _loads(parts.payload, "gateway envelope payload")
     if not isinstance(body, dict) or set(body) != {1, 2, 3, 4}:
         raise SchemaError("gateway envelope payload must be a map with keys 1..4")
-    if body[1] != PROTOCOL_VERSION:
+    if not _is_version(body[1]):
         raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
     if body[2] != parts.signer_id:
         raise SchemaError(
@@ -632,7 +643,7 @@ def decode_receipt(data: bytes) -> Receipt:
     body = _loads(bytes(data), "receipt")
     if not isinstance(body, dict) or set(body) != {1, 2, 3}:
         raise SchemaError("receipt must be a map with keys 1..3")
-    if type(body[1]) is not int or body[1] != PROTOCOL_VERSION:
+    if not _is_version(body[1]):
         raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
     issuer, digests = body[2], body[3]
     if not isinstance(issuer, str) or not isinstance(digests, list | tuple):
@@ -683,7 +694,7 @@ def open_rotation(message: bytes, lookup: KeyLookup) -> KeyRotation:
     body = _loads(parts.payload, "key rotation payload")
     if not isinstance(body, dict) or set(body) != {1, 2, 3, 4, 5} or body[2] != ROTATION_KIND:
         raise SchemaError("key rotation payload must be a rotate-key map with keys 1..5")
-    if body[1] != PROTOCOL_VERSION:
+    if not _is_version(body[1]):
         raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
     if body[3] != parts.signer_id:
         raise SchemaError("key rotation names another device than its signer")
@@ -736,7 +747,7 @@ def open_registry_snapshot(message: bytes, authority: VerifyKey) -> RegistrySnap
     body = _loads(parts.payload, "registry snapshot payload")
     if not isinstance(body, dict) or set(body) != {1, 2, 3, 4, 5} or body[2] != SNAPSHOT_KIND:
         raise SchemaError("registry snapshot payload must be a registry map with keys 1..5")
-    if body[1] != PROTOCOL_VERSION:
+    if not _is_version(body[1]):
         raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
     issued = _int(body[3], "issued_at", _MIN_TIME_MS, _MAX_TIME_MS)
     expires = _int(body[4], "expires_at", _MIN_TIME_MS, _MAX_TIME_MS)
@@ -812,7 +823,7 @@ def open_model_release(message: bytes, keys: Sequence[VerifyKey]) -> ModelReleas
     body = _loads(parts.payload, "model release manifest")
     if not isinstance(body, dict) or set(body) != {1, 2, 3} or body[2] != RELEASE_KIND:
         raise SchemaError("model release manifest must be a release map with keys 1..3")
-    if body[1] != PROTOCOL_VERSION:
+    if not _is_version(body[1]):
         raise SchemaError(f"unsupported protocol version {body[1]!r}", reason="schema.version")
     try:
         manifest = json.loads(body[3])

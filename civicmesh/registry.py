@@ -8,20 +8,41 @@ admin API come with fleet security.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings
+
 from civicmesh.errors import RegistryError
-from civicmesh.identity import VerifyKey, derive_id, is_valid_id
+from civicmesh.identity import ALG_EDDSA, VerifyKey, derive_id, is_valid_id
 from civicmesh.timeutil import now_ms
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("active", "revoked")
 # An announcement older than this is refused: a replayed old rotation must not undo a newer one.
 MAX_ROTATION_AGE_MS = 7 * 24 * 3_600_000
+
+
+def refuse_weak_key(text: str, what: str) -> VerifyKey:
+    """The key of a registration; refuses an Ed25519 key that is no valid point of the
+    prime-order group (the all-zero key, the identity, the small-order points): with
+    such a key, signatures can be forged or made to verify for many messages."""
+    key = VerifyKey.from_text(text)
+    if key.algorithm == ALG_EDDSA and not nacl.bindings.crypto_core_ed25519_is_valid_point(
+        key.public_key
+    ):
+        raise ValueError(
+            f"Invalid {what}: the public key is a weak Ed25519 key (all zero, the identity "
+            "or a small-order point); make a new key with `civicmesh edge keygen`"
+        )
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +67,7 @@ class DeviceRecord:
             raise ValueError(
                 "Invalid device record: owner must be printable, 120 characters at most"
             )
-        VerifyKey.from_text(self.public_key)
+        refuse_weak_key(self.public_key, "device record")
         origin = VerifyKey.from_text(self.first_key or self.public_key)
         if derive_id(origin.public_key) != self.device_id:
             raise ValueError(f"Invalid device record: id {self.device_id} does not match its key")
@@ -85,7 +106,7 @@ class GatewayRecord:
     status: str = "active"
 
     def __post_init__(self) -> None:
-        key = VerifyKey.from_text(self.public_key)
+        key = refuse_weak_key(self.public_key, "gateway record")
         if derive_id(key.public_key) != self.gateway_id:
             raise ValueError(f"Invalid gateway record: id {self.gateway_id} does not match key")
         if self.status not in STATUSES:
@@ -199,26 +220,80 @@ def _gw_key(record: GatewayRecord) -> str:
 
 
 class RegistryFile:
-    """A registry file reloaded when its modification time changes (thread-safe)."""
+    """A registry file reloaded when its modification time changes (thread-safe).
+
+    The first load must succeed (a missing file is an empty registry). Afterwards a file
+    that cannot be read or parsed, or that went missing (an operator's editor writing it
+    in place, a copy half done), does not replace the last good registry: it is kept,
+    the failure is logged and counted, and the file is read again on the next call.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._registry = Registry.empty()
+        self._loaded = False
+        self.reload_failures = 0
+        self._failing_since: float | None = None
+        self._failed_stamp: tuple[int, int] | None = None
+        self._retry_at = 0.0
         self.current()
 
     def current(self) -> Registry:
         try:
             st = self.path.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             stamp = None
+        except OSError as exc:
+            return self._keep(f"cannot stat it: {exc}")
         with self._lock:
-            if stamp != self._stamp:
-                self._registry = Registry.load(self.path) if stamp else Registry.empty()
-                self._stamp = stamp
+            if stamp == self._stamp and self._loaded:
+                return self._registry
+            if stamp == self._failed_stamp and time.monotonic() < self._retry_at:
+                return self._registry  # the same bad file: read it again in a moment
+            if stamp is None and self._loaded and self._stamp is not None:
+                return self._keep_locked("it went missing")
+            try:
+                registry = self._read() if stamp else Registry.empty()
+            except RegistryError as exc:
+                if not self._loaded:
+                    raise
+                self._failed_stamp, self._retry_at = stamp, time.monotonic() + 1.0
+                return self._keep_locked(str(exc))
+            if self._failing_since is not None:
+                log.warning("registry file %s readable again; reloaded", self.path)
+                self._failing_since = None
+            self._registry, self._stamp, self._loaded = registry, stamp, True
             return self._registry
+
+    def _read(self) -> Registry:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Registry.empty()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"cannot read {self.path}: {exc}") from None
+        return Registry.from_json(text, origin=str(self.path))
+
+    def _keep(self, why: str) -> Registry:
+        with self._lock:
+            return self._keep_locked(why)
+
+    def _keep_locked(self, why: str) -> Registry:
+        """Keep the last good registry; log the first failure of a run at warning."""
+        self.reload_failures += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.warning(
+                "registry file %s not reloaded (%s); keeping the last good registry "
+                "(%d devices) and retrying",
+                self.path,
+                why,
+                len(self._registry.devices),
+            )
+        return self._registry
 
     def device_key(self, device_id: str) -> tuple[VerifyKey, ...] | None:
         return self.current().device_key(device_id) if is_valid_id(device_id) else None

@@ -81,6 +81,8 @@ class EdgeAgent:
         self.outbox = Outbox(
             settings.state_dir / "outbox.db",
             max_readings=settings.outbox_max_readings,
+            max_bytes=settings.outbox_max_bytes,
+            min_free_bytes=settings.outbox_min_free_bytes,
             await_receipts=settings.await_receipts,
         )
         self.published = 0
@@ -164,7 +166,7 @@ class EdgeAgent:
             readings = self.runtime.process(readings, raw)
             for _ in {r.ts_ms for r in readings}:
                 self.updater.tick()
-        self.outbox.add(readings)
+        self.outbox.add(readings, source=self.settings.driver.name)
         return len(readings)
 
     def seal_all(self) -> int:
@@ -212,6 +214,7 @@ class EdgeAgent:
 
     def health(self) -> dict[str, Any]:
         self.apply_receipts()
+        stats = self.outbox.stats()
         return {
             "device_id": self.device_id,
             "agent_version": __version__,
@@ -220,7 +223,8 @@ class EdgeAgent:
             if self.runtime is None or self.updater is None
             else {"loaded": self.runtime.health(), **self.updater.health()},
             "driver": self.settings.driver.name,
-            "outbox": asdict(self.outbox.stats()),
+            "outbox": asdict(stats),
+            "dropped_total": stats.dropped_total,
             "published": self.published,
             "confirmed": self.confirmed,
             "time_ms": self.clock.now_ms(),
@@ -243,7 +247,12 @@ class EdgeAgent:
         watchdog = Watchdog()
         notify("READY=1")
         while not stop.is_set():
-            watchdog.tick()  # under systemd: a loop that stops turning gets restarted
+            # The agent owns its reconnection: a link that never connected (booted
+            # offline) or whose network thread died is connected again, with backoff.
+            if self.link is not None:
+                self.link.maintain()
+            if self.link is None or self.link.healthy:
+                watchdog.tick()  # under systemd: a loop or link that stops gets restarted
             self.collect(self.clock.now_ms())
             self.seal_all()
             self.flush()

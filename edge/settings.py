@@ -65,11 +65,30 @@ class EdgeSettings(ServiceSettings):
     batch_max_readings: int = Field(500, ge=1, le=5000, description="Readings per sealed batch")
     publish_interval_s: float = Field(10.0, gt=0, le=3600, description="Seconds between flushes")
     outbox_max_readings: int = Field(
-        500_000, ge=1000, le=50_000_000, description="Bound on unsealed readings in the outbox"
+        500_000,
+        ge=1000,
+        le=50_000_000,
+        description="Bound on all readings in the outbox: unsealed ones and those in sealed "
+        "batches not yet confirmed",
+    )
+    outbox_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024**3,
+        description="Bound on the outbox's size in bytes (sealed messages plus about 64 bytes "
+        "per unsealed reading)",
+    )
+    outbox_min_free_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        le=64 * 1024**3,
+        description="Free disk space the outbox leaves on its file system: below it the "
+        "overflow policy applies as if the outbox were full (0: no reserve)",
     )
     outbox_overflow: Literal["drop_oldest"] = Field(
         "drop_oldest",
-        description="Past the bound the oldest UNSEALED readings are dropped, counted, logged",
+        description="Past any bound the oldest data is dropped first (sealed batches, then "
+        "unsealed readings), counted in dropped_total, logged at warning",
     )
     await_receipts: bool = Field(
         True,

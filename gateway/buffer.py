@@ -7,18 +7,29 @@ ingest's receipt names it; forwarded but unconfirmed envelopes are forwarded aga
 :mod:`civicmesh.custody` decides. Confirmed envelopes are kept for
 ``keep_forwarded_hours``, for replay after a central loss and to recognise a device
 re-sending a batch the gateway already has.
+
+The buffer is bounded (envelopes and bytes). Past the bound the oldest confirmed
+envelopes (kept only for replay) go first; if that is not enough, the overflow policy
+drops the oldest unconfirmed ones, counted in ``dropped_total`` and logged at warning.
+Dropping is safe for custody only while devices keep their batches until the receipt:
+a device batch whose envelope was dropped is still receipted, so set the bound well
+above a normal backlog. It sits on :class:`civicmesh.queue.DurableQueue` (transactions
+that always roll back on error, disk-full errors converted).
 """
 
 from __future__ import annotations
 
-import threading
+import logging
+import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
 from civicmesh.custody import ResendPlan
 from civicmesh.protocol import ChainHead, message_digest
-from civicmesh.sqlite_state import open_state
+from civicmesh.queue import DurableQueue
 from civicmesh.timeutil import now_ms
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = (
     (
@@ -49,26 +60,42 @@ MIGRATIONS = (
         CREATE INDEX outgoing_unconfirmed ON outgoing (forwarded_ms) WHERE confirmed_ms IS NULL
         """,
     ),
+    (
+        3,
+        "bounds",
+        """
+        CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        INSERT INTO counters VALUES ('dropped_total', 0)
+        """,
+    ),
 )
 
 
 class GatewayBuffer:
-    def __init__(self, path: Path, *, await_receipts: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        await_receipts: bool = True,
+        max_envelopes: int = 1_000_000,
+        max_bytes: int = 1024 * 1024 * 1024,
+    ) -> None:
         self.await_receipts = await_receipts
-        self._lock = threading.Lock()
-        self._db = open_state(path, MIGRATIONS)
+        self.max_envelopes = max_envelopes
+        self.max_bytes = max_bytes
+        self._queue = DurableQueue(path, MIGRATIONS)
 
     def head(self, device_id: str) -> ChainHead | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._queue.read() as db:
+            row = db.execute(
                 "SELECT seq, hash FROM heads WHERE device_id = ?", (device_id,)
             ).fetchone()
         return None if row is None else ChainHead(int(row[0]), bytes(row[1]))
 
     def known_digest(self, device_id: str, seq: int) -> bytes | None:
         """The digest of the device message accepted as (device, seq), while it is kept."""
-        with self._lock:
-            row = self._db.execute(
+        with self._queue.read() as db:
+            row = db.execute(
                 "SELECT device_digest FROM outgoing WHERE device_id = ? AND seq = ?",
                 (device_id, seq),
             ).fetchone()
@@ -82,8 +109,8 @@ class GatewayBuffer:
         A batch lost on the way and re-sent arrives after its successors were accepted
         across a gap. It fills the gap when its seq is still free and it links to the
         neighbours the buffer knows: a taken seq or a broken link is a fork."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._queue.read() as db:
+            rows = db.execute(
                 "SELECT seq, batch_hash, prev_hash FROM outgoing "
                 "WHERE device_id = ? AND seq BETWEEN ? AND ?",
                 (device_id, seq - 1, seq + 1),
@@ -111,48 +138,91 @@ class GatewayBuffer:
     ) -> None:
         """Advance the device's chain head (unless filling a gap behind it) and enqueue
         its envelope, atomically."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if advance_head:
-                    self._db.execute(
-                        "INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT (device_id) "
-                        "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                        (device_id, seq, digest),
-                    )
-                self._db.execute(
-                    "INSERT INTO outgoing (topic, body, created_ms, digest, device_id, seq, "
-                    "device_digest, batch_hash, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        topic,
-                        body,
-                        now_ms(),
-                        message_digest(body),
-                        device_id,
-                        seq,
-                        message_digest(device_message),
-                        digest,
-                        prev_hash,
-                    ),
+        with self._queue.write() as db:
+            if advance_head:
+                db.execute(
+                    "INSERT INTO heads VALUES (?, ?, ?) ON CONFLICT (device_id) "
+                    "DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+                    (device_id, seq, digest),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            db.execute(
+                "INSERT INTO outgoing (topic, body, created_ms, digest, device_id, seq, "
+                "device_digest, batch_hash, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    topic,
+                    body,
+                    now_ms(),
+                    message_digest(body),
+                    device_id,
+                    seq,
+                    message_digest(device_message),
+                    digest,
+                    prev_hash,
+                ),
+            )
+            self._enforce_bounds(db)
 
     def enqueue(self, topic: str, body: bytes) -> None:
-        with self._lock:
-            self._db.execute(
+        with self._queue.write() as db:
+            db.execute(
                 "INSERT INTO outgoing (topic, body, created_ms, digest) VALUES (?, ?, ?, ?)",
                 (topic, body, now_ms(), message_digest(body)),
             )
+            self._enforce_bounds(db)
+
+    def _enforce_bounds(self, db: sqlite3.Connection) -> int:
+        """Keep the buffer within its bound (inside the caller's transaction); return
+        how many unconfirmed envelopes the overflow policy dropped."""
+        count, size = db.execute(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM outgoing"
+        ).fetchone()
+        if count <= self.max_envelopes and size <= self.max_bytes:
+            return 0
+        dropped = 0
+        # Confirmed envelopes first (kept for replay only), then the oldest unconfirmed.
+        for confirmed in (True, False):
+            where = "confirmed_ms IS NOT NULL" if confirmed else "confirmed_ms IS NULL"
+            rows = db.execute(
+                f"SELECT id, length(body) FROM outgoing WHERE {where} ORDER BY id"
+            ).fetchall()
+            cut = None
+            for row_id, length in rows:
+                if count <= self.max_envelopes and size <= self.max_bytes:
+                    break
+                cut, count, size = row_id, count - 1, size - length
+                dropped += 0 if confirmed else 1
+            if cut is not None:
+                db.execute(f"DELETE FROM outgoing WHERE {where} AND id <= ?", (cut,))
+            if count <= self.max_envelopes and size <= self.max_bytes:
+                break
+        if dropped:
+            db.execute(
+                "UPDATE counters SET value = value + ? WHERE name = 'dropped_total'", (dropped,)
+            )
+            log.warning("gateway buffer over its bound: dropped the %d oldest envelopes", dropped)
+        return dropped
+
+    def dropped_total(self) -> int:
+        with self._queue.read() as db:
+            (value,) = db.execute(
+                "SELECT value FROM counters WHERE name = 'dropped_total'"
+            ).fetchone()
+        return int(value)
+
+    def size(self) -> tuple[int, int]:
+        """Envelopes held (confirmed ones kept for replay included) and their bytes."""
+        with self._queue.read() as db:
+            count, size = db.execute(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM outgoing"
+            ).fetchone()
+        return int(count), int(size)
 
     def pending(self, limit: int, plan: ResendPlan | None = None) -> list[tuple[int, str, bytes]]:
         """Envelopes to forward, in order: never forwarded, or forwarded and unconfirmed
         where the resend ``plan`` (see :mod:`civicmesh.custody`) says to send again."""
         plan = plan or ResendPlan(0, 0, 0)
-        with self._lock:
-            rows = self._db.execute(
+        with self._queue.read() as db:
+            rows = db.execute(
                 "SELECT id, topic, body FROM outgoing WHERE forwarded_ms IS NULL "
                 "UNION SELECT id, topic, body FROM outgoing "
                 "WHERE confirmed_ms IS NULL AND forwarded_ms < ? "
@@ -168,13 +238,11 @@ class GatewayBuffer:
             return
         stamp = now_ms()
         confirmed = None if self.await_receipts else stamp
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
+        with self._queue.write() as db:
+            db.executemany(
                 "UPDATE outgoing SET forwarded_ms = ?, confirmed_ms = ? WHERE id = ?",
                 [(stamp, confirmed, i) for i in ids],
             )
-            self._db.execute("COMMIT")
 
     def confirm(self, digests: Sequence[bytes]) -> tuple[int, int | None]:
         """Ingest's receipt names these envelope digests: they need no more forwarding.
@@ -183,23 +251,21 @@ class GatewayBuffer:
         if not digests:
             return 0, None
         stamp = now_ms()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            confirmed, newest = 0, None
+        confirmed, newest = 0, None
+        with self._queue.write() as db:
             for digest in digests:
-                for (forwarded,) in self._db.execute(
+                for (forwarded,) in db.execute(
                     "UPDATE outgoing SET confirmed_ms = ?, forwarded_ms = coalesce(forwarded_ms, ?)"
                     " WHERE digest = ? AND confirmed_ms IS NULL RETURNING forwarded_ms",
                     (stamp, stamp, digest),
                 ).fetchall():
                     confirmed += 1
                     newest = forwarded if newest is None else max(newest, forwarded)
-            self._db.execute("COMMIT")
         return confirmed, newest
 
     def prune(self, older_than_ms: int) -> int:
-        with self._lock:
-            cursor = self._db.execute(
+        with self._queue.write() as db:
+            cursor = db.execute(
                 "DELETE FROM outgoing WHERE confirmed_ms IS NOT NULL AND confirmed_ms < ?",
                 (older_than_ms,),
             )
@@ -208,8 +274,8 @@ class GatewayBuffer:
     def requeue(self, since_ms: int) -> int:
         """Forward again every kept envelope received since ``since_ms``: the replay after
         a central store was lost (ingest stores each batch once, whatever comes twice)."""
-        with self._lock:
-            cursor = self._db.execute(
+        with self._queue.write() as db:
+            cursor = db.execute(
                 "UPDATE outgoing SET forwarded_ms = NULL, confirmed_ms = NULL "
                 "WHERE created_ms >= ?",
                 (since_ms,),
@@ -218,12 +284,11 @@ class GatewayBuffer:
 
     def backlog(self) -> int:
         """Envelopes not yet confirmed (with receipts) or not yet forwarded (without)."""
-        with self._lock:
-            (count,) = self._db.execute(
+        with self._queue.read() as db:
+            (count,) = db.execute(
                 "SELECT count(*) FROM outgoing WHERE confirmed_ms IS NULL"
             ).fetchone()
         return int(count)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._queue.close()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 from pathlib import Path
 
 from civicmesh.config import load_settings
+from civicmesh.errors import MqttError
 from civicmesh.identity import Ed25519Signer
 from civicmesh.mqtt import MqttLink
 from civicmesh.registry import RegistryFile
 from civicmesh.systemd import Watchdog, notify
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -49,7 +53,11 @@ def _replay(args: argparse.Namespace) -> int:
 
     settings = load_settings(GatewaySettings, args.config)
     since = datetime.fromisoformat(args.since)
-    buffer = GatewayBuffer(settings.state_dir / "buffer.db")
+    buffer = GatewayBuffer(
+        settings.state_dir / "buffer.db",
+        max_envelopes=settings.buffer_max_envelopes,
+        max_bytes=settings.buffer_max_bytes,
+    )
     try:
         count = buffer.requeue(int(since.timestamp() * 1000))
     finally:
@@ -88,14 +96,23 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     # Subscribe before connecting, so messages queued in our persistent session find a handler.
     gateway.start()
-    upstream_link.connect()
-    device_link.connect()
+    # Either broker may be down at boot: the loop below keeps trying (with backoff) and
+    # the buffer holds what arrives meanwhile.
+    for link in (upstream_link, device_link):
+        try:
+            link.connect()
+        except MqttError as exc:
+            log.warning("%s; the gateway starts anyway and keeps trying", exc)
     notify("READY=1")
     watchdog = Watchdog()
     try:
-        # The watchdog is fed only while the forwarder runs: a stuck gateway gets restarted.
+        # The gateway owns its reconnection, and the watchdog is fed only while the
+        # forwarder runs and both links work or are being rebuilt: a stuck gateway, or
+        # a link whose network thread died for good, gets restarted.
         while not stop.wait(2.0):
-            if gateway.forwarding:
+            upstream_link.maintain()
+            device_link.maintain()
+            if gateway.forwarding and upstream_link.healthy and device_link.healthy:
                 watchdog.tick()
     finally:
         device_link.close()

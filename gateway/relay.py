@@ -67,7 +67,10 @@ class Gateway:
         self.device_link = device_link  # create with persistent=True, manual_ack=True
         self.upstream_link = upstream_link
         self.buffer = GatewayBuffer(
-            settings.state_dir / "buffer.db", await_receipts=settings.await_receipts
+            settings.state_dir / "buffer.db",
+            await_receipts=settings.await_receipts,
+            max_envelopes=settings.buffer_max_envelopes,
+            max_bytes=settings.buffer_max_bytes,
         )
         self.up_topic = topics.gateway_up(signer.key_id)
         self._authority = (
@@ -93,7 +96,9 @@ class Gateway:
             self.upstream_link.subscribe(
                 topics.gateway_receipt(self.signer.key_id), self._on_upstream_receipt
             )
-        self.device_link.subscribe(topics.ALL_DEVICE_UP, self._on_message)
+        self.device_link.subscribe(
+            topics.ALL_DEVICE_UP, self._on_message, on_error=self._on_handler_error
+        )
         # health is QoS 0 end to end: the next report replaces a lost one
         self.device_link.subscribe(topics.ALL_DEVICE_HEALTH, self._on_health, qos=0)
         if self._authority is not None:
@@ -115,7 +120,13 @@ class Gateway:
         with self._lock:
             counts = dict(self._counts)
             quarantined = dict(self._quarantined)
-        return {**counts, "quarantined_by_reason": quarantined, "backlog": self.buffer.backlog()}
+        return {
+            **counts,
+            "quarantined_by_reason": quarantined,
+            "backlog": self.buffer.backlog(),
+            "dropped_total": self.buffer.dropped_total(),
+            "handler_errors": self.device_link.handler_errors,
+        }
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
@@ -210,6 +221,30 @@ class Gateway:
             log.warning("quarantined message on %s: %s", message.topic, exc.reason)
         # Acknowledge only now: the message is durably accepted or quarantined.
         self.device_link.ack(message)
+
+    def _on_handler_error(self, message: Message, exc: Exception) -> bool:
+        """:meth:`_on_message` raised something other than a protocol error (a full disk,
+        a bug). The message is acknowledged without a receipt: its device keeps the batch
+        and sends it again. A record with the reason goes upstream when the buffer can
+        still take it."""
+        self._count("handler_errors")
+        with self._lock:
+            self._quarantined["gateway.internal_error"] += 1
+        try:
+            record = QuarantineRecord.of(
+                reason="gateway.internal_error",
+                detail=f"{type(exc).__name__}: {exc}"[:500],
+                source=f"gw:{self.signer.key_id}",
+                topic=message.topic,
+                received_at_ms=now_ms(),
+                payload=message.payload,
+                device_id=None,
+                seq=None,
+            )
+            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+        except Exception as second:  # the record is best effort; the guard must return
+            log.warning("no quarantine record for the failed message: %s", second)
+        return True
 
     def _is_resent(self, device_id: str, seq: int, device_message: bytes) -> bool:
         """Is this exactly the message already accepted as (device, seq)?"""

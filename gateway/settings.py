@@ -39,6 +39,19 @@ class GatewaySettings(ServiceSettings):
         default_factory=MqttSection,
         description="Broker of the central service (may be the same)",
     )
+    buffer_max_envelopes: int = Field(
+        1_000_000,
+        ge=1000,
+        le=100_000_000,
+        description="Bound on envelopes in the buffer (confirmed ones kept for replay go first)",
+    )
+    buffer_max_bytes: int = Field(
+        1024**3,
+        ge=1024 * 1024,
+        le=1024**4,
+        description="Bound on the buffer's envelope bytes; past either bound the oldest "
+        "unconfirmed envelopes are dropped, counted in dropped_total and logged",
+    )
     forward_batch_size: int = Field(200, ge=1, le=5000, description="Envelopes per publish burst")
     await_receipts: bool = Field(
         True,
