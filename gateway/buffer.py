@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from civicmesh.custody import ResendPlan
-from civicmesh.protocol import ChainHead, message_digest
+from civicmesh.protocol import GENESIS_HASH, ChainHead, message_digest
 from civicmesh.queue import DurableQueue
 from civicmesh.timeutil import now_ms
 
@@ -68,6 +68,20 @@ MIGRATIONS = (
         INSERT INTO counters VALUES ('dropped_total', 0)
         """,
     ),
+    (
+        4,
+        "held gaps",
+        """
+        ALTER TABLE outgoing ADD COLUMN held_until_ms INTEGER;
+        CREATE INDEX outgoing_held ON outgoing (device_id, id) WHERE held_until_ms IS NOT NULL
+        """,
+    ),
+)
+
+# A batch waiting for its chain to link: none of its device's later envelopes overtakes it.
+_NOT_HELD = (
+    "NOT EXISTS (SELECT 1 FROM outgoing AS h WHERE h.held_until_ms IS NOT NULL "
+    "AND h.device_id = outgoing.device_id AND h.id <= outgoing.id)"
 )
 
 
@@ -115,13 +129,23 @@ class GatewayBuffer:
                 "WHERE device_id = ? AND seq BETWEEN ? AND ?",
                 (device_id, seq - 1, seq + 1),
             ).fetchall()
+        linked = seq == 1 and prev_hash == GENESIS_HASH
+        if seq == 1 and not linked:
+            return "seq 1 must name the genesis hash as previous"
         for other, other_hash, other_prev in rows:
             if other == seq:
                 return f"seq {seq} was already accepted with other content"
-            if other == seq + 1 and other_prev is not None and bytes(other_prev) != batch_hash:
-                return f"seq {seq + 1} names another batch as its predecessor"
-            if other == seq - 1 and other_hash is not None and bytes(other_hash) != prev_hash:
-                return f"it names another batch than the accepted seq {seq - 1} as previous"
+            if other == seq + 1 and other_prev is not None:
+                if bytes(other_prev) != batch_hash:
+                    return f"seq {seq + 1} names another batch as its predecessor"
+                linked = True
+            if other == seq - 1 and other_hash is not None:
+                if bytes(other_hash) != prev_hash:
+                    return f"it names another batch than the accepted seq {seq - 1} as previous"
+                linked = True
+        if not linked:
+            # Neither neighbour is held: nothing it could be checked against.
+            return f"it links to no batch the gateway holds (seq {seq - 1} or {seq + 1})"
         return None
 
     def accept(
@@ -135,9 +159,13 @@ class GatewayBuffer:
         *,
         prev_hash: bytes | None = None,
         advance_head: bool = True,
-    ) -> None:
+        hold_until_ms: int | None = None,
+    ) -> int:
         """Advance the device's chain head (unless filling a gap behind it) and enqueue
-        its envelope, atomically."""
+        its envelope, atomically; ``hold_until_ms`` holds it (and its device's later
+        envelopes) until its predecessor arrives and links, or until that time.
+
+        Returns how many held envelopes this one released by linking them."""
         with self._queue.write() as db:
             if advance_head:
                 db.execute(
@@ -147,7 +175,8 @@ class GatewayBuffer:
                 )
             db.execute(
                 "INSERT INTO outgoing (topic, body, created_ms, digest, device_id, seq, "
-                "device_digest, batch_hash, prev_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "device_digest, batch_hash, prev_hash, held_until_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     topic,
                     body,
@@ -158,9 +187,34 @@ class GatewayBuffer:
                     message_digest(device_message),
                     digest,
                     prev_hash,
+                    hold_until_ms,
                 ),
             )
+            # Its successor waits for exactly this batch: the chain links, release it.
+            released = db.execute(
+                "UPDATE outgoing SET held_until_ms = NULL WHERE device_id = ? AND seq = ? "
+                "AND held_until_ms IS NOT NULL AND prev_hash = ?",
+                (device_id, seq + 1, digest),
+            ).rowcount
             self._enforce_bounds(db)
+        return int(released)
+
+    def release_held(self, now: int) -> list[tuple[str, int]]:
+        """Release the held envelopes whose hold ended; returns their (device, seq)."""
+        with self._queue.write() as db:
+            rows = db.execute(
+                "UPDATE outgoing SET held_until_ms = NULL "
+                "WHERE held_until_ms IS NOT NULL AND held_until_ms <= ? RETURNING device_id, seq",
+                (now,),
+            ).fetchall()
+        return [(str(device), int(seq)) for device, seq in rows]
+
+    def held(self) -> int:
+        with self._queue.read() as db:
+            (count,) = db.execute(
+                "SELECT count(*) FROM outgoing WHERE held_until_ms IS NOT NULL"
+            ).fetchone()
+        return int(count)
 
     def enqueue(self, topic: str, body: bytes) -> None:
         with self._queue.write() as db:
@@ -223,7 +277,7 @@ class GatewayBuffer:
         plan = plan or ResendPlan(0, 0, 0)
         with self._queue.read() as db:
             rows = db.execute(
-                "SELECT id, topic, body FROM outgoing WHERE forwarded_ms IS NULL "
+                f"SELECT id, topic, body FROM outgoing WHERE forwarded_ms IS NULL AND {_NOT_HELD} "
                 "UNION SELECT id, topic, body FROM outgoing "
                 "WHERE confirmed_ms IS NULL AND forwarded_ms < ? "
                 "UNION SELECT * FROM (SELECT id, topic, body FROM outgoing "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -89,6 +90,7 @@ class Gateway:
         self._quarantined: Counter[str] = Counter()
         self._device_receipts: dict[str, list[bytes]] = {}
         self.resend = ResendPolicy(settings.resend_after_s)
+        self._next_release = 0.0  # monotonic time of the next look for ended holds
 
     def start(self) -> None:
         """Subscribe to device uplinks and start forwarding (works before or after connect)."""
@@ -154,6 +156,7 @@ class Gateway:
                 )
             head = self.buffer.head(batch.device_id)
             advance_head = True
+            hold_until: int | None = None
             if head is not None and batch.seq <= head.seq:
                 if self._is_resent(batch.device_id, batch.seq, message.payload):
                     # The same bytes again: a device whose receipt was lost, or a replay.
@@ -179,15 +182,19 @@ class Gateway:
                 verdict = judge_chain(head, batch)
                 raise_for_verdict(verdict, batch, head)
                 if verdict is ChainVerdict.GAP:
+                    # Its prev_hash names a batch the gateway has not seen: held until
+                    # that batch arrives and links it (see gap_hold_s), not forwarded
+                    # as if it continued the chain.
                     self._count("chain_gaps")
+                    hold_until = now_ms() + int(self.settings.gap_hold_s * 1000)
                     log.warning(
-                        "chain gap: device %s jumped to seq %d (head %s)",
+                        "chain gap: device %s jumped to seq %d (head %s); held",
                         batch.device_id,
                         batch.seq,
                         None if head is None else head.seq,
                     )
             envelope = wrap_envelope(self.signer, message.payload, now_ms())
-            self.buffer.accept(
+            released = self.buffer.accept(
                 batch.device_id,
                 batch.seq,
                 batch.hash,
@@ -196,7 +203,10 @@ class Gateway:
                 message.payload,
                 prev_hash=batch.payload.prev_hash,
                 advance_head=advance_head,
+                hold_until_ms=hold_until,
             )
+            if released:
+                self._count("gaps_linked", released)
             self._count("accepted")
             self._receipt_for(batch.device_id, message.payload)
         except ProtocolError as exc:
@@ -360,11 +370,39 @@ class Gateway:
 
     # ------------------------------------------------------------------ forward
 
+    def _release_held(self) -> None:
+        """Forward the held batches whose hold ended unlinked, each with a ``chain.gap``
+        record upstream: ingest learns that the gateway could not check their link."""
+        if time.monotonic() < self._next_release:
+            return
+        self._next_release = time.monotonic() + 1.0
+        for device_id, seq in self.buffer.release_held(now_ms()):
+            self._count("gaps_released_unlinked")
+            with self._lock:
+                self._quarantined["chain.gap"] += 1
+            record = QuarantineRecord.of(
+                reason="chain.gap",
+                detail=(
+                    f"device {device_id} seq {seq} jumped ahead of its chain and the batches "
+                    f"before it did not arrive within {self.settings.gap_hold_s:.0f} s: "
+                    "forwarded without a checked link to its predecessor"
+                ),
+                source=f"gw:{self.signer.key_id}",
+                topic=topics.device_up(device_id),
+                received_at_ms=now_ms(),
+                payload=b"",
+                device_id=device_id,
+                seq=seq,
+            )
+            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+            log.warning("device %s seq %d forwarded unlinked after its hold", device_id, seq)
+
     def _forward_loop(self) -> None:
         backoff = 0.5
         next_prune = 0.0
         while not self._stop.is_set():
             self._send_device_receipts()
+            self._release_held()
             plan = self.resend.plan() if self.settings.await_receipts else None
             items = self.buffer.pending(self.settings.forward_batch_size, plan)
             if not items:

@@ -52,6 +52,16 @@ class GatewaySettings(ServiceSettings):
         description="Bound on the buffer's envelope bytes; past either bound the oldest "
         "unconfirmed envelopes are dropped, counted in dropped_total and logged",
     )
+    gap_hold_s: float = Field(
+        300.0,
+        ge=0,
+        le=7 * 86_400,
+        description="A batch that jumps ahead of its device's chain (a seq gap: its "
+        "prev_hash cannot be checked) is held, with its device's later batches, until the "
+        "missing batch arrives and links it, or for this long; then it is forwarded with a "
+        "chain.gap quarantine record saying it was never linked (0: forward at once, "
+        "with the record)",
+    )
     forward_batch_size: int = Field(200, ge=1, le=5000, description="Envelopes per publish burst")
     await_receipts: bool = Field(
         True,

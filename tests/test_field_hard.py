@@ -27,7 +27,9 @@ from civicmesh.protocol import (
     _cose_sign1,
     decode_payload,
     decode_receipt,
+    make_payload,
     open_batch,
+    seal_batch,
 )
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry, RegistryFile
 from edge.agent import EdgeAgent
@@ -381,3 +383,55 @@ def test_an_agent_that_boots_offline_connects_when_the_broker_comes(
         link.close()
         agent.close()
     assert not runner.is_alive()
+
+
+# ------------------------------------------------------- chain rules at the gateway (item 10)
+
+
+@pytest.mark.integration
+def test_a_gap_fill_that_links_to_nothing_is_quarantined(
+    tmp_path: Path, system_mqtt_url: str
+) -> None:
+    from test_gateway import Rig, chain, stored_seqs
+
+    rig = Rig(tmp_path, system_mqtt_url, {"gap_hold_s": 0})
+    try:
+        batches = chain(rig.device, 5)
+        rig.publish(rig.device.key_id, batches[0].message)
+        rig.publish(rig.device.key_id, batches[4].message)  # seq 5 across a gap
+        rig.wait(lambda: stored_seqs(rig) == [1, 5])
+        # A "seq 3" whose prev_hash is random: seqs 2 and 4 are unknown, so nothing it
+        # names can be checked. Before: stored as a gap fill.
+        forged = seal_batch(rig.device, make_payload(rig.device.key_id, 3, os.urandom(32), T0, []))
+        rig.publish(rig.device.key_id, forged.message)
+        rig.wait(lambda: "chain.fork" in rig.reasons())
+        time.sleep(0.5)
+        assert stored_seqs(rig) == [1, 5]
+        (record,) = [r for r in rig.store.quarantined(100) if r.reason == "chain.fork"]
+        assert "links to no batch" in record.detail
+    finally:
+        rig.close()
+
+
+@pytest.mark.integration
+def test_a_batch_that_jumps_ahead_is_held_until_it_links(
+    tmp_path: Path, system_mqtt_url: str
+) -> None:
+    from test_gateway import Rig, chain, stored_seqs
+
+    rig = Rig(tmp_path, system_mqtt_url, {"gap_hold_s": 3})
+    try:
+        batches = chain(rig.device, 3)
+        rig.publish(rig.device.key_id, batches[0].message)
+        rig.wait(lambda: stored_seqs(rig) == [1])
+        # Seq 500 with a random prev_hash (another gateway's relay, a clone...).
+        jump = seal_batch(rig.device, make_payload(rig.device.key_id, 500, os.urandom(32), T0, []))
+        rig.publish(rig.device.key_id, jump.message)
+        time.sleep(1.5)
+        assert stored_seqs(rig) == [1], "held, not forwarded as if it continued the chain"
+        # Its hold ends unlinked: forwarded, with a chain.gap record saying so.
+        rig.wait(lambda: stored_seqs(rig) == [1, 500], timeout=20)
+        rig.wait(lambda: "chain.gap" in rig.reasons())
+        assert rig.gateway.stats()["gaps_released_unlinked"] == 1
+    finally:
+        rig.close()
