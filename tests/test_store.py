@@ -176,6 +176,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0005_zone_rollups",
         "0006_reports",
         "0007_dashboard",
+        "0008_audit_log",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -188,6 +189,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (5, "0005_zone_rollups"),
         (6, "0006_reports"),
         (7, "0007_dashboard"),
+        (8, "0008_audit_log"),
     ]
     first.close()
     second.close()
@@ -220,6 +222,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
         "0005_zone_rollups",
         "0006_reports",
         "0007_dashboard",
+        "0008_audit_log",
     ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:

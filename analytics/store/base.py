@@ -13,11 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from civicmesh.errors import CivicmeshError
 from civicmesh.protocol import Reading
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord
+
+if TYPE_CHECKING:
+    from analytics.store.auditlog import AuditTables
 
 
 class StoreError(CivicmeshError):
@@ -294,6 +298,10 @@ class StoreCounts:
 class Store(ABC):
     """One storage backend. Implementations are thread-compatible: one per thread, or
     guarded by the caller; ``open_store`` makes a new instance per call."""
+
+    # The public audit log (analytics/store/auditlog.py): its leaves are appended in
+    # write_batches' transaction.
+    audit: AuditTables
 
     backend: str  # "sqlite", "postgresql" or "timescaledb"
 

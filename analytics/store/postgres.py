@@ -20,6 +20,7 @@ import psycopg.errors
 from psycopg import sql as pgsql
 from psycopg.conninfo import conninfo_to_dict
 
+from analytics.store.auditlog import POSTGRES, AuditTables
 from analytics.store.base import (
     ROLLUPS,
     ZONE_ROLLUPS,
@@ -234,6 +235,8 @@ class PostgresStore(SqlRollupQueries):
         self._connections: list[psycopg.Connection[Any]] = []
         self._partitions: set[date] = set()  # known to exist: skip the catalog on hot path
         self._closed = False
+        # The public audit log (issue 21): leaves written in write_batches' transaction.
+        self.audit = AuditTables(POSTGRES, self._read, self._transaction)
 
     def __repr__(self) -> str:
         # Never show the password.
@@ -612,6 +615,8 @@ class PostgresStore(SqlRollupQueries):
                         [ms_to_ts(hi) for _, _, hi in dirty],
                     ),
                 )
+            # Last, so the audit_head row lock is held only until the commit.
+            self.audit.append(cur, [b for b in unique if (b.device_id, b.seq) in inserted])
         return resolve_outcomes(batches, inserted, stored)
 
     def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None:

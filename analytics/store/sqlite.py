@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from analytics.store.auditlog import SQLITE, AuditTables
 from analytics.store.base import (
     ROLLUPS,
     ZONE_ROLLUPS,
@@ -121,6 +122,8 @@ class SqliteStore(SqlRollupQueries):
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
+        # The public audit log (issue 21): leaves written in write_batches' transaction.
+        self.audit = AuditTables(SQLITE, self._read, self._transaction)
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -272,6 +275,7 @@ class SqliteStore(SqlRollupQueries):
                 "INSERT INTO rollup_dirty (device_id, lo, hi) VALUES (?, ?, ?)",
                 touched_ranges(fresh),
             )
+            self.audit.append(conn, fresh)
         return resolve_outcomes(batches, inserted, stored)
 
     def add_quarantine(self, records: Sequence[QuarantineRecord]) -> None:
