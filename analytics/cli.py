@@ -218,7 +218,13 @@ def _api_run(args: argparse.Namespace) -> int:
             max_body_bytes=settings.api.max_body_bytes,
             cors_origins=tuple(settings.api.cors_origins),
         )
-        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info")
+        tls: dict[str, Any] = {}
+        if settings.api.tls_cert is not None and settings.api.tls_key is not None:
+            tls = {
+                "ssl_certfile": str(settings.api.tls_cert),
+                "ssl_keyfile": str(settings.api.tls_key),
+            }
+        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info", **tls)
     finally:
         if scheduler is not None:
             scheduler.stop()

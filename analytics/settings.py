@@ -153,6 +153,12 @@ class ApiSettings(BaseModel):
             "which start-up refuses in production"
         ),
     )
+    tls_cert: Path | None = Field(
+        default=None,
+        description="Serve HTTPS with this certificate (`civicmesh setup central` makes one "
+        "signed by the site CA); unset: plain HTTP",
+    )
+    tls_key: Path | None = Field(default=None, description="The HTTPS certificate's key (0600)")
     rate_per_s: float = Field(
         default=20.0, gt=0, le=10_000, description="Requests a second per token (or address)"
     )

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 GROUPS: dict[str, str] = {
     "civicmesh.registry_cli": "",
     "civicmesh.audit.cli": "",
+    "civicmesh.setup": "",
     "edge.cli": "edge",
     "gateway.cli": "gateway",
     "analytics.cli": "analytics",

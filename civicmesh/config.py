@@ -74,6 +74,21 @@ class MqttSection(BaseModel):
             raise ValueError("must start with mqtt://, mqtts:// or tcp://")
         return value
 
+    def require_tls_files(self, section: str, fix: str) -> None:
+        """Refuse to start, in one line, when a configured TLS file is not there yet (a
+        device before its enrolment): the TLS library would fail with a bare traceback."""
+        missing = [
+            f"{section}.{name} = {path}"
+            for name, path in (
+                ("tls_ca", self.tls_ca),
+                ("tls_cert", self.tls_cert),
+                ("tls_key", self.tls_key),
+            )
+            if path is not None and not path.exists()
+        ]
+        if missing:
+            raise ConfigError(f"TLS file(s) not found: {'; '.join(missing)}. {fix}")
+
     def tls_args(self) -> TlsArgs:
         """The TLS keyword arguments of ``MqttLink``."""
         return {

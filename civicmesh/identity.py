@@ -160,8 +160,12 @@ class Ed25519Signer:
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
+            # A new key would be a new, unregistered identity: say so rather than offer it.
             raise KeyFileError(
-                f"Key file {path} not found; create one with `civicmesh edge keygen --key {path}`"
+                f"Key file {path} not found. A registered device or gateway: put its key "
+                "file back (from its backup; its id is bound to that key) or fix key_file in "
+                "the config. A new one: `civicmesh setup edge` (or `setup gateway`) makes a "
+                "key, a config naming it, and the registration request"
             ) from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise KeyFileError(

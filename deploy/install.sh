@@ -2,22 +2,28 @@
 # Install a civicmesh edge agent or site gateway on Raspberry Pi OS (arm64/armhf),
 # NVIDIA Jetson (Ubuntu L4T, arm64) or Debian, as a systemd service.
 #
-#   sudo deploy/install.sh --role edge [--source DIR|SPEC] [--dry-run]
-#   sudo deploy/install.sh --role gateway
+#   sudo deploy/install.sh --role edge [--broker mqtts://HOST:8883] [--source DIR|SPEC]
+#   sudo deploy/install.sh --role gateway [--broker mqtts://CENTRAL:8883] [--dry-run]
 #
+# Supported: 64-bit Raspberry Pi OS / Debian 12 (arm64, x86-64) and NVIDIA Jetson
+# (JetPack 6, arm64) with models; 32-bit Raspberry Pi OS (armhf) without the on-device
+# models (onnxruntime has no 32-bit ARM wheel: the agent runs with models disabled).
 # What it does, in order (each step is skipped when already done, so it can be re-run):
 #   1. checks the machine (root, systemd, Python >= 3.11) and installs python3-venv;
 #   2. creates the system user "civicmesh" (in "dialout" and "i2c" when they exist);
 #   3. creates /opt/civicmesh/venv and installs civicmesh[ROLE] into it: the edge extra
 #      carries no web framework, database driver or LLM runtime;
-#   4. copies the example config to /etc/civicmesh/ROLE.toml unless one exists;
-#   5. makes the device or gateway key (mode 0600) and prints the registration request;
-#   6. installs and enables the systemd unit (it starts once the config is filled in).
+#   4. `civicmesh setup ROLE`: the key (mode 0600, /var/lib/civicmesh/device.key or
+#      gateway.key), /etc/civicmesh/ROLE.toml naming that key, and the enrolment request
+#      to take to the central server (`civicmesh setup enrol`);
+#   5. installs and enables the systemd unit (it starts once the TLS files are in place:
+#      `civicmesh setup ROLE --check` says what is still missing).
 # --dry-run prints every command instead of running it (CI runs it that way).
 set -euo pipefail
 
 ROLE=""
 DRY_RUN=0
+BROKER=""
 PREFIX="/opt/civicmesh"
 CONFIG_DIR="/etc/civicmesh"
 STATE_DIR="/var/lib/civicmesh"
@@ -46,6 +52,7 @@ while [ $# -gt 0 ]; do
         --role) ROLE="${2:-}"; shift 2 ;;
         --source) SOURCE="${2:-}"; shift 2 ;;
         --prefix) PREFIX="${2:-}"; shift 2 ;;
+        --broker) BROKER="${2:-}"; shift 2 ;;
         --dry-run) DRY_RUN=1; shift ;;
         -h|--help) usage 0 ;;
         *) say "unknown option $1"; usage 2 ;;
@@ -60,7 +67,6 @@ esac
 VENV="$PREFIX/venv"
 UNIT="civicmesh-$ROLE.service"
 CONFIG="$CONFIG_DIR/$ROLE.toml"
-KEY="$STATE_DIR/$ROLE.key"
 
 check_machine() {
     local arch os_id
@@ -71,7 +77,9 @@ check_machine() {
         os_id="$(. /etc/os-release && echo "${ID:-unknown}")"
     fi
     case "$arch" in
-        aarch64|armv7l|x86_64) ;;
+        aarch64|x86_64) ;;
+        armv7l|armv6l)
+            say "32-bit ARM: onnxruntime has no wheel here, the edge agent runs without models" ;;
         *) die "unsupported architecture $arch (aarch64, armv7l or x86_64)" ;;
     esac
     say "machine: $os_id on $arch"
@@ -119,7 +127,7 @@ create_user() {
             ${groups:+--groups "$groups"} civicmesh
     fi
     run install -d -o civicmesh -g civicmesh -m 0700 "$STATE_DIR"
-    run install -d -m 0755 "$CONFIG_DIR"
+    run install -d -m 0755 "$CONFIG_DIR" "$CONFIG_DIR/pki"
 }
 
 install_venv() {
@@ -136,19 +144,15 @@ install_venv() {
     run "$VENV/bin/pip" install --disable-pip-version-check --no-input --upgrade "$spec"
 }
 
-install_config() {
-    if [ ! -e "$CONFIG" ]; then
-        run install -m 0640 -g civicmesh "$HERE/examples/$ROLE.toml" "$CONFIG"
-        say "edit $CONFIG (broker URL, TLS files, driver), then: systemctl start $UNIT"
-    fi
-}
-
-make_key() {
-    if [ "$ROLE" = edge ]; then
-        run runuser -u civicmesh -- "$VENV/bin/civicmesh" edge provision --key "$KEY"
-    elif [ ! -e "$KEY" ]; then
-        run runuser -u civicmesh -- "$VENV/bin/civicmesh" gateway keygen --key "$KEY"
-    fi
+setup_role() {
+    # Key, config and enrolment request in one idempotent step: the config names the key
+    # file setup made, so the service never looks for a key that is not there.
+    local flag=--broker
+    [ "$ROLE" = gateway ] && flag=--upstream
+    run "$VENV/bin/civicmesh" setup "$ROLE" --config "$CONFIG" --state-dir "$STATE_DIR" \
+        --pki-dir "$CONFIG_DIR/pki" ${BROKER:+"$flag" "$BROKER"}
+    say "take the enrolment request above to the central server; then check with:"
+    say "  $VENV/bin/civicmesh setup $ROLE --check --config $CONFIG"
 }
 
 install_unit() {
@@ -164,7 +168,6 @@ check_machine
 install_packages
 create_user
 install_venv
-install_config
-make_key
+setup_role
 install_unit
 say "installed $UNIT; logs: journalctl -u $UNIT -f"

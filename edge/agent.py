@@ -24,7 +24,7 @@ from civicmesh.protocol import ProtocolError, decode_receipt
 from civicmesh.systemd import Watchdog, notify
 from civicmesh.timeutil import now_ms
 from edge import __version__
-from edge.models import ModelRuntime
+from edge.models import ModelRuntime, onnxruntime_available
 from edge.ota import ModelStore, ModelUpdater
 from edge.outbox import Outbox
 from edge.settings import EdgeSettings
@@ -105,6 +105,15 @@ class EdgeAgent:
         except ValueError as exc:
             raise ConfigError(f"models.release_keys: {exc}") from None
         self.runtime = ModelRuntime(window_ms, section.calibrate)
+        if not onnxruntime_available():
+            # No onnxruntime wheel for 32-bit ARM: run without models (calibrated metrics
+            # carry UNCALIBRATED) and take no releases, rather than fail each one.
+            log.warning(
+                "models.enabled, but onnxruntime is not installed (no wheel for 32-bit ARM): "
+                "running with models disabled; UNCALIBRATED on: %s",
+                ", ".join(section.calibrate) or "(no metric)",
+            )
+            return
         store = ModelStore(section.dir or self.settings.state_dir / "models")
         self.updater = ModelUpdater(
             store,

@@ -116,6 +116,11 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(EdgeSettings, args.config)
     signer = load_device_signer(settings.key_file)
+    settings.mqtt.require_tls_files(
+        "mqtt",
+        "Enrol the device (`civicmesh setup enrol` on the central server) and copy the "
+        "files it writes here; `civicmesh setup edge --check` lists what is missing",
+    )
     driver = load_driver(settings.driver.name, settings.driver.options)
     link = MqttLink(
         settings.mqtt.url,

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import importlib.util
 import logging
 import math
 import threading
@@ -162,6 +163,11 @@ class OnnxModel:
             raise ModelError(f"model {self.spec.name} failed: {exc}") from None
         result = outputs[-1] if len(outputs) > 1 else outputs[0]
         return np.asarray(result, dtype=np.float32).reshape(len(rows), -1)
+
+
+def onnxruntime_available() -> bool:
+    """False where onnxruntime is not installed (it has no wheel for 32-bit ARM)."""
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 # Loaders by artifact format; tests and other runtimes register through the same table.

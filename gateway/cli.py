@@ -72,6 +72,12 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(GatewaySettings, args.config)
     signer = Ed25519Signer.load(settings.key_file)
+    fix = (
+        "Enrol the gateway (`civicmesh setup enrol` on the central server) and copy the "
+        "files it writes here; `civicmesh setup gateway --check` lists what is missing"
+    )
+    settings.device_mqtt.require_tls_files("device_mqtt", fix)
+    settings.upstream_mqtt.require_tls_files("upstream_mqtt", fix)
     dev = settings.device_mqtt
     up = settings.upstream_mqtt
     device_link = MqttLink(
