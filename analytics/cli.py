@@ -61,7 +61,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     db_cmds = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     migrate = db_cmds.add_parser("migrate", help="apply pending store migrations")
     _common(migrate)
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="list what would change; change nothing"
+    )
     migrate.set_defaults(func=_db_migrate)
+    from analytics.backup import add_commands
+
+    add_commands(db_cmds, _common, _settings)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -252,6 +258,14 @@ def _revoke_token(args: argparse.Namespace) -> int:
 
 def _db_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.dry_run:
+        from analytics.backup import pending_migrations
+
+        backend, pending = pending_migrations(settings)
+        for name, summary in pending:
+            print(f"would apply {name}: {summary}" if summary else f"would apply {name}")
+        print(f"store path: {backend}; {len(pending)} migration(s) pending")
+        return 0
     store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
     try:
         applied = store.migrate()
