@@ -11,13 +11,17 @@ them, in SQLite (WAL, ``synchronous=FULL``, numbered migrations: see
 - SQLite errors converted at this boundary: :class:`QueueFullError` when the disk (or
   the database's size limit) is full, :class:`QueueError` for the rest;
 - the size of what is queued, in bytes, and the free space left on its disk, which the
-  owners bound with their overflow policy.
+  owners bound with their overflow policy;
+- a reserve file beside the database: space a full disk gives back, so that the
+  transaction that makes room can still be written (in WAL mode even a DELETE needs
+  some free disk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -111,12 +115,62 @@ class DurableQueue:
             wal_bytes = 0
         return (int(pages) - int(free)) * int(size) + wal_bytes
 
+    def free_page_bytes(self, db: sqlite3.Connection) -> int:
+        """Bytes of pages inside the database file that are free for reuse (within the
+        current transaction, deletions count at once)."""
+        (free,) = db.execute("PRAGMA freelist_count").fetchone()
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+        return int(free) * int(size)
+
     def disk_free_bytes(self) -> int:
         """Free bytes on the file system that holds the queue."""
         try:
             return shutil.disk_usage(self.path.parent).free
         except OSError:
             return 0
+
+    # ------------------------------------------------------------- the disk reserve
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def keep_reserve(self, size: int) -> bool:
+        """Hold ``size`` bytes of the disk in a reserve file beside the database, when
+        there is room for it and twice as much: the space a full disk gives back (see
+        :meth:`release_reserve`). True when the reserve is in place."""
+        path = self.reserve_path
+        try:
+            if path.stat().st_size >= size:
+                return True
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        if self.disk_free_bytes() < 3 * size:
+            return False
+        try:
+            with path.open("wb") as handle:
+                chunk = bytes(64 * 1024)
+                for _ in range(0, size, len(chunk)):
+                    handle.write(chunk)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            log.info("no disk reserve beside %s: %s", self.path.name, exc)
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def release_reserve(self) -> bool:
+        """The disk is full: give the reserve file's space back (so a transaction that
+        makes room can run). True when there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("disk full under %s: released its %s", self.path.name, self.reserve_path.name)
+        return True
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database and truncate it: gives back the WAL's disk

@@ -98,6 +98,11 @@ MIGRATIONS: tuple[tuple[int, str, str], ...] = (
 
 # What one unsealed reading row takes in SQLite, about (for the byte bound).
 PENDING_ROW_BYTES = 64
+# Free space kept once the disk was found full: room for the WAL (1 MiB, see
+# civicmesh.sqlite_state) and a little more.
+LEARNED_MIN_FREE_BYTES = 1536 * 1024
+# The reserve file beside the outbox (see DurableQueue.keep_reserve).
+RESERVE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,9 @@ class Outbox:
         self._queue = DurableQueue(path, MIGRATIONS)
         # Dropped while the disk was too full to record it; written with the next write.
         self._dropped_unrecorded = 0
+        # After the disk was once found full: keep this much free (the WAL needs room).
+        self._learned_min_free = 0
+        self._queue.keep_reserve(RESERVE_BYTES)
 
     @property
     def max_readings(self) -> int:
@@ -172,6 +180,8 @@ class Outbox:
                         fresh,
                     )
                     dropped = self._enforce_bounds(db)
+                if self._learned_min_free:
+                    self._queue.keep_reserve(RESERVE_BYTES)
                 return dropped
             except QueueFullError as exc:
                 if attempt == 0 and self._make_room(exc):
@@ -218,8 +228,11 @@ class Outbox:
         ).fetchone()
         excess_readings = pending + sealed_readings - bounds.max_readings
         excess_bytes = sealed_bytes + pending * PENDING_ROW_BYTES - bounds.max_bytes
-        if bounds.min_free_bytes:
-            short = bounds.min_free_bytes - self._queue.disk_free_bytes()
+        min_free = max(bounds.min_free_bytes, self._learned_min_free)
+        if min_free:
+            # Dropping rows does not shrink the file, it frees pages inside it that the
+            # next rows reuse: free pages count as free disk.
+            short = min_free - self._queue.disk_free_bytes() - self._queue.free_page_bytes(db)
             excess_bytes = max(excess_bytes, short)
         dropped = batches = 0
         # Oldest first: sealed batches hold older readings than any unsealed one, and go
@@ -267,6 +280,8 @@ class Outbox:
         """The disk is full: give back the WAL's space and drop the oldest tenth of the
         outbox. True when something was freed."""
         log.warning("outbox: %s; making room by the overflow policy", exc)
+        self._learned_min_free = LEARNED_MIN_FREE_BYTES
+        self._queue.release_reserve()
         self._queue.checkpoint()
         try:
             with self._queue.write() as db:

@@ -435,3 +435,64 @@ def test_a_batch_that_jumps_ahead_is_held_until_it_links(
         assert rig.gateway.stats()["gaps_released_unlinked"] == 1
     finally:
         rig.close()
+
+
+# ------------------------------------------------------------ a small, full disk (item 7)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 5 MiB tmpfs (needs root: ``mount -t tmpfs``), unmounted afterwards."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("min_free", [0, 1024 * 1024], ids=["disk-full", "reserve"])
+def test_a_long_outage_on_a_small_disk_keeps_the_agent_within_it(
+    tmp_path: Path, small_disk: Path, min_free: int
+) -> None:
+    import shutil
+
+    from test_edge import RampDriver, settings_for
+
+    settings = settings_for(tmp_path).model_copy(
+        update={
+            "state_dir": small_disk / "state",
+            "batch_max_readings": 500,
+            "outbox_max_bytes": 64 * 1024 * 1024,  # more than the disk holds
+            "outbox_min_free_bytes": min_free,
+        }
+    )
+    agent = EdgeAgent(settings, signer("d"), RampDriver(T0), None)
+    lowest_free = shutil.disk_usage(small_disk).free
+    try:
+        for day in range(1, 241):  # eight months offline, one reading a minute
+            agent.collect(T0 + day * DAY_MS)
+            agent.seal_all()
+            lowest_free = min(lowest_free, shutil.disk_usage(small_disk).free)
+        stats = agent.outbox.stats()
+        health = agent.health()
+    finally:
+        agent.close()
+    assert stats.dropped_total > 0 and health["dropped_total"] == stats.dropped_total
+    # The newest readings are kept (oldest-first drop), and sealing went on to the end.
+    assert stats.last_seq >= 240 * 1440 // 500
+    outbox = Outbox(settings.state_dir / "outbox.db")
+    newest = max(seq for seq, _ in outbox.unsent(10**6))
+    assert newest == stats.last_seq or stats.pending_readings > 0
+    with sqlite3.connect(settings.state_dir / "outbox.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    kept = stats.pending_readings + stats.sealed_readings
+    assert kept + stats.dropped_total + stats.replayed_total == 240 * 1440
+    outbox.close()
+    if min_free:
+        assert lowest_free >= min_free - 512 * 1024, "the reserve was kept, about"
