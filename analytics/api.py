@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from analytics import admin as admin_routes
+from analytics import audit as audit_routes
 from analytics.apiauth import ApiSecurity, BodyLimit, requires
 from analytics.dashboard.routes import Dashboard
 from analytics.dashboard.routes import install as install_dashboard
@@ -681,6 +682,7 @@ def create_app(
     app.state.reports = reports
     app.include_router(report_routes.router)
     app.include_router(admin_routes.router)
+    audit_routes.install(app)  # public: the audit log needs no token
     if dashboard is not None:
         install_dashboard(app, dashboard)
     if stats_provider is not None:

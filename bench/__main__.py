@@ -1,4 +1,4 @@
-"""Run the benchmarks and print one table: ``python -m bench [--quick] [--only ingest|queries]``.
+"""Run the benchmarks and print one table: ``python -m bench [--quick] [--only NAME]``.
 
 Every figure is a ratio against a baseline measured in the same run, on this machine.
 """
@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, for a smoke run")
     parser.add_argument(
-        "--only", choices=["ingest", "queries", "dashboard", "edge"], help="run one benchmark"
+        "--only",
+        choices=["ingest", "queries", "dashboard", "edge", "audit"],
+        help="run one benchmark",
     )
     parser.add_argument("--workers", type=int, default=2, help="ingest workers (K)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             ("edge agent peak RSS, gas device, MB", f"{rss['gas_device']['peak_rss_mb']:.0f}",
              f"models {rss['gas_device']['models']}"),
         ]  # fmt: skip
+    if args.only in (None, "audit"):
+        import bench.audit as audit
+
+        result = audit.run(quick=args.quick)
+        figures["audit"] = result
+        rows += audit.rows(result)
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     print()

@@ -107,10 +107,27 @@ def test_authorization_matrix_every_role_against_every_endpoint(setup: Any) -> N
         (method.upper(), path.replace("{device_id}", issued["device"]))
         for path, ops in schema.items()
         for method in ops
-        if path.startswith("/api/v1")
+        if path.startswith("/api/v1") and not path.startswith(PUBLIC)
     } | {("GET", "/metrics")}
     assert served <= seen, served - seen
     assert len(routes) == len(served)
+    # the public audit log answers anyone, token or not
+    public = {path for path in schema if path.startswith(PUBLIC)}
+    assert public == {f"{PUBLIC}/{p}" for p in PUBLIC_PATHS}
+    for headers in callers.values():
+        response = client.get(f"{PUBLIC}/proof/consistency?from=0&to=0", headers=headers)
+        assert response.status_code == 200, response.text
+        assert client.get(f"{PUBLIC}/checkpoint", headers=headers).status_code == 404  # none yet
+
+
+PUBLIC = "/api/v1/audit"
+PUBLIC_PATHS = (
+    "checkpoint",
+    "proof/inclusion",
+    "proof/consistency",
+    "tile/{path}",
+    "registry",
+)
 
 
 def test_rate_and_size_limits(tmp_path: Path) -> None:

@@ -212,6 +212,11 @@ def split_note(data: bytes) -> tuple[str, list[NoteSignature]]:
     return text, signatures
 
 
+def parse_signature_line(line: str) -> NoteSignature:
+    """One ``— name base64`` line (trailing newline optional)."""
+    return split_note(f"x\n\n{line.rstrip(chr(10))}\n".encode())[1][0]
+
+
 def sign_note(text: str, signer: NoteSigner) -> NoteSignature:
     if not text.endswith("\n") or "\n\n" in text:
         raise ValueError("A note text ends with a newline and holds no blank line")
