@@ -6,17 +6,21 @@
 #      root) and started only when nothing listens there yet; running services are never
 #      stopped or reconfigured. The mosquitto binary is required either way: tests start
 #      private brokers with it; Debian's chromium is installed for the browser tests;
+#      a real TimescaleDB server on private ports (scripts/timescaledb.sh: from
+#      ../shared/timescaledb/ when no TimescaleDB package is installed; 5432 untouched);
 #   3. lint: ruff check, ruff format --check, mypy civicmesh gateway;
 #   4. pytest with the given arguments (default: the whole suite).
 #
 # Exit status: pytest's when it failed (5, "no tests collected", counts as failure),
 # otherwise 1 if lint failed, otherwise 0.
 # Environment: CIVICMESH_TEST_PG_URL=postgresql://... and CIVICMESH_TEST_MQTT_URL=mqtt://...
-# use those servers as they are; CIVICMESH_SKIP_LINT=1 skips step 3 (handy while iterating).
+# (and CIVICMESH_TEST_TSDB_URL, CIVICMESH_TEST_TSDB_NOPRELOAD_URL) use those servers as they are; CIVICMESH_SKIP_LINT=1 skips step 3 (handy while iterating).
 set -euo pipefail
 
 # shellcheck source=scripts/bootstrap.sh
 . "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+# shellcheck source=scripts/timescaledb.sh
+. "$(dirname "${BASH_SOURCE[0]}")/timescaledb.sh"
 cd "$CIVICMESH_ROOT"
 
 # Overridable only to rehearse a fresh machine next to running services.
@@ -198,6 +202,7 @@ run_lint() {
 
 install_missing_packages
 ensure_postgres
+ensure_timescaledb
 ensure_mosquitto
 
 lint_status=0

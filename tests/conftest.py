@@ -20,6 +20,7 @@ from support import (
     create_database,
     drop_database,
     port_accepts,
+    tsdb_admin_url,
 )
 
 if TYPE_CHECKING:
@@ -70,6 +71,21 @@ def pg_database() -> Iterator[str]:
         yield url
     finally:
         drop_database(url)
+
+
+@pytest.fixture
+def tsdb_database() -> Iterator[str]:
+    """URL of a fresh, empty database on the TimescaleDB test server (fails, saying how
+    to get one, when the run has none)."""
+    try:
+        server = tsdb_admin_url()
+        url = create_database(server)
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        drop_database(url, server)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import create_database, drop_database
+from support import admin_url, create_database, drop_database, quiet_policy, tsdb_admin_url
 
 from analytics.api import create_app
 from analytics.store import open_store
@@ -108,22 +108,30 @@ def fill(store: Store, registry_path: Path) -> None:
 
 
 @pytest.fixture(
-    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+    scope="module",
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.integration),
+        pytest.param("timescaledb", marks=[pytest.mark.integration, pytest.mark.timescaledb]),
+    ],
 )
 def filled(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Store, RegistryFile]]:
     tmp = tmp_path_factory.mktemp("api")
-    url = f"sqlite:///{tmp / 'api.db'}" if request.param == "sqlite" else create_database()
-    store = open_store(url)
+    server = tsdb_admin_url() if request.param == "timescaledb" else admin_url()
+    url = f"sqlite:///{tmp / 'api.db'}" if request.param == "sqlite" else create_database(server)
+    # The test data lie in 2023: no retention or compression jobs on TimescaleDB.
+    store = open_store(url, timescaledb="off" if request.param == "postgresql" else "require",
+                       policy=quiet_policy())  # fmt: skip
     try:
         store.migrate()
         fill(store, tmp / "registry.json")
         yield store, RegistryFile(tmp / "registry.json")
     finally:
         store.close()
-        if request.param == "postgresql":
-            drop_database(url)
+        if request.param != "sqlite":
+            drop_database(url, server)
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +156,13 @@ def get(client: TestClient, path: str, status: int = 200, **params: Any) -> Any:
 # ------------------------------------------------------------------------ routes
 
 
-def test_health(client: TestClient, stats: dict[str, Any]) -> None:
+def test_health(
+    client: TestClient, stats: dict[str, Any], filled: tuple[Store, RegistryFile]
+) -> None:
     body = get(client, "/health")
     assert body["status"] == "ok"
-    assert body["store_backend"] in ("sqlite", "postgresql")
+    assert body["store_backend"] in ("sqlite", "postgresql", "timescaledb")
+    assert body["store_backend"] == filled[0].backend
     assert body["counts"] == {"batches": 7, "readings": 3 * 2 * 7 + 1, "quarantined": 3}
     assert body["registry"] == {"devices": 5, "gateways": 1}
     assert body["ingest"]["written_batches"] == 7

@@ -117,11 +117,20 @@ def fleet(tmp_path: Path) -> Fleet:
     return Fleet(tmp_path / "registry.json")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.integration),
+        pytest.param("timescaledb", marks=[pytest.mark.integration, pytest.mark.timescaledb]),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("pg_database")
+    # A database on the plain server, or on the TimescaleDB test server (auto takes it).
+    url: str = request.getfixturevalue(
+        "tsdb_database" if request.param == "timescaledb" else "pg_database"
+    )
     return url
 
 

@@ -31,11 +31,14 @@ from tests.test_store import (  # the store fixtures and the sealed-batch helper
     backend,
     device,
     fresh_schema,
-    pg_database,
+    pg_session_database,
     sealed,
+    sql_backend,
+    tsdb_session_database,
 )
 
-__all__ = ["backend", "pg_database"]  # fixtures used from tests.test_store
+# fixtures used from tests.test_store
+__all__ = ["backend", "pg_session_database", "sql_backend", "tsdb_session_database"]
 
 HOUR = 60 * MIN
 START = T0 - T0 % DAY  # a UTC midnight
@@ -156,14 +159,18 @@ def test_retention_drops_old_raw_data_and_rollups(store: Store, backend: Backend
     assert store.readings(DEVICE_A.key_id, START - 31 * DAY, START - 20 * DAY) == []
     assert len(store.readings(DEVICE_A.key_id, START, START + DAY)) == len(recent)
     assert store.rollup_series("pm25", START - 31 * DAY, START + DAY, Resolution.DAY)
-    if backend.name == "postgresql":
+    if backend.name == "sqlite":
+        assert dropped["readings"] == 2 * 2 * 60
+    else:  # whole weekly partitions (plain) or daily chunks (TimescaleDB)
+        assert set(dropped) == {"readings_partitions", "rollup_1m", "rollup_1h"}
         assert dropped["readings_partitions"] >= 1
+    if backend.name == "postgresql":
         assert partition_name(partition_start(START - 30 * DAY)) not in store.partitions()  # type: ignore[attr-defined]
 
 
 @pytest.mark.integration
-def test_postgres_creates_partitions_ahead(pg_database: str) -> None:
-    store = PostgresStore(fresh_schema(pg_database))
+def test_plain_path_creates_partitions_ahead(pg_session_database: str) -> None:
+    store = PostgresStore(fresh_schema(pg_session_database), timescaledb="off")
     store.migrate()
     store.ensure_partitions_ahead(START, weeks=2)
     names = store.partitions()
@@ -211,14 +218,15 @@ def test_upkeep_flush_brings_rollups_up_to_date_at_once(store: Store) -> None:
 
 
 @pytest.mark.integration
-def test_timescaledb_detection_falls_back_to_plain_postgresql(pg_database: str) -> None:
-    # This server has no TimescaleDB: auto takes the plain path, require refuses clearly.
-    auto = PostgresStore(fresh_schema(pg_database))
+def test_server_without_timescaledb_takes_the_plain_path(pg_session_database: str) -> None:
+    # The shared server on 5432 has no TimescaleDB: auto takes the plain path, require
+    # refuses and says what to install.
+    auto = PostgresStore(fresh_schema(pg_session_database))
     auto.migrate()
     assert (auto.backend, auto.timescale) == ("postgresql", False)
     auto.close()
-    required = PostgresStore(fresh_schema(pg_database), timescaledb="require")
-    with pytest.raises(StoreError, match="TimescaleDB path is not available"):
+    required = PostgresStore(fresh_schema(pg_session_database), timescaledb="require")
+    with pytest.raises(StoreError, match="not installed on this server"):
         required.migrate()
     required.close()
 
@@ -260,60 +268,71 @@ def test_zone_and_city_aggregates_from_rollups_equal_raw(store: Store) -> None:
         )
 
 
-TIMESCALE_STAND_INS = """
-CREATE FUNCTION create_hypertable(relation regclass, time_column_name name,
-    chunk_time_interval anyelement) RETURNS void LANGUAGE sql AS 'SELECT';
-CREATE FUNCTION time_bucket(bucket_width interval, ts timestamptz) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE AS $$ SELECT date_bin(bucket_width, ts, '2000-01-03'::timestamptz) $$;
-CREATE FUNCTION add_continuous_aggregate_policy(continuous_aggregate regclass,
-    start_offset interval, end_offset interval, schedule_interval interval,
-    if_not_exists boolean) RETURNS integer LANGUAGE sql AS 'SELECT 1';
-"""
+# ----------------------------------------------------------- late data past a retention
 
 
-@pytest.mark.integration
-def test_timescaledb_migrations_run_on_postgresql_with_stand_ins(pg_database: str) -> None:
-    """No TimescaleDB here: its migrations run against plain PostgreSQL with stand-ins
-    (create_hypertable and the policies do nothing, time_bucket is date_bin with
-    TimescaleDB's origin, continuous aggregates become materialized views). That checks
-    every statement's syntax, names and types, and that the hierarchical aggregates give
-    the plain path's numbers; TimescaleDB's own behaviour is not tested by this."""
-    import re
+def _pm25_counts(store: Store, hour: int) -> tuple[int, int, int]:
+    """(raw readings, hourly count, daily count) of DEVICE_A's pm25 around ``hour``."""
+    raw = len(store.readings(DEVICE_A.key_id, hour, hour + HOUR, "pm25"))
+    day = hour - hour % DAY
+    hourly = store.rollup_series(
+        "pm25", hour, hour + HOUR, Resolution.HOUR, device_id=DEVICE_A.key_id
+    )
+    daily = store.rollup_series("pm25", day, day + DAY, Resolution.DAY, device_id=DEVICE_A.key_id)
+    return raw, sum(p.count for p in hourly), sum(p.count for p in daily)
 
-    import psycopg
 
-    from analytics.store.postgres import _statements
-    from analytics.store.schema import load_migrations
+def test_late_data_past_the_minute_retention_never_shrinks_hour_and_day(
+    store: Store, backend: Backend
+) -> None:
+    # Defect: the hour was rebuilt from the 1-minute level, which retention had emptied
+    # there, so one late reading turned an hour of 12 into an hour of 1.
+    hour = START - 45 * DAY + 10 * HOUR
+    seq = write_in_batches(store, DEVICE_A, readings(31, hour, 1, every_ms=5 * MIN))
+    # Live data too, as in production: on TimescaleDB it keeps the aggregates' watermark
+    # up, so what retention dropped below it is not filled in again in real time.
+    write_in_batches(store, DEVICE_B, readings(35, START - HOUR, 1))
+    store.refresh_rollups()
+    assert _pm25_counts(store, hour) == (12, 12, 12)
+    store.apply_retention(START, RetentionPolicy(raw_days=60, rollup_1m_days=30))
+    assert not store.rollup_series("pm25", hour, hour + HOUR, Resolution.MINUTE)
+    store.write_batches([sealed(DEVICE_A, seq, [Reading(hour + 2 * MIN, "pm25", 50.0)])])
+    assert store.refresh_rollups() == 1
+    raw, hourly, daily = _pm25_counts(store, hour)
+    assert raw == 13
+    if backend.name == "timescaledb":
+        # A continuous aggregate is refreshed from the level below only: the hour is kept
+        # as it was (the refresh logs that late data past the retention is not rolled up).
+        assert (hourly, daily) == (12, 12)
+    else:  # rebuilt from the readings, which still hold the whole hour
+        assert (hourly, daily) == (13, 13)
 
-    url = fresh_schema(pg_database)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(TIMESCALE_STAND_INS.encode())
-        for migration in load_migrations("timescaledb"):
-            for statement in _statements(migration.sql):
-                if "CREATE EXTENSION" in statement or "timescaledb.compress" in statement:
-                    continue  # extension and compression settings: TimescaleDB's alone
-                statement = re.sub(r"WITH \(timescaledb\.[^)]*\)", "", statement)
-                conn.execute(statement.encode())
-    # Same data through the TimescaleDB schema (as materialized views) and the plain one.
-    timescale = PostgresStore(url)
-    timescale.timescale = True  # as migrate() would decide it there: no partitions to make
-    plain = PostgresStore(fresh_schema(pg_database))
-    plain.migrate()
-    rows = readings(21, START, 30)
-    for target in (timescale, plain):
-        target.upsert_devices([device(DEVICE_A, "harbour")])
-        write_in_batches(target, DEVICE_A, rows)
-    plain.refresh_rollups()
-    with psycopg.connect(url, autocommit=True) as conn:
-        for view in ("rollup_1m", "rollup_1h", "rollup_1d"):
-            conn.execute(f"REFRESH MATERIALIZED VIEW {view}".encode())
-    for resolution in (Resolution.MINUTE, Resolution.HOUR, Resolution.DAY):
-        got = timescale.rollup_series(
-            "pm25", START, START + 2 * DAY, resolution, device_id=DEVICE_A.key_id
-        )
-        want = plain.rollup_series(
-            "pm25", START, START + 2 * DAY, resolution, device_id=DEVICE_A.key_id
-        )
-        assert got and close(got, want), resolution
-    timescale.close()
-    plain.close()
+
+def test_late_data_past_the_raw_retention_keeps_hour_and_day(
+    store: Store, backend: Backend
+) -> None:
+    hour = START - 80 * DAY + 10 * HOUR
+    seq = write_in_batches(store, DEVICE_A, readings(32, hour, 1, every_ms=5 * MIN))
+    write_in_batches(store, DEVICE_B, readings(36, START - HOUR, 1))  # live data, as above
+    store.refresh_rollups()
+    store.apply_retention(START, RetentionPolicy(raw_days=60, rollup_1m_days=30))
+    assert _pm25_counts(store, hour) == (0, 12, 12)  # raw and 1 min gone, hour and day kept
+    store.write_batches([sealed(DEVICE_A, seq, [Reading(hour + 2 * MIN, "pm25", 50.0)])])
+    store.refresh_rollups()
+    # No level holds that hour whole any more: the correct buckets stay as they were.
+    assert _pm25_counts(store, hour) == (1, 12, 12)
+
+
+def test_refresh_and_retention_report_the_same_shapes_on_every_backend(
+    store: Store, backend: Backend
+) -> None:
+    write_in_batches(store, DEVICE_A, readings(33, START - 40 * DAY, 1))
+    write_in_batches(store, DEVICE_B, readings(34, START, 1))
+    assert store.refresh_rollups() == 2  # one range per device written, on every path
+    dropped = store.apply_retention(
+        START + DAY, RetentionPolicy(raw_days=30, rollup_1m_days=20, rollup_1h_days=25)
+    )
+    raw_key = "readings" if backend.name == "sqlite" else "readings_partitions"
+    assert set(dropped) == {raw_key, "rollup_1m", "rollup_1h"}
+    assert dropped[raw_key] >= 1 and dropped["rollup_1m"] == 2 * 60
+    assert dropped["rollup_1h"] == 2

@@ -1,7 +1,8 @@
 """Storage backends: migrations, exact round trips, idempotency, atomicity, queries.
 
-Every behavioural test runs on both backends: SQLite in ``tmp_path`` and PostgreSQL in
-a throw-away database (``civicmesh_test_<random>``; one schema per test).
+Every behavioural test runs on every backend: SQLite in ``tmp_path``, plain PostgreSQL
+and the TimescaleDB path on a real TimescaleDB server, each in a throw-away database
+(``civicmesh_test_<random>``, one per session and server; one schema per test).
 """
 
 from __future__ import annotations
@@ -11,18 +12,27 @@ import math
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from support import (
+    PostgresUnavailable,
+    admin_url,
+    create_database,
+    drop_database,
+    quiet_policy,
+    tsdb_admin_url,
+)
 
 from analytics.store import open_store
 from analytics.store.base import (
     DeviceStatus,
     SeriesPoint,
+    StoragePolicy,
     Store,
     StoredBatch,
     StoreError,
@@ -36,7 +46,6 @@ from civicmesh.protocol import GENESIS_HASH, Reading, make_payload, seal_batch, 
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 T0 = 1_699_999_800_000  # a multiple of 300 s: 5-minute buckets start exactly here
 MIN = 60_000
 DAY = 24 * 3600 * 1000
@@ -86,6 +95,20 @@ def device(signer: Ed25519Signer, zone: str, lat: float | None = None, lon: floa
 # ----------------------------------------------------------------------------- fixtures
 
 
+# Stores on the TimescaleDB test server: no retention and no compression jobs (see
+# support.quiet_policy); the policy tests set their own.
+QUIET_POLICY = quiet_policy()
+
+# The backends every store-level test runs on: the embedded store, plain PostgreSQL (the
+# server on 5432) and the TimescaleDB path (the private TimescaleDB test server).
+BACKENDS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.integration),
+    pytest.param("timescaledb", marks=[pytest.mark.integration, pytest.mark.timescaledb]),
+]
+SQL_BACKENDS = BACKENDS[1:]
+
+
 @dataclass
 class Backend:
     """How to open (and peek into) one fresh, empty store."""
@@ -93,7 +116,11 @@ class Backend:
     name: str
     url: str
 
-    def open(self) -> Store:
+    def open(self, policy: StoragePolicy | None = None) -> Store:
+        if self.name == "postgresql":
+            return open_store(self.url, timescaledb="off")
+        if self.name == "timescaledb":
+            return open_store(self.url, timescaledb="require", policy=policy or QUIET_POLICY)
         return open_store(self.url)
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
@@ -105,33 +132,55 @@ class Backend:
             return conn.execute(sql.encode()).fetchall()
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A throw-away PostgreSQL database for this test session."""
-    name = f"civicmesh_test_{secrets.token_hex(6)}"
+def _session_database(server_url: Callable[[], str]) -> Iterator[str]:
+    """A database on the server ``server_url()`` names; a missing server fails the test
+    and says how to get one."""
     try:
-        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {ADMIN_URL}: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+        server = server_url()
+        url = create_database(server)
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield url
     finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)'.encode())
+        drop_database(url, server)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+@pytest.fixture(scope="session")
+def pg_session_database() -> Iterator[str]:
+    """A throw-away database on the plain PostgreSQL test server for this session."""
+    yield from _session_database(admin_url)
+
+
+@pytest.fixture(scope="session")
+def tsdb_session_database() -> Iterator[str]:
+    """A throw-away database on the TimescaleDB test server for this session."""
+    yield from _session_database(tsdb_admin_url)
+
+
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return make_backend(request, tmp_path)
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+def sql_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return make_backend(request, tmp_path)
+
+
+def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", f"sqlite:///{tmp_path / 'store.db'}")
-    return Backend("postgresql", fresh_schema(request.getfixturevalue("pg_database")))
+    database = request.getfixturevalue(
+        "tsdb_session_database" if request.param == "timescaledb" else "pg_session_database"
+    )
+    return Backend(request.param, fresh_schema(database))
 
 
 def fresh_schema(database: str) -> str:
     """URL of a new empty schema in ``database``: each test gets its own, through
-    search_path, which is much cheaper than a database per test."""
+    search_path, which is much cheaper than a database per test. On TimescaleDB the
+    extension is in ``public``, not on that search path: the store must qualify it."""
     schema = f"t_{secrets.token_hex(6)}"
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}".encode())
@@ -177,6 +226,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0006_reports",
         "0007_dashboard",
         "0008_audit_log",
+        "0009_retention_horizons",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -190,6 +240,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (6, "0006_reports"),
         (7, "0007_dashboard"),
         (8, "0008_audit_log"),
+        (9, "0009_retention_horizons"),
     ]
     first.close()
     second.close()
@@ -223,6 +274,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
         "0006_reports",
         "0007_dashboard",
         "0008_audit_log",
+        "0009_retention_horizons",
     ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:
@@ -490,11 +542,13 @@ def test_one_store_shared_by_threads(store: Store) -> None:
     assert (store.counts().batches, store.counts().readings) == (40, 40)
 
 
-# ------------------------------------------------------------------- PostgreSQL only
+# ----------------------------------------------- plain PostgreSQL path only (partitions)
+# Weekly declarative partitions exist on the plain path only; TimescaleDB makes chunks
+# itself (its tests are in tests/test_timescaledb.py).
 
 
 @pytest.fixture
-def pg_stores(pg_database: str) -> Iterator[list[Store]]:
+def pg_stores() -> Iterator[list[Store]]:
     """Stores opened by a PostgreSQL-only test, closed afterwards whatever happens."""
     opened: list[Store] = []
     yield opened
@@ -503,10 +557,10 @@ def pg_stores(pg_database: str) -> Iterator[list[Store]]:
 
 
 @pytest.mark.integration
-def test_partitions_created_for_a_multi_week_range(
-    pg_database: str, pg_stores: list[Store]
+def test_plain_path_partitions_created_for_a_multi_week_range(
+    pg_session_database: str, pg_stores: list[Store]
 ) -> None:
-    backend = Backend("postgresql", fresh_schema(pg_database))
+    backend = Backend("postgresql", fresh_schema(pg_session_database))
     store = backend.open()
     pg_stores.append(store)
     assert isinstance(store, PostgresStore)
@@ -551,11 +605,11 @@ def test_partitions_created_for_a_multi_week_range(
 
 
 @pytest.mark.integration
-def test_rows_stranded_in_default_partition_do_not_block_writes(
-    pg_database: str, pg_stores: list[Store]
+def test_plain_path_rows_stranded_in_default_partition_do_not_block_writes(
+    pg_session_database: str, pg_stores: list[Store]
 ) -> None:
-    url = fresh_schema(pg_database)
-    store = open_store(url)
+    url = fresh_schema(pg_session_database)
+    store = open_store(url, timescaledb="off")
     pg_stores.append(store)
     store.migrate()
     week = 1_893_456_000_000  # 2030-01-01
@@ -572,20 +626,20 @@ def test_rows_stranded_in_default_partition_do_not_block_writes(
     assert "readings_w20291231" not in store.partitions()
 
 
-@pytest.mark.integration
 def test_reconnects_after_the_connection_is_killed(
-    pg_database: str, pg_stores: list[Store]
+    sql_backend: Backend, pg_stores: list[Store]
 ) -> None:
-    store = open_store(fresh_schema(pg_database))
+    store = sql_backend.open()
     pg_stores.append(store)
     store.migrate()
     store.write_batches([sealed(DEVICE_A, 1, [Reading(T0, "pm25", 1.0)])])
     # Only sessions of this test session's own database: never anyone else's.
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+    database = sql_backend.url.split("?", 1)[0]
+    with psycopg.connect(database, autocommit=True) as admin:
         killed = admin.execute(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE datname = %s AND pid <> pg_backend_pid()) AS t",
-            (pg_database.rsplit("/", 1)[1],),
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend') AS t"
         ).fetchone()
     assert killed is not None and killed[0] >= 1
     with pytest.raises(StoreError):

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analytics.store.base import Store, StoreError
+from analytics.store.base import StoragePolicy, Store, StoreError
 
 ACCEPTED_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
 __all__ = ["ACCEPTED_SCHEMES", "Store", "StoreError", "open_store"]
 
 
-def open_store(url: str, *, timescaledb: str = "auto") -> Store:
+def open_store(
+    url: str, *, timescaledb: str = "auto", policy: StoragePolicy | None = None
+) -> Store:
     """A new store instance for ``url``; call ``migrate()`` before first use.
 
     ``timescaledb`` (PostgreSQL only): ``auto`` takes the TimescaleDB path when the
-    extension is available to a new schema, ``require`` insists, ``off`` never takes it."""
+    extension is installed and preloaded on the server (a new schema; an existing one
+    keeps its path), ``require`` insists, ``off`` never takes it. ``policy``: chunks,
+    compression and retention, which the TimescaleDB path sets up itself in ``migrate()``
+    (default: :data:`analytics.store.base.DEFAULT_STORAGE_POLICY`)."""
     if url.startswith("sqlite:///"):
         from analytics.store.sqlite import SqliteStore
 
@@ -36,7 +41,7 @@ def open_store(url: str, *, timescaledb: str = "auto") -> Store:
         # Imported lazily so the embedded store works without psycopg installed.
         from analytics.store.postgres import PostgresStore
 
-        return PostgresStore(url, timescaledb=timescaledb)
+        return PostgresStore(url, timescaledb=timescaledb, policy=policy)
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise StoreError(
         f"Unsupported store URL scheme {scheme!r}; use one of "

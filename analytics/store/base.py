@@ -273,6 +273,14 @@ class StoragePolicy:
     retention: RetentionPolicy
 
 
+# What a store applies when it is given no policy (the defaults of StorageSettings).
+DEFAULT_STORAGE_POLICY = StoragePolicy(
+    chunk_hours=24.0,
+    compress_after_days=7.0,
+    retention=RetentionPolicy(raw_days=90.0, rollup_1m_days=30.0, rollup_1h_days=730.0),
+)
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerEntry:
     device_id: str

@@ -524,3 +524,36 @@ class SqlRollupQueries(Store):
         for device, reason, n in self._rows("counting quarantine reasons", sql, params):
             out.setdefault(device, {})[reason] = int(n)
         return out
+
+
+# Retention and late data: a rollup bucket is rebuilt only from a source that still holds
+# all of that bucket's data. A source "trimmed before T" (its retention dropped what lay
+# before T) is complete only for buckets starting at or after T rounded up to the bucket.
+RAW_SOURCE = "readings"
+
+
+def rebuild_plan(
+    lo_ms: int,
+    hi_ms: int,
+    step_ms: int,
+    sources: Sequence[tuple[str, int | None]],
+) -> tuple[list[tuple[str, int, int]], int]:
+    """How to rebuild the buckets of width ``step_ms`` covering ``[lo_ms, hi_ms]``.
+
+    ``sources`` are the levels the buckets may be rebuilt from, preferred first (the level
+    just below, then finer ones down to the readings), each with the time before which its
+    retention has dropped data (None: nothing dropped). Returns ``(pieces, skipped_ms)``:
+    ``(source, lo, hi)`` pieces with bucket-aligned bounds, newest first, and how much of
+    the range (ms) no source holds completely. Those buckets are kept as they are: a
+    correct bucket is never replaced by one rebuilt from partial data."""
+    first = (lo_ms // step_ms) * step_ms
+    upper = (hi_ms // step_ms) * step_ms + step_ms
+    pieces: list[tuple[str, int, int]] = []
+    for source, horizon in sources:
+        if upper <= first:
+            break
+        start = first if horizon is None else max(first, -(-horizon // step_ms) * step_ms)
+        if start < upper:
+            pieces.append((source, start, upper))
+            upper = start
+    return pieces, max(upper - first, 0)

@@ -9,7 +9,9 @@ creating a partition takes on ``readings`` is held for milliseconds, not for a w
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -22,11 +24,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from analytics.store.auditlog import POSTGRES, AuditTables
 from analytics.store.base import (
+    DEFAULT_STORAGE_POLICY,
     ROLLUPS,
     ZONE_ROLLUPS,
     DeviceStatus,
     LatestReading,
     LedgerEntry,
+    Resolution,
     RetentionPolicy,
     SeriesPoint,
     StoragePolicy,
@@ -38,6 +42,7 @@ from analytics.store.base import (
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
+    RAW_SOURCE,
     BatchKey,
     SqlRollupQueries,
     merge_ranges,
@@ -47,6 +52,7 @@ from analytics.store.common import (
     oldest_reading_ms,
     payload_b64,
     quarantine_payload,
+    rebuild_plan,
     resolve_outcomes,
     touched_ranges,
     unique_batches,
@@ -68,7 +74,9 @@ PARTITION_SPAN = timedelta(days=7)  # ISO weeks: Monday 00:00 UTC to the next Mo
 MIGRATION_LOCK = 0x63_6D_73_74_01
 PARTITION_LOCK = 0x63_6D_73_74_02
 ROLLUP_LOCK = 0x63_6D_73_74_03
+CONFIGURE_LOCK = 0x63_6D_73_74_04
 REFRESH_CHUNK = 8  # device ranges per refresh statement
+REFRESH_ATTEMPTS = 20  # a continuous aggregate busy with its policy's refresh: ~15 s
 CONNECT_TIMEOUT_S = 10
 
 _READING_COLUMNS = ("device_id", "ts", "metric", "value", "quality", "raw", "anomaly", "seq")
@@ -174,6 +182,24 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 
+# Placeholder in the TimescaleDB migrations for the (quoted) schema of the extension.
+TIMESCALEDB_SCHEMA_PLACEHOLDER = "@timescaledb@"
+PRELOAD_FIX = (
+    "add timescaledb to shared_preload_libraries in postgresql.conf (or run ALTER SYSTEM "
+    "SET shared_preload_libraries = 'timescaledb' as a superuser) and restart PostgreSQL"
+)
+_PRELOADED = re.compile(r"(^|[\s,/\"])timescaledb(\.so)?([\s,\"]|$)")
+# Servers already warned that TimescaleDB is installed but not preloaded: one warning per
+# server and process, however many stores (ingest workers, API) open it.
+_WARNED_NOT_PRELOADED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def timescaledb_preloaded(shared_preload_libraries: str) -> bool:
+    """Whether a ``shared_preload_libraries`` value loads TimescaleDB."""
+    return _PRELOADED.search(shared_preload_libraries) is not None
+
+
 def ms_to_ts(ms: int) -> datetime:
     """Epoch ms to an aware UTC datetime, exactly (no float rounding)."""
     return EPOCH + timedelta(milliseconds=ms)
@@ -224,11 +250,17 @@ class PostgresStore(SqlRollupQueries):
 
     backend = "postgresql"
 
-    def __init__(self, conninfo: str, *, timescaledb: str = "auto") -> None:
+    def __init__(
+        self, conninfo: str, *, timescaledb: str = "auto", policy: StoragePolicy | None = None
+    ) -> None:
         if timescaledb not in ("auto", "require", "off"):
             raise StoreError(f"timescaledb must be auto, require or off, not {timescaledb!r}")
         self._timescale_mode = timescaledb
         self.timescale = False  # decided by migrate(): the TimescaleDB path is active
+        self.timescale_schema = "public"  # where the extension lives (decided by migrate())
+        # Chunking, compression and retention the TimescaleDB path sets up itself in
+        # migrate() (configure() changes them later).
+        self.policy = policy or DEFAULT_STORAGE_POLICY
         self._conninfo = conninfo
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -357,28 +389,61 @@ class PostgresStore(SqlRollupQueries):
                     break  # keep the order: nothing after a deferred migration yet
                 # Without parameters psycopg sends the script as one simple query, so a
                 # file may hold many statements; all run inside this transaction.
-                cur.execute(migration.sql.encode("utf-8"))
+                cur.execute(self._migration_sql(migration).encode("utf-8"))
                 cur.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
                     (migration.version, migration.name),
                 )
                 applied_now.append(migration.name)
         for migration in deferred:
-            applied_now.append(self._migrate_outside_transaction(migration))
+            name = self._migrate_outside_transaction(migration)
+            if name is not None:  # None: another store applied it while this one waited
+                applied_now.append(name)
         if deferred:
             applied_now += self.migrate()  # whatever followed the deferred ones
+        else:
+            # The path's own policies (chunks, compression, retention): set up by the store
+            # itself, so a store built any way has them; unchanged settings change nothing.
+            self.configure(self.policy)
         if applied_now:
             log.info("%r: applied migrations %s", self, ", ".join(applied_now))
         return applied_now
 
+    def _migration_sql(self, migration: Migration) -> str:
+        if self.backend != "timescaledb":
+            return migration.sql
+        return migration.sql.replace(TIMESCALEDB_SCHEMA_PLACEHOLDER, self._ts_schema_sql())
+
+    def _ts_schema_sql(self) -> str:
+        return '"' + self.timescale_schema.replace('"', '""') + '"'
+
+    def _ts(self, function: str) -> str:
+        """A TimescaleDB function or procedure, qualified with the extension's schema."""
+        return f"{self._ts_schema_sql()}.{function}"
+
     def _choose_path(self, cur: psycopg.Cursor[Any], fresh: bool) -> None:
-        """TimescaleDB or plain PostgreSQL, decided once per database and logged.
+        """TimescaleDB or plain PostgreSQL, decided once per schema and logged.
 
         An existing schema keeps its path (readings is a hypertable or it is not). A new
-        one takes TimescaleDB when the extension can be had, unless configured ``off``.
+        one takes TimescaleDB when the extension is installed *and* preloaded, unless
+        configured ``off``: installed but not preloaded (right after the package install,
+        before the restart) ``auto`` warns once with the fix and takes the plain path,
+        ``require`` refuses with the same fix. The extension is created once per database
+        (in ``public`` unless it exists elsewhere already) and every call is qualified.
         """
-        cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+        cur.execute(
+            "SELECT e.extversion, n.nspname FROM pg_extension e"
+            " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'timescaledb'"
+        )
         installed = cur.fetchone()
+        cur.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        available = cur.fetchone()
+        cur.execute("SELECT current_setting('shared_preload_libraries')")
+        row = cur.fetchone()
+        preloaded = row is not None and timescaledb_preloaded(str(row[0]))
+        version = installed[0] if installed is not None else available[0] if available else None
         if not fresh:
             timescale = False
             if installed is not None:
@@ -387,19 +452,43 @@ class PostgresStore(SqlRollupQueries):
                     " WHERE hypertable_name = 'readings' AND hypertable_schema = current_schema()"
                 )
                 timescale = cur.fetchone() is not None
-            version = installed[0] if installed is not None else None
+            if timescale and not preloaded:
+                raise StoreError(
+                    f"{self!r}: this schema is on the TimescaleDB path but the server does not "
+                    f"preload TimescaleDB {version}; {PRELOAD_FIX}"
+                )
+        elif self._timescale_mode == "off" or available is None:
+            timescale = False
+        elif not preloaded:
+            if self._timescale_mode == "require":
+                raise StoreError(
+                    f"{self!r}: storage.timescaledb is 'require' but TimescaleDB {version} is "
+                    f"installed and not preloaded; {PRELOAD_FIX} (or set storage.timescaledb "
+                    "to 'auto' to use plain PostgreSQL)"
+                )
+            self._warn_not_preloaded(str(version))
+            timescale = False
         else:
-            cur.execute(
-                "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
-            )
-            available = cur.fetchone()
-            timescale = self._timescale_mode != "off" and available is not None
-            version = available[0] if available is not None else None
+            timescale = True
         if self._timescale_mode == "require" and not timescale:
             raise StoreError(
                 f"{self!r}: storage.timescaledb is 'require' but the TimescaleDB path is not "
-                "available (install the extension before the first migration, or use 'auto')"
+                "available: "
+                + (
+                    "TimescaleDB is not installed on this server (install the "
+                    "timescaledb-2-postgresql package for this PostgreSQL, then "
+                    f"{PRELOAD_FIX})"
+                    if available is None
+                    else "this schema was created on the plain path (a schema keeps its path)"
+                )
             )
+        if timescale:
+            if installed is None:
+                # Once per database; the migration lock serialises concurrent stores.
+                cur.execute("CREATE EXTENSION IF NOT EXISTS timescaledb SCHEMA public")
+                self.timescale_schema = "public"
+            else:
+                self.timescale_schema = str(installed[1])
         if timescale != self.timescale or not getattr(self, "_path_logged", False):
             log.info(
                 "%r: store path %s",
@@ -413,10 +502,29 @@ class PostgresStore(SqlRollupQueries):
         self.timescale = timescale
         self.backend = "timescaledb" if timescale else "postgresql"
 
-    def _migrate_outside_transaction(self, migration: Migration) -> str:
+    def _warn_not_preloaded(self, version: str) -> None:
+        try:
+            params = conninfo_to_dict(self._conninfo)
+        except psycopg.ProgrammingError:
+            params = {}
+        server = f"{params.get('host')}:{params.get('port')}"
+        with _WARNED_LOCK:
+            if server in _WARNED_NOT_PRELOADED:
+                return
+            _WARNED_NOT_PRELOADED.add(server)
+        log.warning(
+            "TimescaleDB %s is installed on %s but not preloaded, so new schemas take the "
+            "plain PostgreSQL path; to use TimescaleDB, %s",
+            version,
+            server,
+            PRELOAD_FIX,
+        )
+
+    def _migrate_outside_transaction(self, migration: Migration) -> str | None:
         """Run a migration statement by statement in autocommit mode (TimescaleDB's
         continuous aggregates refuse to be created inside a transaction block). Its
-        statements are idempotent, so a run cut short can be repeated."""
+        statements are idempotent, so a run cut short can be repeated. None when another
+        store applied it first."""
         conn = self._conn()
         try:
             conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
@@ -424,13 +532,14 @@ class PostgresStore(SqlRollupQueries):
                 row = conn.execute(
                     "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
                 ).fetchone()
-                if row is None:
-                    for statement in _statements(migration.sql):
-                        conn.execute(statement.encode("utf-8"))
-                    conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                        (migration.version, migration.name),
-                    )
+                if row is not None:
+                    return None
+                for statement in _statements(self._migration_sql(migration)):
+                    conn.execute(statement.encode("utf-8"))
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
         except psycopg.Error as exc:
@@ -438,42 +547,80 @@ class PostgresStore(SqlRollupQueries):
         return migration.name
 
     def configure(self, settings: StoragePolicy) -> None:
-        """Apply the configurable TimescaleDB policies: chunk interval, compression and
-        retention (re-added when changed). The plain path needs nothing here."""
+        """Apply the TimescaleDB policies: chunk interval, compression and retention per
+        level. Idempotent and safe to run from several processes at once (an advisory
+        lock): a policy is changed only when its setting changed. The plain path needs
+        nothing here (:meth:`apply_retention` keeps it)."""
+        self.policy = settings
         if not self.timescale:
             return
         conn = self._conn()
         chunk = timedelta(hours=settings.chunk_hours)
+        changed: list[str] = []
         try:
-            conn.execute("SELECT set_chunk_time_interval('readings', %s::interval)", (chunk,))
-            conn.execute("SELECT remove_compression_policy('readings', if_exists => true)")
-            conn.execute(
-                "SELECT add_compression_policy('readings', %s::interval)",
-                (timedelta(days=settings.compress_after_days),),
-            )
-            for relation, days in (
-                ("readings", settings.retention.raw_days),
-                ("rollup_1m", settings.retention.rollup_1m_days),
-                ("rollup_1h", settings.retention.rollup_1h_days),
-                ("rollup_1d", settings.retention.rollup_1d_days),
-            ):
-                conn.execute(
-                    "SELECT remove_retention_policy(%s::regclass, if_exists => true)", (relation,)
-                )
-                if days is not None:
+            conn.execute("SELECT pg_advisory_lock(%s)", (CONFIGURE_LOCK,))
+            try:
+                row = conn.execute(
+                    "SELECT time_interval FROM timescaledb_information.dimensions"
+                    " WHERE hypertable_schema = current_schema() AND hypertable_name = 'readings'"
+                    " AND column_name = 'ts'"
+                ).fetchone()
+                if row is None or row[0] != chunk:
                     conn.execute(
-                        "SELECT add_retention_policy(%s::regclass, %s::interval)",
-                        (relation, timedelta(days=days)),
+                        f"SELECT {self._ts('set_chunk_time_interval')}('readings', %s::interval)",
+                        (chunk,),
                     )
+                    changed.append(f"chunk interval {chunk}")
+                compress = timedelta(days=settings.compress_after_days)
+                if self._set_policy(conn, "compression", "readings", "compress_after", compress):
+                    changed.append(f"compression after {compress}")
+                for relation, days in (
+                    ("readings", settings.retention.raw_days),
+                    ("rollup_1m", settings.retention.rollup_1m_days),
+                    ("rollup_1h", settings.retention.rollup_1h_days),
+                    ("rollup_1d", settings.retention.rollup_1d_days),
+                ):
+                    keep = None if days is None else timedelta(days=days)
+                    if self._set_policy(conn, "retention", relation, "drop_after", keep):
+                        changed.append(f"retention of {relation} {keep or 'forever'}")
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (CONFIGURE_LOCK,))
         except psycopg.Error as exc:
             raise self._failed(conn, "configuring TimescaleDB policies", exc) from exc
-        log.info(
-            "%r: TimescaleDB chunks of %s, compression after %g days, retention %s",
-            self,
-            chunk,
-            settings.compress_after_days,
-            settings.retention,
-        )
+        if changed:
+            log.info("%r: TimescaleDB policies set: %s", self, "; ".join(changed))
+
+    def _set_policy(
+        self,
+        conn: psycopg.Connection[Any],
+        kind: str,
+        relation: str,
+        key: str,
+        interval: timedelta | None,
+    ) -> bool:
+        """Make ``relation``'s ``kind`` policy (compression or retention) have ``key`` =
+        ``interval`` (None: no policy); whether anything changed."""
+        rows = conn.execute(
+            "SELECT (config ->> %s)::interval FROM timescaledb_information.jobs"
+            " WHERE proc_name = %s AND hypertable_schema = current_schema()"
+            " AND hypertable_name = %s",
+            (key, f"policy_{kind}", relation),
+        ).fetchall()
+        if len(rows) == 1 and rows[0][0] == interval:
+            return False
+        if not rows and interval is None:
+            return False
+        if rows:
+            conn.execute(
+                f"SELECT {self._ts(f'remove_{kind}_policy')}(%s::regclass, if_exists => true)",
+                (relation,),
+            )
+        if interval is not None:
+            conn.execute(
+                f"SELECT {self._ts(f'add_{kind}_policy')}(%s::regclass, %s::interval)",
+                (relation, interval),
+            )
+        return True
 
     def partitions(self) -> list[str]:
         """Names of the readings partitions, oldest first (the DEFAULT one last); on
@@ -481,7 +628,9 @@ class PostgresStore(SqlRollupQueries):
         if self.timescale:
             return [
                 str(name)
-                for (name,) in self._fetch("listing chunks", "SELECT show_chunks('readings')")
+                for (name,) in self._fetch(
+                    "listing chunks", f"SELECT {self._ts('show_chunks')}('readings')"
+                )
             ]
         rows = self._fetch(
             "listing partitions",
@@ -787,6 +936,8 @@ class PostgresStore(SqlRollupQueries):
     # -- rollups --------------------------------------------------------------
 
     def refresh_rollups(self) -> int:
+        """Rebuild the rollups over the ranges written since the last refresh; how many
+        (device, time range) pieces were refreshed (the same count on both paths)."""
         if self.timescale:
             return self._refresh_continuous_aggregates()
         with self._transaction("refreshing rollups") as cur:
@@ -799,45 +950,142 @@ class PostgresStore(SqlRollupQueries):
             ranges = merge_ranges(taken)
             if not ranges:
                 return 0
+            horizons = self._horizons(cur)
             # The aggregation sorts its input; give it room (live refreshes are small,
             # a bulk load's are not) and take the ranges a few devices at a time.
             cur.execute("SET LOCAL work_mem = '64MB'")
+            skipped: dict[str, int] = {}
             for first in range(0, len(ranges), REFRESH_CHUNK):
                 chunk = ranges[first : first + REFRESH_CHUNK]
-                params = {
-                    # Every metric named, so (device_id, metric, ts) is searched per
-                    # metric over the range instead of over the device's whole history.
-                    "codes": list(ALL_METRIC_CODES),
-                    "devices": [d for d, _, _ in chunk],
-                    "los": [ms_to_ts(lo) for _, lo, _ in chunk],
-                    "his": [ms_to_ts(hi) for _, _, hi in chunk],
-                }
-                below = "readings"
-                for resolution in ROLLUPS:
-                    names = {
-                        "step": f"interval '{resolution.seconds} seconds'",
-                        "target": resolution.table,
-                        "source": below,
-                        "time": "ts" if below == "readings" else "bucket",
-                        "aggregates": _FROM_READINGS if below == "readings" else _FROM_ROLLUP,
-                    }
-                    cur.execute(_RECOMPUTE_DELETE.format(**names), params)
-                    cur.execute(_RECOMPUTE_INSERT.format(**names), params)
-                    below = resolution.table
-            self._refresh_zones(cur, ranges)
+                for level, resolution in enumerate(ROLLUPS):
+                    # Rebuilt from the level below where it is complete, else from a finer
+                    # one (down to the readings); buckets no source holds whole are kept.
+                    finer = [r.table for r in reversed(ROLLUPS[:level])] + [RAW_SOURCE]
+                    sources = [(name, horizons.get(name)) for name in finer]
+                    pieces: dict[str, list[tuple[str, int, int]]] = {}
+                    for device, lo, hi in chunk:
+                        plan, lost = rebuild_plan(lo, hi, resolution.seconds * 1000, sources)
+                        for source, piece_lo, piece_hi in plan:
+                            pieces.setdefault(source, []).append((device, piece_lo, piece_hi))
+                        if lost:
+                            skipped[resolution.table] = skipped.get(resolution.table, 0) + 1
+                    self._recompute(cur, resolution, pieces)
+            self._refresh_zones(cur, ranges, horizons)
+        if skipped:
+            self._warn_past_retention(skipped)
         return len(ranges)
 
-    def _refresh_zones(
-        self, cur: psycopg.Cursor[Any], ranges: Sequence[tuple[str, int, int]]
+    def _recompute(
+        self,
+        cur: psycopg.Cursor[Any],
+        resolution: Resolution,
+        pieces: dict[str, list[tuple[str, int, int]]],
     ) -> None:
-        """Recompute the zone rollups over the zones and windows ``ranges`` touched."""
-        params = {
-            "codes": list(ALL_METRIC_CODES),
-            "devices": [d for d, _, _ in ranges],
-            "los": [ms_to_ts(lo) for _, lo, _ in ranges],
-            "his": [ms_to_ts(hi) for _, _, hi in ranges],
-        }
+        """Delete ``resolution``'s buckets in every piece, then aggregate each piece again
+        from its source. Pieces are bucket-aligned ``[lo, hi)``."""
+        every = [piece for source_pieces in pieces.values() for piece in source_pieces]
+        if not every:
+            return
+
+        def params(chosen: Sequence[tuple[str, int, int]]) -> dict[str, Any]:
+            return {
+                # Every metric named, so (device_id, metric, ts) is searched per metric over
+                # the range instead of over the device's whole history.
+                "codes": list(ALL_METRIC_CODES),
+                "devices": [d for d, _, _ in chosen],
+                "los": [ms_to_ts(lo) for _, lo, _ in chosen],
+                # _RANGES rounds hi down to its bucket and adds one step: the last ms in.
+                "his": [ms_to_ts(hi - 1) for _, _, hi in chosen],
+            }
+
+        step = f"interval '{resolution.seconds} seconds'"
+        cur.execute(_RECOMPUTE_DELETE.format(step=step, target=resolution.table), params(every))
+        for source, chosen in pieces.items():
+            raw = source == RAW_SOURCE
+            names = {
+                "step": step,
+                "target": resolution.table,
+                "source": source,
+                "time": "ts" if raw else "bucket",
+                "aggregates": _FROM_READINGS if raw else _FROM_ROLLUP,
+            }
+            cur.execute(_RECOMPUTE_INSERT.format(**names), params(chosen))
+
+    def _horizons(self, cur: psycopg.Cursor[Any]) -> dict[str, int]:
+        """Per relation, the time (ms) before which retention may have dropped its data:
+        what :meth:`apply_retention` recorded and, on TimescaleDB, what the retention jobs
+        may have dropped since (now - drop_after)."""
+        cur.execute("SELECT relation, horizon FROM retention_horizons")
+        horizons = {str(relation): _to_ms(horizon) for relation, horizon in cur.fetchall()}
+        if self.timescale:
+            cur.execute(
+                "SELECT hypertable_name, now() - (config ->> 'drop_after')::interval"
+                " FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+                " AND hypertable_schema = current_schema()"
+            )
+            for relation, horizon in cur.fetchall():
+                ms = _to_ms(horizon)
+                horizons[str(relation)] = max(horizons.get(str(relation), ms), ms)
+        return horizons
+
+    def _refresh_window(
+        self,
+        conn: psycopg.Connection[Any],
+        refresh: str,
+        table: str,
+        first: datetime,
+        end: datetime,
+    ) -> None:
+        """One ``refresh_continuous_aggregate`` call. The aggregate's own refresh policy
+        may be refreshing an overlapping window right then (TimescaleDB refuses a second
+        one "due to a concurrent refresh"): wait for it and try again."""
+        delay = 0.05
+        for attempt in range(REFRESH_ATTEMPTS):
+            try:
+                conn.execute(
+                    refresh + "%s::regclass, %s::timestamptz, %s::timestamptz)",
+                    (table, first, end),
+                )
+                return
+            except psycopg.Error as exc:
+                if "concurrent refresh" not in str(exc) or attempt == REFRESH_ATTEMPTS - 1:
+                    raise
+                log.debug("%r: %s busy (%s); retrying", self, table, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _warn_past_retention(self, skipped: dict[str, int]) -> None:
+        log.warning(
+            "%r: late data older than a retention: buckets kept as they were (their source "
+            "no longer holds all of their data) in %s; the readings themselves are stored",
+            self,
+            ", ".join(f"{table} ({n} ranges)" for table, n in sorted(skipped.items())),
+        )
+
+    def _refresh_zones(
+        self,
+        cur: psycopg.Cursor[Any],
+        ranges: Sequence[tuple[str, int, int]],
+        horizons: dict[str, int],
+    ) -> None:
+        """Recompute the zone rollups over the zones and windows ``ranges`` touched, where
+        the device rollup they sum is complete."""
         for resolution in ZONE_ROLLUPS:
+            horizon = horizons.get(resolution.table)
+            step = resolution.seconds * 1000
+            kept = [
+                (d, lo if horizon is None else max(lo, -(-horizon // step) * step), hi)
+                for d, lo, hi in ranges
+            ]
+            kept = [(d, lo, hi) for d, lo, hi in kept if lo <= hi]
+            if not kept:
+                continue
+            params = {
+                "codes": list(ALL_METRIC_CODES),
+                "devices": [d for d, _, _ in kept],
+                "los": [ms_to_ts(lo) for _, lo, _ in kept],
+                "his": [ms_to_ts(hi) for _, _, hi in kept],
+            }
             names = {
                 "step": f"interval '{resolution.seconds} seconds'",
                 "target": resolution.zone_table,
@@ -850,8 +1098,13 @@ class PostgresStore(SqlRollupQueries):
         """Refresh the continuous aggregates over the windows written since last time.
 
         ``refresh_continuous_aggregate`` cannot run in a transaction block, so the dirty
-        rows are read first and deleted only after every refresh succeeded."""
+        rows are read first and deleted only after every refresh succeeded. A level is
+        refreshed only where the level below it is complete: a continuous aggregate
+        refreshed over a window whose source was dropped by retention would replace its
+        correct buckets with partial ones (late data there stays in the readings only)."""
         conn = self._conn()
+        refresh = f"CALL {self._ts('refresh_continuous_aggregate')}("
+        skipped: dict[str, int] = {}
         try:
             locked = conn.execute("SELECT pg_try_advisory_lock(%s)", (ROLLUP_LOCK,)).fetchone()
             if locked is None or not locked[0]:
@@ -860,20 +1113,23 @@ class PostgresStore(SqlRollupQueries):
                 rows = conn.execute("SELECT ctid, device_id, lo, hi FROM rollup_dirty").fetchall()
                 if not rows:
                     return 0
+                ranges = merge_ranges((d, _to_ms(lo), _to_ms(hi)) for _, d, lo, hi in rows)
                 windows = merge_ranges(("", _to_ms(lo), _to_ms(hi)) for _, _, lo, hi in rows)
-                for resolution in ROLLUPS:
+                with conn.cursor() as cur:
+                    horizons = self._horizons(cur)
+                for level, resolution in enumerate(ROLLUPS):
+                    source = RAW_SOURCE if level == 0 else ROLLUPS[level - 1].table
                     step = resolution.seconds * 1000
                     for _, lo, hi in windows:
-                        first, end = (lo // step) * step, (hi // step) * step + step
-                        conn.execute(
-                            "CALL refresh_continuous_aggregate("
-                            "%s::regclass, %s::timestamptz, %s::timestamptz)",
-                            (resolution.table, ms_to_ts(first), ms_to_ts(end)),
-                        )
+                        plan, lost = rebuild_plan(lo, hi, step, [(source, horizons.get(source))])
+                        if lost:
+                            skipped[resolution.table] = skipped.get(resolution.table, 0) + 1
+                        for _, first, end in plan:
+                            self._refresh_window(
+                                conn, refresh, resolution.table, ms_to_ts(first), ms_to_ts(end)
+                            )
                 with conn.transaction(), conn.cursor() as cur:
-                    self._refresh_zones(
-                        cur, merge_ranges((d, _to_ms(lo), _to_ms(hi)) for _, d, lo, hi in rows)
-                    )
+                    self._refresh_zones(cur, ranges, horizons)
                     cur.execute(
                         "DELETE FROM rollup_dirty WHERE ctid = ANY(%s::tid[])",
                         ([str(ctid) for ctid, _, _, _ in rows],),
@@ -882,7 +1138,9 @@ class PostgresStore(SqlRollupQueries):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (ROLLUP_LOCK,))
         except psycopg.Error as exc:
             raise self._failed(conn, "refreshing continuous aggregates", exc) from exc
-        return len(windows)
+        if skipped:
+            self._warn_past_retention(skipped)
+        return len(ranges)
 
     # -- upkeep ---------------------------------------------------------------
 
@@ -901,8 +1159,14 @@ class PostgresStore(SqlRollupQueries):
             self._create_partitions(missing)
 
     def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        """Drop what the policy no longer keeps, now; the same keys on both paths:
+        ``readings_partitions`` (weekly partitions, or TimescaleDB chunks, dropped whole)
+        and, per rollup level with a retention, the rows dropped. Each cutoff is recorded
+        (``retention_horizons``) so that late data is never rolled up from a level that
+        no longer holds all of a bucket. On TimescaleDB the retention policies do the
+        same by themselves; this runs them at once."""
         if self.timescale:
-            return {}  # retention policies (see configure) drop whole chunks themselves
+            return self._drop_chunks(now_ms, policy)
         dropped: dict[str, int] = {}
         if policy.raw_days is not None:
             cutoff = now_ms - int(policy.raw_days * 86_400_000)
@@ -917,6 +1181,11 @@ class PostgresStore(SqlRollupQueries):
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
                 for name in old:
                     cur.execute(pgsql.SQL("DROP TABLE IF EXISTS {}").format(pgsql.Identifier(name)))
+                if old:
+                    end = max(_partition_date(name) for name in old) + PARTITION_SPAN
+                    self._record_horizon(
+                        cur, RAW_SOURCE, datetime(end.year, end.month, end.day, tzinfo=UTC)
+                    )
             with self._lock:
                 self._partitions -= {_partition_date(name) for name in old}
             dropped["readings_partitions"] = len(old)
@@ -938,6 +1207,53 @@ class PostgresStore(SqlRollupQueries):
                     (cutoff_ts,),
                 )
                 dropped[resolution.table] = cur.rowcount
+                self._record_horizon(cur, resolution.table, cutoff_ts)
+        return dropped
+
+    def _record_horizon(self, cur: psycopg.Cursor[Any], relation: str, horizon: datetime) -> None:
+        cur.execute(
+            "INSERT INTO retention_horizons (relation, horizon) VALUES (%s, %s)"
+            " ON CONFLICT (relation) DO UPDATE"
+            " SET horizon = greatest(retention_horizons.horizon, excluded.horizon)",
+            (relation, horizon),
+        )
+
+    def _drop_chunks(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
+        """TimescaleDB: drop the chunks wholly older than each cutoff (what the retention
+        policies do on their schedule)."""
+        dropped: dict[str, int] = {}
+        for relation, days in (
+            (RAW_SOURCE, policy.raw_days),
+            *zip(
+                (r.table for r in ROLLUPS),
+                (policy.rollup_1m_days, policy.rollup_1h_days, policy.rollup_1d_days),
+                strict=True,
+            ),
+        ):
+            if days is None:
+                continue
+            cutoff = ms_to_ts(now_ms - int(days * 86_400_000))
+            with self._transaction(f"retention on {relation}") as cur:
+                cur.execute(
+                    f"SELECT {self._ts('show_chunks')}(%s::regclass, older_than => %s)",
+                    (relation, cutoff),
+                )
+                chunks = [str(name) for (name,) in cur.fetchall()]
+                rows = 0
+                if relation != RAW_SOURCE:
+                    for chunk in chunks:
+                        cur.execute(f"SELECT count(*) FROM {chunk}")  # a regclass, quoted
+                        (count,) = cur.fetchone() or (0,)
+                        rows += int(count)
+                if chunks:
+                    cur.execute(
+                        f"SELECT {self._ts('drop_chunks')}(%s::regclass, older_than => %s)",
+                        (relation, cutoff),
+                    )
+                self._record_horizon(cur, relation, cutoff)
+            dropped["readings_partitions" if relation == RAW_SOURCE else relation] = (
+                len(chunks) if relation == RAW_SOURCE else rows
+            )
         return dropped
 
     def counts(self) -> StoreCounts:
@@ -950,3 +1266,200 @@ class PostgresStore(SqlRollupQueries):
         """
         (row,) = self._fetch("counting", sql)
         return StoreCounts(int(row[0]), int(row[1]), int(row[2]))
+
+    # -- status ---------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``civicmesh db status`` shows (see :mod:`analytics.store.status`); reads
+        only, migrates nothing."""
+        return self._read("reading the store status", self._status)
+
+    def _status(self, cur: psycopg.Cursor[Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"backend": "postgresql", "warnings": []}
+        cur.execute(
+            "SELECT e.extversion, n.nspname, current_setting('shared_preload_libraries')"
+            " FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace"
+            " WHERE e.extname = 'timescaledb'"
+        )
+        extension = cur.fetchone()
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = cur.fetchone()
+        if row is None or not row[0]:
+            out["warnings"].append("the store is not migrated yet: run civicmesh db migrate")
+            return out
+        cur.execute("SELECT version, name FROM schema_migrations ORDER BY version DESC LIMIT 1")
+        version = cur.fetchone()
+        if version is not None:
+            out["schema_version"], out["schema_name"] = version
+        cur.execute(
+            "SELECT (SELECT count(*) FROM batches),"
+            " (SELECT coalesce(sum(n_readings), 0) FROM batches), (SELECT count(*) FROM quarantine)"
+        )
+        batches, readings, quarantined = cur.fetchone() or (0, 0, 0)
+        out["counts"] = {
+            "batches": int(batches),
+            "readings": int(readings),
+            "quarantined": int(quarantined),
+        }
+        cur.execute("SELECT to_regclass('retention_horizons') IS NOT NULL")
+        row = cur.fetchone()
+        if row is not None and row[0]:
+            cur.execute("SELECT relation, horizon FROM retention_horizons")
+            out["retention_horizons"] = dict(cur.fetchall())
+        hypertable = False
+        if extension is not None:
+            cur.execute(
+                "SELECT 1 FROM timescaledb_information.hypertables"
+                " WHERE hypertable_name = 'readings' AND hypertable_schema = current_schema()"
+            )
+            hypertable = cur.fetchone() is not None
+        if not hypertable:
+            cur.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname = 'readings_default',"
+                " c.relname"
+            )
+            out["partitions"] = [name for (name,) in cur.fetchall()]
+            return out
+        assert extension is not None
+        out["backend"] = "timescaledb"
+        version_, schema, preload = extension
+        out["timescaledb"] = {
+            "version": version_,
+            "schema": schema,
+            "preloaded": timescaledb_preloaded(str(preload)),
+            "hypertables": self._status_hypertables(cur, str(schema)),
+            "jobs": self._status_jobs(cur),
+        }
+        if not out["timescaledb"]["preloaded"]:
+            out["warnings"].append(f"TimescaleDB is not preloaded: {PRELOAD_FIX}")
+        return out
+
+    def _status_hypertables(self, cur: psycopg.Cursor[Any], schema: str) -> list[dict[str, Any]]:
+        ts = '"' + schema.replace('"', '""') + '"'
+        found: list[dict[str, Any]] = []
+        cur.execute(
+            "SELECT hypertable_name::text, hypertable_schema::text, hypertable_name::text"
+            " FROM timescaledb_information.hypertables WHERE hypertable_schema = current_schema()"
+            " UNION ALL SELECT view_name::text, materialization_hypertable_schema::text,"
+            " materialization_hypertable_name::text"
+            " FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_schema = current_schema() ORDER BY 1"
+        )
+        for name, hyper_schema, hyper_name in cur.fetchall():
+            relation = pgsql.Identifier(hyper_schema, hyper_name).as_string(cur.connection)
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE is_compressed), min(range_start)"
+                " FROM timescaledb_information.chunks"
+                " WHERE hypertable_schema = %s AND hypertable_name = %s",
+                (hyper_schema, hyper_name),
+            )
+            chunks, compressed, oldest = cur.fetchone() or (0, 0, None)
+            cur.execute(f"SELECT {ts}.hypertable_size(%s::regclass)", (relation,))
+            (size,) = cur.fetchone() or (None,)
+            entry: dict[str, Any] = {
+                "name": name,
+                "chunks": int(chunks),
+                "compressed_chunks": int(compressed),
+                "oldest_chunk": oldest,
+                "total_bytes": None if size is None else int(size),
+            }
+            if compressed:
+                cur.execute(
+                    "SELECT sum(before_compression_total_bytes),"
+                    " sum(after_compression_total_bytes)"
+                    f" FROM {ts}.hypertable_compression_stats(%s::regclass)",
+                    (relation,),
+                )
+                before, after = cur.fetchone() or (None, None)
+                entry["before_compression_bytes"] = None if before is None else int(before)
+                entry["after_compression_bytes"] = None if after is None else int(after)
+            found.append(entry)
+        return found
+
+    def _status_jobs(self, cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
+        cur.execute(
+            "SELECT j.job_id, j.proc_name, j.hypertable_name, j.schedule_interval, j.config,"
+            " j.next_start, s.last_run_started_at, s.last_run_status, s.total_runs,"
+            " s.total_failures,"
+            " (SELECT e.err_message FROM timescaledb_information.job_errors e"
+            "  WHERE e.job_id = j.job_id ORDER BY e.start_time DESC LIMIT 1)"
+            " FROM timescaledb_information.jobs j"
+            " LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id"
+            " WHERE j.hypertable_schema = current_schema() ORDER BY j.job_id"
+        )
+        jobs = []
+        for (job_id, proc, relation, every, config, next_start, started, result, runs, failures,
+             error) in cur.fetchall():  # fmt: skip
+            kind = str(proc).removeprefix("policy_")
+            config = {
+                k: v
+                for k, v in (config or {}).items()
+                if k not in ("hypertable_id", "mat_hypertable_id")
+            }
+            jobs.append(
+                {
+                    "job_id": job_id,
+                    "kind": kind,
+                    "relation": relation,
+                    "schedule_interval": every,
+                    "config": config,
+                    "next_start": next_start,
+                    "last_run_started_at": started,
+                    "last_run_status": result,
+                    "total_runs": runs,
+                    "total_failures": failures,
+                    "last_error": error,
+                    "effect": self._job_effect(cur, kind, str(relation), config),
+                }
+            )
+        return jobs
+
+    def _job_effect(
+        self, cur: psycopg.Cursor[Any], kind: str, relation: str, config: dict[str, Any]
+    ) -> str | None:
+        """What a policy has visibly done (its recorded result is not to be trusted)."""
+        chunks_of = (
+            "FROM timescaledb_information.chunks c WHERE (c.hypertable_schema,"
+            " c.hypertable_name) IN (SELECT current_schema()::name, %(rel)s::name UNION ALL"
+            " SELECT materialization_hypertable_schema, materialization_hypertable_name"
+            " FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_schema = current_schema() AND view_name = %(rel)s)"
+        )
+        if kind == "compression" and "compress_after" in config:
+            cur.execute(
+                "SELECT count(*), count(*) FILTER (WHERE c.is_compressed) "
+                + chunks_of
+                + " AND c.range_end < now() - %(after)s::interval",
+                {"rel": relation, "after": config["compress_after"]},
+            )
+            due, done = cur.fetchone() or (0, 0)
+            return f"{done} of {due} chunks older than {config['compress_after']} are compressed"
+        if kind == "retention" and "drop_after" in config:
+            cur.execute(
+                "SELECT count(*) " + chunks_of + " AND c.range_end < now() - %(after)s::interval",
+                {"rel": relation, "after": config["drop_after"]},
+            )
+            (left,) = cur.fetchone() or (0,)
+            if not left:
+                return f"no chunk wholly older than {config['drop_after']} is left"
+            return f"{left} chunks wholly older than {config['drop_after']} are still there"
+        if kind == "refresh_continuous_aggregate":
+            cur.execute(
+                "SELECT materialization_hypertable_schema, materialization_hypertable_name"
+                " FROM timescaledb_information.continuous_aggregates"
+                " WHERE view_schema = current_schema() AND view_name = %s",
+                (relation,),
+            )
+            mat = cur.fetchone()
+            if mat is None:
+                return None
+            cur.execute(pgsql.SQL("SELECT max(bucket) FROM {}").format(pgsql.Identifier(*mat)))
+            row = cur.fetchone()
+            newest = row[0] if row else None
+            return (
+                "nothing materialized yet"
+                if newest is None
+                else f"materialized up to the bucket of {newest:%Y-%m-%d %H:%M %Z}"
+            )
+        return None

@@ -33,6 +33,7 @@ from analytics.store.base import (
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
+    RAW_SOURCE,
     BatchKey,
     SqlRollupQueries,
     merge_ranges,
@@ -42,6 +43,7 @@ from analytics.store.common import (
     oldest_reading_ms,
     payload_b64,
     quarantine_payload,
+    rebuild_plan,
     resolve_outcomes,
     touched_ranges,
     unique_batches,
@@ -397,19 +399,42 @@ class SqliteStore(SqlRollupQueries):
         with self._transaction("refreshing rollups") as conn:
             taken = conn.execute("DELETE FROM rollup_dirty RETURNING device_id, lo, hi").fetchall()
             ranges = merge_ranges((str(d), int(lo), int(hi)) for d, lo, hi in taken)
+            horizons = {
+                str(relation): int(horizon)
+                for relation, horizon in conn.execute(
+                    "SELECT relation, horizon FROM retention_horizons"
+                ).fetchall()
+            }
+            skipped: set[str] = set()
             for device, lo, hi in ranges:
-                below = "readings"
-                for resolution in ROLLUPS:
+                for level, resolution in enumerate(ROLLUPS):
+                    # From the level below where it is complete, else from a finer one down
+                    # to the readings; buckets no source holds whole are kept as they are.
+                    finer = [r.table for r in reversed(ROLLUPS[:level])] + [RAW_SOURCE]
                     step = resolution.seconds * 1000
-                    first, end = (lo // step) * step, (hi // step) * step + step
-                    target = resolution.table
-                    conn.execute(_DELETE_ROLLUP.format(target=target), (device, first, end))
-                    refill = _REFILL_FROM_READINGS if below == "readings" else _REFILL_FROM_ROLLUP
-                    conn.execute(
-                        refill.format(target=target, source=below, step=step), (device, first, end)
+                    plan, lost = rebuild_plan(
+                        lo, hi, step, [(name, horizons.get(name)) for name in finer]
                     )
-                    below = target
-            _refresh_zones(conn, ranges)
+                    if lost:
+                        skipped.add(resolution.table)
+                    target = resolution.table
+                    for source, first, end in plan:
+                        conn.execute(_DELETE_ROLLUP.format(target=target), (device, first, end))
+                        refill = (
+                            _REFILL_FROM_READINGS if source == RAW_SOURCE else _REFILL_FROM_ROLLUP
+                        )
+                        conn.execute(
+                            refill.format(target=target, source=source, step=step),
+                            (device, first, end),
+                        )
+            _refresh_zones(conn, ranges, horizons)
+        if skipped:
+            log.warning(
+                "%r: late data older than a retention: buckets of %s kept as they were (their "
+                "source no longer holds all of their data); the readings themselves are stored",
+                self,
+                ", ".join(sorted(skipped)),
+            )
         return len(ranges)
 
     def apply_retention(self, now_ms: int, policy: RetentionPolicy) -> dict[str, int]:
@@ -429,6 +454,13 @@ class SqliteStore(SqlRollupQueries):
             with self._transaction(f"retention on {table}") as conn:
                 cursor = conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
                 dropped[table] = cursor.rowcount
+                # What is gone, so late data is never rolled up from a trimmed level.
+                conn.execute(
+                    "INSERT INTO retention_horizons (relation, horizon) VALUES (?, ?)"
+                    " ON CONFLICT (relation) DO UPDATE"
+                    " SET horizon = max(horizon, excluded.horizon)",
+                    (table, cutoff),
+                )
         return dropped
 
     def readings(
@@ -501,8 +533,11 @@ class SqliteStore(SqlRollupQueries):
         return StoreCounts(*row)
 
 
-def _refresh_zones(conn: sqlite3.Connection, ranges: Sequence[tuple[str, int, int]]) -> None:
-    """Recompute the zone rollups over the zones and windows ``ranges`` touched."""
+def _refresh_zones(
+    conn: sqlite3.Connection, ranges: Sequence[tuple[str, int, int]], horizons: dict[str, int]
+) -> None:
+    """Recompute the zone rollups over the zones and windows ``ranges`` touched, where the
+    device rollup they sum is complete."""
     zone_of = dict(conn.execute("SELECT device_id, zone FROM devices").fetchall())
     windows: dict[str, tuple[int, int]] = {}
     for device, lo, hi in ranges:
@@ -513,8 +548,13 @@ def _refresh_zones(conn: sqlite3.Connection, ranges: Sequence[tuple[str, int, in
         windows[zone] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     for resolution in ZONE_ROLLUPS:
         step = resolution.seconds * 1000
+        horizon = horizons.get(resolution.table)
         for zone, (lo, hi) in windows.items():
             first, end = (lo // step) * step, (hi // step) * step + step
+            if horizon is not None:
+                first = max(first, -(-horizon // step) * step)
+            if first >= end:
+                continue
             conn.execute(_ZONE_DELETE.format(target=resolution.zone_table), (zone, first, end))
             conn.execute(
                 _ZONE_REFILL.format(target=resolution.zone_table, source=resolution.table),

@@ -9,10 +9,14 @@ from .net import free_port, port_accepts, wait_for_port
 from .postgres import (
     DEFAULT_ADMIN_URL,
     PostgresUnavailable,
+    TimescaleUnavailable,
     admin_url,
     create_database,
     database_url,
     drop_database,
+    quiet_policy,
+    tsdb_admin_url,
+    tsdb_nopreload_admin_url,
 )
 
 __all__ = [
@@ -21,6 +25,7 @@ __all__ = [
     "MosquittoError",
     "MosquittoProcess",
     "PostgresUnavailable",
+    "TimescaleUnavailable",
     "admin_url",
     "create_database",
     "database_url",
@@ -28,5 +33,8 @@ __all__ = [
     "free_port",
     "mosquitto_binary",
     "port_accepts",
+    "quiet_policy",
+    "tsdb_admin_url",
+    "tsdb_nopreload_admin_url",
     "wait_for_port",
 ]

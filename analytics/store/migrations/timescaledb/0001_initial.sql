@@ -1,7 +1,9 @@
 -- civicmesh central store on TimescaleDB 2.x, schema 1: the plain PostgreSQL schema with
 -- readings and the batch ledger as hypertables. Times are timestamptz (UTC on the wire).
 -- Ids are ASCII and compared bytewise (COLLATE "C"), as on the plain path (its 0004).
-CREATE EXTENSION IF NOT EXISTS timescaledb;
+-- The store creates the extension once per database (in public, unless it is there
+-- already) before this runs, and writes its schema for @timescaledb@: every call is
+-- qualified, so stores in other schemas of the same database find the functions.
 
 CREATE TABLE devices (
     device_id     text COLLATE "C" PRIMARY KEY,
@@ -36,7 +38,7 @@ CREATE TABLE batches (
 -- The ledger is a hypertable on seq (integer partitioning): its key (device_id, seq) is
 -- what makes ingest idempotent, and a unique index of a hypertable must contain the
 -- partitioning column. 10 million seqs per chunk: years of batches per device.
-SELECT create_hypertable('batches', 'seq', chunk_time_interval => 10000000);
+SELECT @timescaledb@.create_hypertable('batches', 'seq', chunk_time_interval => 10000000);
 
 -- Raw readings, partitioned by time (weekly, Monday 00:00 UTC). The store creates the
 -- partitions a write needs before writing; the DEFAULT partition catches anything else.
@@ -55,7 +57,7 @@ CREATE TABLE readings (
     anomaly   double precision CHECK (anomaly > '-Infinity' AND anomaly < 'Infinity'),
     seq       bigint NOT NULL
 );
-SELECT create_hypertable('readings', 'ts', chunk_time_interval => INTERVAL '1 day');
+SELECT @timescaledb@.create_hypertable('readings', 'ts', chunk_time_interval => INTERVAL '1 day');
 CREATE INDEX readings_device_metric_ts ON readings (device_id, metric, ts);
 CREATE INDEX readings_metric_ts ON readings (metric, ts);
 -- Compression segments by device and metric (the policy is added at start-up with

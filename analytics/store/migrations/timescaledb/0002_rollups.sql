@@ -22,26 +22,26 @@ CREATE TABLE IF NOT EXISTS rollup_dirty (
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_1m
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-SELECT device_id, metric, time_bucket(INTERVAL '1 minute', ts) AS bucket,
+SELECT device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 minute', ts) AS bucket,
        count(*) AS n, sum(value) AS sum, min(value) AS min, max(value) AS max
 FROM readings
-GROUP BY device_id, metric, time_bucket(INTERVAL '1 minute', ts)
+GROUP BY device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 minute', ts)
 WITH NO DATA;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_1h
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-SELECT device_id, metric, time_bucket(INTERVAL '1 hour', bucket) AS bucket,
+SELECT device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 hour', bucket) AS bucket,
        sum(n)::bigint AS n, sum(sum) AS sum, min(min) AS min, max(max) AS max
 FROM rollup_1m
-GROUP BY device_id, metric, time_bucket(INTERVAL '1 hour', bucket)
+GROUP BY device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 hour', bucket)
 WITH NO DATA;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS rollup_1d
 WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-SELECT device_id, metric, time_bucket(INTERVAL '1 day', bucket) AS bucket,
+SELECT device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 day', bucket) AS bucket,
        sum(n)::bigint AS n, sum(sum) AS sum, min(min) AS min, max(max) AS max
 FROM rollup_1h
-GROUP BY device_id, metric, time_bucket(INTERVAL '1 day', bucket)
+GROUP BY device_id, metric, @timescaledb@.time_bucket(INTERVAL '1 day', bucket)
 WITH NO DATA;
 
 CREATE INDEX IF NOT EXISTS rollup_1m_metric_bucket ON rollup_1m (metric, bucket);
@@ -49,12 +49,12 @@ CREATE INDEX IF NOT EXISTS rollup_1h_metric_bucket ON rollup_1h (metric, bucket)
 CREATE INDEX IF NOT EXISTS rollup_1d_metric_bucket ON rollup_1d (metric, bucket);
 
 -- Refresh policies: each level a little behind the one below it.
-SELECT add_continuous_aggregate_policy('rollup_1m', start_offset => INTERVAL '3 hours',
+SELECT @timescaledb@.add_continuous_aggregate_policy('rollup_1m', start_offset => INTERVAL '3 hours',
     end_offset => INTERVAL '1 minute', schedule_interval => INTERVAL '1 minute',
     if_not_exists => true);
-SELECT add_continuous_aggregate_policy('rollup_1h', start_offset => INTERVAL '3 days',
+SELECT @timescaledb@.add_continuous_aggregate_policy('rollup_1h', start_offset => INTERVAL '3 days',
     end_offset => INTERVAL '1 hour', schedule_interval => INTERVAL '15 minutes',
     if_not_exists => true);
-SELECT add_continuous_aggregate_policy('rollup_1d', start_offset => INTERVAL '35 days',
+SELECT @timescaledb@.add_continuous_aggregate_policy('rollup_1d', start_offset => INTERVAL '35 days',
     end_offset => INTERVAL '1 day', schedule_interval => INTERVAL '1 hour',
     if_not_exists => true);
