@@ -13,6 +13,7 @@ from typing import Any
 from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
 from analytics.store.base import Store, StoreError
+from analytics.store.cli import add_db_status
 from civicmesh.config import load_settings
 from civicmesh.errors import ConfigError, MqttError
 from civicmesh.mqtt import MqttLink
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from analytics.backup import add_commands
 
     add_commands(db_cmds, _common, _settings)
+    add_db_status(db_cmds, _common, _settings)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +123,11 @@ def _migrated_store(settings: AnalyticsSettings, stop: threading.Event) -> Store
     is down."""
     delay = RETRY_MIN_S
     while not stop.is_set():
-        store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
+        store = open_store(
+            settings.database_url,
+            timescaledb=settings.storage.timescaledb,
+            policy=settings.storage.policy(),
+        )
         try:
             applied = store.migrate()
             store.configure(settings.storage.policy())
@@ -199,7 +205,11 @@ def _api_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _refuse_unsafe(settings, serving_api=True)
-    store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
+    store = open_store(
+        settings.database_url,
+        timescaledb=settings.storage.timescaledb,
+        policy=settings.storage.policy(),
+    )
     scheduler: ReportScheduler | None = None
     try:
         store.migrate()
@@ -266,7 +276,11 @@ def _db_migrate(args: argparse.Namespace) -> int:
             print(f"would apply {name}: {summary}" if summary else f"would apply {name}")
         print(f"store path: {backend}; {len(pending)} migration(s) pending")
         return 0
-    store = open_store(settings.database_url, timescaledb=settings.storage.timescaledb)
+    store = open_store(
+        settings.database_url,
+        timescaledb=settings.storage.timescaledb,
+        policy=settings.storage.policy(),
+    )
     try:
         applied = store.migrate()
         store.configure(settings.storage.policy())

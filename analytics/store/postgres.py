@@ -360,8 +360,24 @@ class PostgresStore(SqlRollupQueries):
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Pick the path (TimescaleDB when the extension is there, see :meth:`_choose_path`)
-        and apply its pending migrations."""
+        """Pick the path (TimescaleDB when the extension is installed and preloaded, see
+        :meth:`_choose_path`), apply its pending migrations and set up its policies.
+
+        Stores starting at once (several ingest workers, the API) take turns on an
+        advisory lock held for the whole call: one applies everything, the others find
+        nothing left to do."""
+        conn = self._conn()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        except psycopg.Error as exc:
+            raise self._failed(conn, "migration", exc) from exc
+        try:
+            return self._migrate_locked()
+        finally:
+            if not conn.closed and not conn.broken:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+
+    def _migrate_locked(self) -> list[str]:
         applied_now: list[str] = []
         deferred: list[Migration] = []
         with self._transaction("migration") as cur:
@@ -400,7 +416,7 @@ class PostgresStore(SqlRollupQueries):
             if name is not None:  # None: another store applied it while this one waited
                 applied_now.append(name)
         if deferred:
-            applied_now += self.migrate()  # whatever followed the deferred ones
+            applied_now += self._migrate_locked()  # whatever followed the deferred ones
         else:
             # The path's own policies (chunks, compression, retention): set up by the store
             # itself, so a store built any way has them; unchanged settings change nothing.
@@ -1380,7 +1396,10 @@ class PostgresStore(SqlRollupQueries):
     def _status_jobs(self, cur: psycopg.Cursor[Any]) -> list[dict[str, Any]]:
         cur.execute(
             "SELECT j.job_id, j.proc_name, j.hypertable_name, j.schedule_interval, j.config,"
-            " j.next_start, s.last_run_started_at, s.last_run_status, s.total_runs,"
+            # -infinity (never run, not scheduled) has no Python datetime
+            " CASE WHEN isfinite(j.next_start) THEN j.next_start END,"
+            " CASE WHEN isfinite(s.last_run_started_at) THEN s.last_run_started_at END,"
+            " s.last_run_status, s.total_runs,"
             " s.total_failures,"
             " (SELECT e.err_message FROM timescaledb_information.job_errors e"
             "  WHERE e.job_id = j.job_id ORDER BY e.start_time DESC LIMIT 1)"

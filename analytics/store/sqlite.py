@@ -532,6 +532,27 @@ class SqliteStore(SqlRollupQueries):
         row = self._read("counting", lambda c: c.execute(sql).fetchone())
         return StoreCounts(*row)
 
+    def status(self) -> dict[str, Any]:
+        """What ``civicmesh db status`` shows (see :mod:`analytics.store.status`)."""
+
+        def run(conn: sqlite3.Connection) -> dict[str, Any]:
+            out: dict[str, Any] = {"backend": "sqlite", "warnings": [], "path": str(self.path)}
+            version = conn.execute(
+                "SELECT version, name FROM schema_migrations ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+            if version is not None:
+                out["schema_version"], out["schema_name"] = version
+            return out
+
+        out = self._read("reading the store status", run)
+        counts = self.counts()
+        out["counts"] = {
+            "batches": counts.batches,
+            "readings": counts.readings,
+            "quarantined": counts.quarantined,
+        }
+        return out
+
 
 def _refresh_zones(
     conn: sqlite3.Connection, ranges: Sequence[tuple[str, int, int]], horizons: dict[str, int]
