@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import base64
 import logging
+import queue
 import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from analytics.store.base import Store
-from civicmesh.audit import AuditError
-from civicmesh.audit.log import CheckpointSchedule, make_checkpoint
+from analytics.store.base import Store, StoreError
+from civicmesh.audit import CHECKPOINT_TOPIC, COSIGNATURE_FILTER, AuditError
+from civicmesh.audit.log import CheckpointSchedule, Mirror, make_checkpoint
 from civicmesh.audit.merkle import consistency_proof, inclusion_proof
 from civicmesh.audit.note import (
     NoteKey,
-    NoteSignature,
     NoteSigner,
     add_signatures,
     parse_signature_line,
@@ -39,12 +40,15 @@ from civicmesh.audit.note import (
     verify_cosignature,
 )
 from civicmesh.audit.tiles import TILE_HEIGHT, TILE_WIDTH, encode_bundle, tile_width
+from civicmesh.errors import MqttError
 from civicmesh.timeutil import now_ms
+
+if TYPE_CHECKING:
+    from analytics.settings import AnalyticsSettings
+    from civicmesh.mqtt import Message, MqttLink
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_TOPIC = "civicmesh/v1/audit/checkpoint"
-COSIGNATURE_TOPIC = "civicmesh/v1/audit/cosig/{witness}"
 PREFIX = "/api/v1/audit"
 
 # topic, payload, retain
@@ -56,6 +60,9 @@ class PublishedCheckpoint:
     size: int
     note: bytes  # with every cosignature received so far
     cosigned_by: tuple[str, ...]
+
+    def witnessed(self, quorum: int) -> bool:
+        return len(self.cosigned_by) >= quorum
 
 
 class AuditPublisher:
@@ -73,7 +80,7 @@ class AuditPublisher:
         self.signer = signer
         self.witnesses = {w.name: w for w in witnesses}
         self.schedule = CheckpointSchedule(interval_s)
-        self._publish = publish
+        self.publish = publish  # where checkpoints go (MQTT, retained); None: nowhere
         self._clock = clock or (lambda: now_ms() / 1000)
         self._lock = threading.Lock()
 
@@ -105,8 +112,8 @@ class AuditPublisher:
 
     def republish(self) -> PublishedCheckpoint | None:
         published = self.current()
-        if published is not None and self._publish is not None:
-            self._publish(CHECKPOINT_TOPIC, published.note, True)
+        if published is not None and self.publish is not None:
+            self.publish(CHECKPOINT_TOPIC, published.note, True)
         return published
 
     def add_cosignature(self, payload: bytes) -> PublishedCheckpoint:
@@ -140,9 +147,122 @@ class AuditPublisher:
         return published
 
 
-def cosignature_message(size: int, signature: NoteSignature) -> bytes:
-    """What a witness publishes on its cosignature topic."""
-    return f"{size}\n{signature.line()}".encode()
+class AuditLoop:
+    """Runs a publisher in its own thread: backfill at start, a checkpoint when due
+    (published retained over MQTT, written to the mirror folder), and the witnesses'
+    cosignatures from MQTT (handed over from paho's thread, which must not block)."""
+
+    def __init__(
+        self,
+        publisher: AuditPublisher,
+        link: MqttLink | None = None,
+        mirror_dir: Path | None = None,
+        *,
+        tick_s: float = 1.0,
+    ) -> None:
+        self.publisher = publisher
+        self.link = link
+        self.mirror = Mirror(mirror_dir) if mirror_dir is not None else None
+        self.tick_s = tick_s
+        self.rejected = 0  # cosignatures refused (each logged)
+        self._inbox: queue.Queue[bytes] = queue.Queue(maxsize=1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if link is not None:
+            publisher.publish = self._publish
+
+    def _publish(self, topic: str, payload: bytes, retain: bool) -> None:
+        if self.link is None or not self.link.is_connected:
+            return  # the next checkpoint or cosignature republishes it
+        try:
+            self.link.publish(topic, payload, retain=retain)
+        except MqttError as exc:
+            log.warning(
+                "audit: publishing %s failed (%s); it goes out with the next one", topic, exc
+            )
+
+    def _on_cosignature(self, message: Message) -> None:
+        try:
+            self._inbox.put_nowait(message.payload)
+        except queue.Full:
+            log.warning("audit: cosignature inbox full; dropped one from %s", message.topic)
+
+    def start(self) -> None:
+        if self.link is not None:
+            self.link.subscribe(COSIGNATURE_FILTER, self._on_cosignature)
+        self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def step(self) -> PublishedCheckpoint | None:
+        """One round: take the cosignatures that came in, make a checkpoint if due."""
+        if self.link is not None:
+            self.link.maintain()
+        while True:
+            try:
+                payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self._mirror(self.publisher.add_cosignature(payload))
+            except AuditError as exc:
+                self.rejected += 1
+                log.warning("audit: cosignature refused: %s (%s)", exc, exc.reason)
+        published = self.publisher.tick()
+        if published is not None:
+            self._mirror(published)
+        return published
+
+    def _mirror(self, published: PublishedCheckpoint) -> None:
+        if self.mirror is not None:
+            audit = self.publisher.store.audit
+            self.mirror.publish(audit, published.size, published.note, audit.entries)
+
+    def _run(self) -> None:
+        try:
+            added = self.publisher.store.audit.backfill()
+            if added:
+                log.info("audit: %d batches stored before the log were appended", added)
+        except StoreError as exc:
+            log.warning("audit: backfill failed (%s); retried at next start", exc)
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except (StoreError, AuditError, OSError) as exc:
+                log.warning("audit: checkpoint round failed: %s", exc)
+            self._stop.wait(self.tick_s)
+
+
+def start_audit(settings: AnalyticsSettings, store: Store, app: Any) -> AuditLoop | None:
+    """The API process's audit loop when a log key is configured (else None)."""
+    cfg = settings.audit
+    if cfg.log_key is None:
+        log.info("audit: no [audit] log_key configured; checkpoints are not made")
+        return None
+    from civicmesh.mqtt import MqttLink
+
+    try:
+        witnesses = [NoteKey.from_vkey(w) for w in cfg.witnesses]
+    except ValueError as exc:
+        raise AuditError(f"[audit] witnesses: {exc}", reason="config.invalid") from None
+    publisher = AuditPublisher(
+        store, NoteSigner.load(cfg.log_key), interval_s=cfg.interval_s, witnesses=witnesses
+    )
+    link = MqttLink(
+        settings.mqtt.url,
+        f"{settings.mqtt_client_id('audit')}-audit",
+        protocol=settings.mqtt.protocol,
+        **settings.mqtt.tls_args(),
+    )
+    app.state.audit_publisher = publisher
+    app.state.audit_quorum = cfg.quorum
+    loop = AuditLoop(publisher, link, cfg.mirror_dir)
+    loop.start()
+    return loop
 
 
 # ---------------------------------------------------------------- routes

@@ -199,6 +199,7 @@ def _api_run(args: argparse.Namespace) -> int:
 
     from analytics.api import create_app
     from analytics.apiauth import ApiSecurity, RateLimiter, TokenFile
+    from analytics.audit import AuditLoop, start_audit
     from analytics.dashboard.routes import from_settings as dashboard_from_settings
     from analytics.reports.cli import service_for
     from analytics.reports.service import ReportScheduler
@@ -211,6 +212,7 @@ def _api_run(args: argparse.Namespace) -> int:
         policy=settings.storage.policy(),
     )
     scheduler: ReportScheduler | None = None
+    audit_loop: AuditLoop | None = None
     try:
         store.migrate()
         registry = RegistryFile(settings.registry_file) if settings.registry_file.exists() else None
@@ -234,6 +236,7 @@ def _api_run(args: argparse.Namespace) -> int:
             max_body_bytes=settings.api.max_body_bytes,
             cors_origins=tuple(settings.api.cors_origins),
         )
+        audit_loop = start_audit(settings, store, app)  # checkpoints, cosignatures (issue 21)
         tls: dict[str, Any] = {}
         if settings.api.tls_cert is not None and settings.api.tls_key is not None:
             tls = {
@@ -244,6 +247,8 @@ def _api_run(args: argparse.Namespace) -> int:
     finally:
         if scheduler is not None:
             scheduler.stop()
+        if audit_loop is not None:
+            audit_loop.stop()
         store.close()
     return 0
 

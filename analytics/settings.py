@@ -172,6 +172,33 @@ class ApiSettings(BaseModel):
     )
 
 
+class AuditSettings(BaseModel):
+    """The public audit log's checkpoints (the API process makes and publishes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    log_key: Path | None = Field(
+        default=None,
+        description=(
+            "The log's private key (`civicmesh audit keygen --name ORIGIN --out FILE`); "
+            "unset: no checkpoints are made (leaves are still appended)"
+        ),
+    )
+    interval_s: float = Field(
+        default=10.0, ge=1, le=86_400, description="Seconds between checkpoints while the log grows"
+    )
+    witnesses: list[str] = Field(
+        default_factory=list,
+        description="Witness vkeys (cosignature/v1) whose cosignatures are accepted",
+    )
+    quorum: int = Field(
+        default=1, ge=0, le=100, description="Cosignatures that make a checkpoint witnessed (k)"
+    )
+    mirror_dir: Path | None = Field(
+        default=None, description="Also write the log's static files here (tlog tiles)"
+    )
+
+
 class ReportSettings(BaseModel):
     """Fact sheets, the language model and the report schedule."""
 
@@ -326,6 +353,9 @@ class AnalyticsSettings(ServiceSettings):
     )
     dashboard: DashboardSettings = Field(
         default_factory=DashboardSettings, description="Web dashboard"
+    )
+    audit: AuditSettings = Field(
+        default_factory=AuditSettings, description="Public audit log checkpoints"
     )
 
     @field_validator("database_url")

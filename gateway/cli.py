@@ -7,13 +7,18 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from civicmesh.config import load_settings
-from civicmesh.errors import MqttError
+from civicmesh.errors import ConfigError, MqttError
 from civicmesh.identity import Ed25519Signer
 from civicmesh.mqtt import MqttLink
 from civicmesh.registry import RegistryFile
 from civicmesh.systemd import Watchdog, notify
+
+if TYPE_CHECKING:
+    from civicmesh.audit.daemon import WitnessDaemon
+    from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
             link.connect()
         except MqttError as exc:
             log.warning("%s; the gateway starts anyway and keeps trying", exc)
+    witness = _audit_witness(settings, upstream_link)
     notify("READY=1")
     watchdog = Watchdog()
     try:
@@ -121,7 +127,30 @@ def _run(args: argparse.Namespace) -> int:
             if gateway.forwarding and upstream_link.healthy and device_link.healthy:
                 watchdog.tick()
     finally:
+        if witness is not None:
+            witness.stop()
         device_link.close()
         gateway.stop()
         upstream_link.close()
     return 0
+
+
+def _audit_witness(settings: GatewaySettings, link: MqttLink) -> WitnessDaemon | None:
+    """The audit-log witness beside this gateway, when configured (issue 21)."""
+    if settings.audit_witness_key is None:
+        return None
+    from civicmesh.audit.daemon import WitnessDaemon
+    from civicmesh.audit.note import NoteKey, NoteSigner
+    from civicmesh.audit.witness import Witness
+
+    if not settings.audit_log_key or not settings.audit_api_url:
+        raise ConfigError("audit_witness_key needs audit_log_key and audit_api_url as well")
+    try:
+        log_key = NoteKey.from_vkey(settings.audit_log_key)
+    except ValueError as exc:
+        raise ConfigError(f"audit_log_key: {exc}") from None
+    state = settings.state_dir / "audit-witness.json"
+    witness = Witness(NoteSigner.load(settings.audit_witness_key), log_key, state)
+    daemon = WitnessDaemon(witness, link, settings.audit_api_url)
+    daemon.start()
+    return daemon

@@ -74,3 +74,12 @@ class GatewaySettings(ServiceSettings):
     keep_forwarded_hours: float = Field(
         168.0, ge=0, le=24 * 365, description="Forwarded envelopes kept for replay after a loss"
     )
+    # The public audit log (issue 21): the gateway's operator witnesses the central log.
+    audit_witness_key: Path | None = Field(
+        None,
+        description="Witness key (`civicmesh audit keygen --witness`); unset: no witnessing",
+    )
+    audit_log_key: str | None = Field(None, description="The central log's vkey to check")
+    audit_api_url: str | None = Field(
+        None, description="The central API's audit URL for proofs, e.g. https://host/api/v1/audit"
+    )

@@ -16,10 +16,10 @@ from support import free_port, wait_for_port
 from test_audit_store import stored
 
 from analytics.api import create_app
-from analytics.audit import CHECKPOINT_TOPIC, AuditPublisher, cosignature_message
+from analytics.audit import AuditPublisher
 from analytics.store import open_store
 from analytics.store.base import Store
-from civicmesh.audit import AuditError
+from civicmesh.audit import CHECKPOINT_TOPIC, AuditError
 from civicmesh.audit.example import leaf_of, log_signer, simulate_envelopes, witness_signer
 from civicmesh.audit.merkle import (
     consistency_proof,
@@ -30,7 +30,7 @@ from civicmesh.audit.merkle import (
 from civicmesh.audit.note import ALG_COSIGNATURE_V1, NoteSigner, open_checkpoint
 from civicmesh.audit.tiles import HttpSource, TileHashStore
 from civicmesh.audit.verify import Trust, Verifier
-from civicmesh.audit.witness import Witness
+from civicmesh.audit.witness import Witness, cosignature_message
 from civicmesh.registry import Registry
 
 

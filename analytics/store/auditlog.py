@@ -106,17 +106,12 @@ class AuditTables:
                     binary=True,
                 )
         cur.execute(f"UPDATE audit_head SET size = {self._p} WHERE id = 1", (appender.size,))
-        new_frontier = self._frontier_of(appender)
+        new_frontier = appender.frontier()
         with self._lock:
             # Valid only once the transaction commits; a rollback leaves the head at the
             # old size, which no longer matches, so the cache is simply not used.
             self._cache = (appender.size, new_frontier)
         return [leaf[0] for leaf in leaves]
-
-    @staticmethod
-    def _frontier_of(appender: TreeAppender) -> list[bytes]:
-        frontier = appender._frontier
-        return [frontier[level] for level in sorted(frontier, reverse=True)]
 
     def _nodes(self, cur: Any, ids: Sequence[NodeId]) -> list[bytes]:
         found: dict[NodeId, bytes] = {}

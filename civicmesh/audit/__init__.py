@@ -15,6 +15,21 @@ from __future__ import annotations
 
 from civicmesh.errors import CivicmeshError
 
+# MQTT topics of the log: the central publishes the latest checkpoint (retained); each
+# witness publishes ``<size>\n<cosignature line>`` on its cosignature topic, and the
+# evidence of a split view on its alert topic.
+CHECKPOINT_TOPIC = "civicmesh/v1/audit/checkpoint"
+COSIGNATURE_FILTER = "civicmesh/v1/audit/cosig/#"
+ALERT_FILTER = "civicmesh/v1/audit/alert/#"
+
+
+def cosignature_topic(witness: str) -> str:
+    return "civicmesh/v1/audit/cosig/" + witness.replace("#", "_")
+
+
+def alert_topic(witness: str) -> str:
+    return "civicmesh/v1/audit/alert/" + witness.replace("#", "_")
+
 
 class AuditError(CivicmeshError):
     """The audit log, a proof or a checkpoint is wrong; ``reason`` names how."""

@@ -278,6 +278,10 @@ class TreeAppender:
             new.extend(self.append(leaf))
         return new
 
+    def frontier(self) -> list[bytes]:
+        """The frontier hashes, left to right (what :meth:`__init__` takes back)."""
+        return [self._frontier[level] for level in sorted(self._frontier, reverse=True)]
+
     def root(self) -> bytes:
         if not self.size:
             return EMPTY_ROOT

@@ -170,3 +170,8 @@ class Witness:
         )
         self.state.save()
         return cosign(opened.text, self.signer, int(self._clock()))
+
+
+def cosignature_message(size: int, signature: NoteSignature) -> bytes:
+    """What a witness publishes on its cosignature topic: ``<size>\\n<signature line>``."""
+    return f"{size}\n{signature.line()}".encode()
