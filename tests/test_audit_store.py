@@ -160,3 +160,23 @@ def test_batches_stored_before_the_log_are_backfilled(
     store.write_batches([stored(e, registry) for e in envelopes[30:40]])
     assert store.audit.size() == 40
     assert sorted(store.audit.entries(0, 40)) == sorted(envelopes[:40])
+
+
+def test_a_batch_back_after_the_ledger_lost_it_keeps_its_one_leaf(
+    store: Store, city: tuple[Registry, list[bytes]], store_url: str
+) -> None:
+    """A replay after a store loss (or a restore) re-inserts batches whose leaves exist."""
+    registry, envelopes = city
+    store.write_batches([stored(e, registry) for e in envelopes[:20]])
+    before = root_hash(store.audit, 20)
+    if store_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            conn.execute("DELETE FROM batches WHERE seq <= 3")
+    else:
+        with psycopg.connect(store_url) as conn:
+            conn.execute(b"DELETE FROM batches WHERE seq <= 3")
+    store.write_batches([stored(e, registry) for e in envelopes[:24]])  # 12 back, 4 new
+    assert store.audit.size() == 24
+    assert root_hash(store.audit, 20) == before

@@ -222,3 +222,20 @@ def test_a_forked_log_shown_to_two_witnesses(log: ExampleLog, tmp_path: Path) ->
     assert w1.state.alerts[-1]["reason"] == "witness.split_view"
     assert _verify(fork_b, quorum=1).ok  # each view alone looks fine to a client ...
     _failed(_verify(fork_b, quorum=1, peers=(note_a,)), "checkpoint.split_view")  # ... not both
+
+
+def test_batch_header_agrees_with_the_full_decoder(log: ExampleLog) -> None:
+    from civicmesh.protocol import SignatureError, open_batch_header
+
+    inner = open_envelope(log.envelopes[4], log.registry.gateway_key).device_message
+    full = open_batch(inner, log.registry.device_key)
+    header = open_batch_header(inner, log.registry.device_key)
+    assert (header.device_id, header.seq, header.prev_hash, header.hash) == (
+        full.device_id,
+        full.seq,
+        full.payload.prev_hash,
+        full.hash,
+    )
+    bent = inner[:-1] + bytes([inner[-1] ^ 1])  # the signature's last byte
+    with pytest.raises(SignatureError):
+        open_batch_header(bent, log.registry.device_key)

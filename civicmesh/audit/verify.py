@@ -53,7 +53,7 @@ from civicmesh.identity import VerifyKey
 from civicmesh.protocol import (
     GENESIS_HASH,
     ProtocolError,
-    open_batch,
+    open_batch_header,
     open_envelope,
     open_registry_snapshot,
 )
@@ -148,7 +148,11 @@ def _key_tables(
         if d.previous_key is not None:
             keys.append(replace(VerifyKey.from_text(d.previous_key), bound_id=d.device_id))
         devices[d.device_id] = tuple(keys)
-    gateways = {g.gateway_id: g.verify_key() for g in registry.gateways.values()}
+    # bound_id: the id is known, so it is not derived again for every envelope
+    gateways = {
+        g.gateway_id: replace(g.verify_key(), bound_id=g.gateway_id)
+        for g in registry.gateways.values()
+    }
     return devices, gateways
 
 
@@ -166,7 +170,7 @@ def _check_entries(envelopes: Sequence[bytes]) -> list[Checked]:
             out.append((f"signature.gateway.{exc.reason}", f"gateway envelope: {exc}"))
             continue
         try:
-            batch = open_batch(envelope.device_message, devices.get)
+            batch = open_batch_header(envelope.device_message, devices.get)
         except ProtocolError as exc:
             out.append((f"signature.device.{exc.reason}", f"device batch: {exc}"))
             continue
@@ -176,7 +180,7 @@ def _check_entries(envelopes: Sequence[bytes]) -> list[Checked]:
                 batch.device_id,
                 batch.seq,
                 batch.hash,
-                batch.payload.prev_hash,
+                batch.prev_hash,
                 leaf_hash(leaf.encode()),
             )
         )
