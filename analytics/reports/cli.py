@@ -244,6 +244,10 @@ def _eval_ask(args: argparse.Namespace) -> int:
                 figures[f"intent_{mode}"] = {
                     "accuracy": round(score.accuracy, 4),
                     "correct": score.correct,
+                    # kind, metrics, places, period and error only (schema v1's fields)
+                    "accuracy_v1_fields": round(score.accuracy_v1, 4),
+                    "correct_v1_fields": score.correct_v1,
+                    "by_class": {k: f"{c}/{n}" for k, (c, n) in (score.by_class or {}).items()},
                     "llm_intents_used": score.llm_used,
                     "p50_s": round(percentile(score.seconds, 50), 4),
                     "p95_s": round(percentile(score.seconds, 95), 4),
