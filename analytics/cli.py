@@ -1,4 +1,7 @@
-"""``civicmesh ingest run``, ``civicmesh api run`` and ``civicmesh db migrate``."""
+"""``civicmesh ingest run``, ``civicmesh api run`` and ``civicmesh db migrate``.
+
+The commands parse options into settings; :mod:`analytics.app` builds the services.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from analytics.app import build, refuse_unsafe
 from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
-from analytics.store.base import Store, StoreError
 from analytics.store.cli import add_db_status
 from civicmesh.config import load_settings
-from civicmesh.errors import ConfigError, MqttError
-from civicmesh.mqtt import MqttLink
-from civicmesh.registry import RegistryFile
 
 log = logging.getLogger(__name__)
 
-RETRY_MIN_S = 0.5
-RETRY_MAX_S = 10.0
 STATS_EVERY_S = 60.0
 
 
@@ -95,16 +93,6 @@ def _settings(args: argparse.Namespace) -> AnalyticsSettings:
     return load_settings(AnalyticsSettings, args.config, overrides)
 
 
-def _refuse_unsafe(settings: AnalyticsSettings, *, serving_api: bool) -> None:
-    problems = settings.production_problems(serving_api=serving_api)
-    if problems:
-        raise ConfigError(
-            "environment is production, but: "
-            + "; ".join(problems)
-            + " (see the README's runbook; environment=development for a trial)"
-        )
-
-
 def _stop_event() -> threading.Event:
     """Set on SIGINT or SIGTERM."""
     stop = threading.Event()
@@ -118,138 +106,50 @@ def _stop_event() -> threading.Event:
     return stop
 
 
-def _migrated_store(settings: AnalyticsSettings, stop: threading.Event) -> Store | None:
-    """Open, migrate and configure the store, waiting (with backoff) while the database
-    is down."""
-    delay = RETRY_MIN_S
-    while not stop.is_set():
-        store = open_store(
-            settings.database_url,
-            timescaledb=settings.storage.timescaledb,
-            policy=settings.storage.policy(),
-        )
-        try:
-            applied = store.migrate()
-            store.configure(settings.storage.policy())
-        except StoreError as exc:
-            store.close()
-            log.warning("store not ready (%s); retrying in %.1f s", exc, delay)
-            stop.wait(delay)
-            delay = min(delay * 2, RETRY_MAX_S)
-            continue
-        if applied:
-            log.info("migrations applied: %s", ", ".join(applied))
-        return store
-    return None
-
-
 def _ingest_run(args: argparse.Namespace) -> int:
-    from analytics.ingest import IngestWorker
-    from analytics.upkeep import StoreUpkeep
-
     settings = _settings(args)
-    _refuse_unsafe(settings, serving_api=False)
+    refuse_unsafe(settings, serving_api=False)
     stop = _stop_event()
-    store = _migrated_store(settings, stop)
-    if store is None:
+    services = build(settings, roles=("ingest",), stop=stop)
+    if services is None or services.ingest is None:
         return 0
-    worker_id = settings.ingest.worker_id
-    link = MqttLink(
-        settings.mqtt.url,
-        settings.mqtt_client_id(worker_id),
-        persistent=True,
-        manual_ack=True,
-        protocol=settings.mqtt.protocol,
-        **settings.mqtt.tls_args(),
-    )
-    registry = RegistryFile(settings.registry_file)
-    worker = IngestWorker(settings, store, registry, link, worker_id)
-    upkeep = StoreUpkeep(store, settings.storage)
-    upkeep.start()
+    ingest = services.ingest
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         from analytics.metrics_export import metrics_registry
 
-        start_http_server(args.metrics_port, "127.0.0.1", metrics_registry(worker.stats))
+        start_http_server(args.metrics_port, "127.0.0.1", metrics_registry(ingest.worker.stats))
         log.info("Prometheus metrics at http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
-        delay = RETRY_MIN_S
-        while not stop.is_set():
-            try:
-                worker.start()  # subscribes first, then connects: nothing queued is missed
-                break
-            except MqttError as exc:
-                log.warning("broker not reachable (%s); retrying in %.1f s", exc, delay)
-                stop.wait(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+        services.start(stop)
         while not stop.wait(STATS_EVERY_S):
-            log.info("ingest stats: %s", worker.stats())
+            log.info("ingest stats: %s", ingest.worker.stats())
     finally:
-        worker.stop()
-        upkeep.stop()
-        link.close()
-        store.close()
-        log.info("ingest worker %s stopped: %s", worker_id, worker.stats())
+        services.close()
+        log.info("ingest worker %s stopped: %s", ingest.worker.worker_id, ingest.worker.stats())
     return 0
 
 
 def _api_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from analytics.api import create_app
-    from analytics.apiauth import ApiSecurity, RateLimiter, TokenFile
-    from analytics.audit import AuditLoop, start_audit
-    from analytics.dashboard.routes import from_settings as dashboard_from_settings
-    from analytics.reports.cli import service_for
-    from analytics.reports.service import ReportScheduler
-
     settings = _settings(args)
-    _refuse_unsafe(settings, serving_api=True)
-    store = open_store(
-        settings.database_url,
-        timescaledb=settings.storage.timescaledb,
-        policy=settings.storage.policy(),
-    )
-    scheduler: ReportScheduler | None = None
-    audit_loop: AuditLoop | None = None
-    try:
-        store.migrate()
-        registry = RegistryFile(settings.registry_file) if settings.registry_file.exists() else None
-        reports = service_for(settings, store)
-        scheduler = None
-        if settings.reports.schedule:
-            scheduler = ReportScheduler(
-                reports, settings.reports.schedule_interval_s, settings.reports.schedule_delay_s
-            )
-            scheduler.start()
-        app = create_app(
-            store,
-            registry=registry,
-            window_s=settings.reports.window_s,
-            reports=reports,
-            dashboard=dashboard_from_settings(settings, store, reports),
-            security=ApiSecurity(
-                TokenFile(settings.api.tokens_file) if settings.api.tokens_file else None,
-                RateLimiter(settings.api.rate_per_s, settings.api.rate_burst),
-            ),
-            max_body_bytes=settings.api.max_body_bytes,
-            cors_origins=tuple(settings.api.cors_origins),
+    refuse_unsafe(settings, serving_api=True)
+    services = build(settings, roles=("api",))
+    if services is None or services.api is None:  # only a stop event makes build() give up
+        return 1
+    tls: dict[str, Any] = {}
+    if settings.api.tls_cert is not None and settings.api.tls_key is not None:
+        tls = {"ssl_certfile": str(settings.api.tls_cert), "ssl_keyfile": str(settings.api.tls_key)}
+    with services:
+        uvicorn.run(
+            services.api.app,
+            host=settings.api.host,
+            port=settings.api.port,
+            log_level="info",
+            **tls,
         )
-        audit_loop = start_audit(settings, store, app)  # checkpoints, cosignatures (issue 21)
-        tls: dict[str, Any] = {}
-        if settings.api.tls_cert is not None and settings.api.tls_key is not None:
-            tls = {
-                "ssl_certfile": str(settings.api.tls_cert),
-                "ssl_keyfile": str(settings.api.tls_key),
-            }
-        uvicorn.run(app, host=settings.api.host, port=settings.api.port, log_level="info", **tls)
-    finally:
-        if scheduler is not None:
-            scheduler.stop()
-        if audit_loop is not None:
-            audit_loop.stop()
-        store.close()
     return 0
 
 

@@ -8,11 +8,12 @@ of the same server that draws nothing: the difference is the overview's own cost
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import tempfile
-import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,17 @@ PASSWORD = "bench-password-1"
 
 
 def run(devices: int = 20, days: int = 7, step_ms: int = 60_000) -> dict[str, Any]:
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from analytics.api import create_app
-    from analytics.dashboard.auth import SessionSigner, UserFile
-    from analytics.dashboard.routes import Dashboard, seed_zone_shapes
-    from analytics.reports.service import ReportService, generate_due
+    from analytics.app import build, serve_in_thread
+    from analytics.dashboard.auth import UserFile
+    from analytics.reports.service import generate_due
+    from analytics.settings import AnalyticsSettings
     from analytics.store import open_store
-    from civicmesh.simhistory import fill_store
+    from civicmesh.config import load_settings
     from civicmesh.timeutil import now_ms
+    from demo.history import fill_store
     from firmware_sim.city import SimulatedCity
-    from tests.support.net import free_port, wait_for_port
 
     with tempfile.TemporaryDirectory(prefix="civicmesh-bench-dash-") as tmp_name:
         tmp = Path(tmp_name)
@@ -43,22 +43,30 @@ def run(devices: int = 20, days: int = 7, step_ms: int = 60_000) -> dict[str, An
         began = time.perf_counter()
         readings = fill_store(store, city, end - days * 86_400_000, end, step_ms=step_ms)
         fill_s = time.perf_counter() - began
-        (tmp / "zones.geojson").write_text(__import__("json").dumps(city.zones_geojson()))
-        seed_zone_shapes(store, tmp / "zones.geojson")
-        users = UserFile(tmp / "users.json")
-        users.add("viewer", "viewer", PASSWORD)
-        reports = ReportService(store, None, timezone="UTC", window_s=step_ms // 1000)
-        generate_due(reports)
-        dashboard = Dashboard(store, reports, users, SessionSigner(None), window_s=step_ms // 1000)
-        app = create_app(store, reports=reports, dashboard=dashboard)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        store.close()
+        (tmp / "zones.geojson").write_text(json.dumps(city.zones_geojson()))
+        UserFile(tmp / "users.json").add("viewer", "viewer", PASSWORD)
+        # the API as `civicmesh api run` builds it; no language model (the overview
+        # draws numbers, not prose), no tokens (the dashboard signs in with a session)
+        settings = load_settings(
+            AnalyticsSettings,
+            None,
+            {
+                "database_url": f"sqlite:///{tmp / 'demo.db'}",
+                "registry_file": str(tmp / "registry.json"),
+                "reports": {"llm_backend": "none", "window_s": step_ms // 1000, "schedule": False},
+                "dashboard": {
+                    "users_file": str(tmp / "users.json"),
+                    "zones_geojson": str(tmp / "zones.geojson"),
+                },
+            },
         )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        wait_for_port(port, 20)
-        base = f"http://127.0.0.1:{port}"
+        services = build(settings, roles=("api",))
+        assert services is not None and services.api is not None
+        generate_due(services.api.reports)
+        serving = ExitStack()
+        serving.enter_context(services)
+        base = serving.enter_context(serve_in_thread(services.api.app, "127.0.0.1", 0))
         paint, ready, blank = [], [], []
         try:
             with sync_playwright() as pw:
@@ -94,9 +102,7 @@ def run(devices: int = 20, days: int = 7, step_ms: int = 60_000) -> dict[str, An
                     page.close()
                 browser.close()
         finally:
-            server.should_exit = True
-            thread.join(10)
-            store.close()
+            serving.close()
     return {
         "readings": readings,
         "fill_s": round(fill_s, 1),

@@ -127,7 +127,7 @@ def _child(models_dir: str, names: tuple[str, ...]) -> None:
     from civicmesh.config import load_settings
     from civicmesh.identity import Ed25519Signer
     from civicmesh.protocol import encode_model_release
-    from edge.agent import EdgeAgent
+    from edge.app import build
     from edge.settings import EdgeSettings
     from firmware_sim.replay_uci import UciReplayDriver
     from training.cli import manifest_for
@@ -185,7 +185,8 @@ def _child(models_dir: str, names: tuple[str, ...]) -> None:
                 },
             },
         )
-        agent = EdgeAgent(settings, Ed25519Signer.generate(), Device(), None)  # type: ignore[arg-type]
+        # built as `civicmesh edge run` builds it, without a broker
+        agent = build(settings, signer=Ed25519Signer.generate(), driver=Device(), link=None).agent  # type: ignore[arg-type]
         loaded = agent.model_version
         start = time.perf_counter()
         agent.backfill(T0, T0 + 7 * 24 * HOUR_MS, step_ms=6 * HOUR_MS)

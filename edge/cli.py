@@ -13,10 +13,8 @@ from pathlib import Path
 
 from civicmesh import __version__
 from civicmesh.config import load_settings
-from civicmesh.drivers import load_driver
 from civicmesh.errors import MqttError
 from civicmesh.identity import Ed25519Signer, Es256Signer, identity_file, load_device_signer
-from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import encode_rotation
 from civicmesh.timeutil import now_ms
 
@@ -111,7 +109,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edge.agent import EdgeAgent
+    from edge.app import build
     from edge.settings import EdgeSettings
 
     settings = load_settings(EdgeSettings, args.config)
@@ -121,26 +119,19 @@ def _run(args: argparse.Namespace) -> int:
         "Enrol the device (`civicmesh setup enrol` on the central server) and copy the "
         "files it writes here; `civicmesh setup edge --check` lists what is missing",
     )
-    driver = load_driver(settings.driver.name, settings.driver.options)
-    link = MqttLink(
-        settings.mqtt.url,
-        settings.mqtt.client_id or f"civicmesh-edge-{signer.key_id}",
-        protocol=settings.mqtt.protocol,
-        **settings.mqtt.tls_args(),
-    )
+    node = build(settings, signer=signer)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    agent = EdgeAgent(settings, signer, driver, link)
     try:
         try:
-            link.connect()
+            if node.link is not None:  # its own link (none was passed to build)
+                node.link.connect()
         except MqttError as exc:  # keep collecting offline; the agent retries
             print(f"civicmesh edge: broker not reachable yet ({exc}); buffering in the outbox")
-        agent.run(stop)
+        node.agent.run(stop)
     finally:
-        link.close()
-        agent.close()
+        node.close()
     return 0
 
 

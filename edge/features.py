@@ -72,6 +72,12 @@ _SCALES: dict[str, tuple[float, float]] = {
 HOUR_MS = 3_600_000
 
 
+def metric_scale(metric: str) -> tuple[float, float]:
+    """(resolution, scale) of ``metric``: what the features divide by. Training uses the
+    same pair, so a model learns on exactly the features the device computes."""
+    return _SCALES.get(metric, (0.1, 1.0))
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -116,7 +122,7 @@ class StreamFeatures:
         self.metric = metric
         self.info = BY_NAME[metric]
         self.interval_ms = interval_ms
-        self.resolution, self.scale = _SCALES.get(metric, (0.1, 1.0))
+        self.resolution, self.scale = metric_scale(metric)
         self._history: deque[float] = deque(maxlen=history)
         self._last_t: int | None = None
         self._level = (_Ewma(fast_tau_ms), _Ewma(slow_tau_ms))

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from civicmesh.config import load_settings
-from civicmesh.errors import ConfigError, MqttError
 from civicmesh.identity import Ed25519Signer
-from civicmesh.mqtt import MqttLink
-from civicmesh.registry import RegistryFile
 from civicmesh.systemd import Watchdog, notify
-
-if TYPE_CHECKING:
-    from civicmesh.audit.daemon import WitnessDaemon
-    from gateway.settings import GatewaySettings
-
-log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -72,7 +61,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gateway.relay import Gateway
+    from gateway.app import build
     from gateway.settings import GatewaySettings
 
     settings = load_settings(GatewaySettings, args.config)
@@ -83,38 +72,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     settings.device_mqtt.require_tls_files("device_mqtt", fix)
     settings.upstream_mqtt.require_tls_files("upstream_mqtt", fix)
-    dev = settings.device_mqtt
-    up = settings.upstream_mqtt
-    device_link = MqttLink(
-        dev.url,
-        dev.client_id or f"civicmesh-gw-{signer.key_id}-dev",
-        persistent=True,
-        manual_ack=True,
-        protocol=dev.protocol,
-        **dev.tls_args(),
-    )
-    upstream_link = MqttLink(
-        up.url,
-        up.client_id or f"civicmesh-gw-{signer.key_id}-up",
-        protocol=up.protocol,
-        **up.tls_args(),
-    )
-    gateway = Gateway(
-        settings, signer, RegistryFile(settings.registry_file), device_link, upstream_link
-    )
+    node = build(settings, signer=signer)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    # Subscribe before connecting, so messages queued in our persistent session find a handler.
-    gateway.start()
-    # Either broker may be down at boot: the loop below keeps trying (with backoff) and
-    # the buffer holds what arrives meanwhile.
-    for link in (upstream_link, device_link):
-        try:
-            link.connect()
-        except MqttError as exc:
-            log.warning("%s; the gateway starts anyway and keeps trying", exc)
-    witness = _audit_witness(settings, upstream_link)
+    node.start()
     notify("READY=1")
     watchdog = Watchdog()
     try:
@@ -122,35 +84,9 @@ def _run(args: argparse.Namespace) -> int:
         # forwarder runs and both links work or are being rebuilt: a stuck gateway, or
         # a link whose network thread died for good, gets restarted.
         while not stop.wait(2.0):
-            upstream_link.maintain()
-            device_link.maintain()
-            if gateway.forwarding and upstream_link.healthy and device_link.healthy:
+            node.maintain()
+            if node.healthy:
                 watchdog.tick()
     finally:
-        if witness is not None:
-            witness.stop()
-        device_link.close()
-        gateway.stop()
-        upstream_link.close()
+        node.stop()
     return 0
-
-
-def _audit_witness(settings: GatewaySettings, link: MqttLink) -> WitnessDaemon | None:
-    """The audit-log witness beside this gateway, when configured (issue 21)."""
-    if settings.audit_witness_key is None:
-        return None
-    from civicmesh.audit.daemon import WitnessDaemon
-    from civicmesh.audit.note import NoteKey, NoteSigner
-    from civicmesh.audit.witness import Witness
-
-    if not settings.audit_log_key or not settings.audit_api_url:
-        raise ConfigError("audit_witness_key needs audit_log_key and audit_api_url as well")
-    try:
-        log_key = NoteKey.from_vkey(settings.audit_log_key)
-    except ValueError as exc:
-        raise ConfigError(f"audit_log_key: {exc}") from None
-    state = settings.state_dir / "audit-witness.json"
-    witness = Witness(NoteSigner.load(settings.audit_witness_key), log_key, state)
-    daemon = WitnessDaemon(witness, link, settings.audit_api_url)
-    daemon.start()
-    return daemon

@@ -8,7 +8,8 @@
 #      private brokers with it; Debian's chromium is installed for the browser tests;
 #      a real TimescaleDB server on private ports (scripts/timescaledb.sh: from
 #      ../shared/timescaledb/ when no TimescaleDB package is installed; 5432 untouched);
-#   3. lint: ruff check, ruff format --check, mypy civicmesh gateway;
+#   3. lint: ruff check, ruff format --check, mypy civicmesh gateway, the package
+#      boundaries of pyproject.toml (scripts/check_boundaries.py);
 #   4. pytest with the given arguments (default: the whole suite).
 #
 # Exit status: pytest's when it failed (5, "no tests collected", counts as failure),
@@ -197,6 +198,7 @@ run_lint() {
     log="$(mktemp)"
     mypy civicmesh gateway >"$log" 2>&1 || { cat "$log"; failed=1; }
     rm -f "$log"
+    python scripts/check_boundaries.py || failed=1
     return "$failed"
 }
 
@@ -214,7 +216,7 @@ pytest_status=0
 python -m pytest "$@" </dev/null || pytest_status=$?
 
 if [ "$lint_status" -ne 0 ]; then
-    civicmesh_say "lint failed (ruff check / ruff format --check / mypy output above)"
+    civicmesh_say "lint failed (ruff check / ruff format --check / mypy / boundaries output above)"
 fi
 if [ "$pytest_status" -ne 0 ]; then
     exit "$pytest_status"

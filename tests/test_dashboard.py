@@ -31,14 +31,14 @@ from analytics.store.base import Store
 from civicmesh.identity import Ed25519Signer
 from civicmesh.protocol import Reading, make_payload, seal_batch, wrap_envelope
 from civicmesh.registry import Registry
-from civicmesh.simhistory import (
+from civicmesh.timeutil import now_ms
+from demo.history import (
     device_records,
     fill_store,
     history_devices,
     history_signer,
     stored_batch,
 )
-from civicmesh.timeutil import now_ms
 from firmware_sim.city import SimulatedCity
 
 DAY = 86_400_000

@@ -38,7 +38,7 @@ FORBIDDEN_ON_EDGE = {
 # What a source distribution would carry; the rest of the work tree (.venv, .git, var/,
 # tests) is not needed to build and would only slow the copy down.
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "civicmesh", "edge", "gateway")
-SOURCE_ITEMS_OPTIONAL = ("analytics", "firmware_sim", "training")
+SOURCE_ITEMS_OPTIONAL = ("analytics", "firmware_sim", "training", "demo")
 
 
 def _copy_sources(destination: Path) -> Path:
@@ -87,8 +87,33 @@ def test_edge_install_pulls_no_central_service_dependencies(tmp_path: Path) -> N
 
     assert "civicmesh" in installed
     assert installed & FORBIDDEN_ON_EDGE == set()
-    help_text = _run([str(venv / "bin" / "civicmesh"), "--help"], env, timeout=60).stdout
+    civicmesh = str(venv / "bin" / "civicmesh")
+    help_text = _run([civicmesh, "--help"], env, timeout=60).stdout
     assert "civicmesh" in help_text
+    assert "install civicmesh[analytics] for `civicmesh api`" in help_text  # listed, not hidden
+    assert "usage: civicmesh edge" in _run([civicmesh, "edge", "--help"], env, timeout=60).stdout
+    # Commands of extras not installed: one line that says which extra, no traceback.
+    for command, extra in (
+        ("api", "analytics"),
+        ("pki", "pki"),
+        ("demo", "analytics,edge,gateway"),
+    ):
+        refused = subprocess.run(
+            [civicmesh, command, "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert refused.returncode == 2, refused
+        assert refused.stdout == ""
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, refused.stderr
+        assert lines[0].startswith(
+            f"civicmesh: install civicmesh[{extra}] for `civicmesh {command}`"
+        )
     _run([python, "-c", "import civicmesh.protocol, civicmesh.mqtt"], env, timeout=60)
     assert "onnxruntime" in installed  # the on-device model runtime
     _run([python, "-c", "import edge.models, edge.ota, onnxruntime"], env, timeout=60)

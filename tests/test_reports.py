@@ -1,7 +1,7 @@
 """Fact sheets, narratives, intents, reports and the report API, on stored simulated data.
 
 The store holds weeks of a simulated city written as signed, chained batches
-(``civicmesh.simhistory``). The language model is the real SmolLM2 build where its
+(``demo.history``). The language model is the real SmolLM2 build where its
 behaviour is what is tested; a scripted backend (same interface, same registry) stands in
 where a test needs the model to misbehave on purpose.
 """
@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from analytics.api import create_app
-from analytics.reports.cli import open_llm
+from analytics.app import open_llm
 from analytics.reports.facts import build_fact_sheet, daily_means
 from analytics.reports.intent import CITY, IntentError, parse_question
 from analytics.reports.llm import LlmBackend, LlmError, default_model_path, open_backend
@@ -29,7 +29,7 @@ from analytics.reports.service import ReportService, generate_due, report_window
 from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
 from analytics.store.base import Resolution, Store
-from civicmesh.simhistory import fill_store
+from demo.history import fill_store
 from firmware_sim.city import SimulatedCity
 
 DAY = 86_400_000

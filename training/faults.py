@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from sklearn.ensemble import RandomForestClassifier
 
 from civicmesh.metrics import BY_NAME
-from edge.features import _SCALES, FAULT_CLASSES, FAULT_FEATURES, decide, stream_features
+from edge.features import FAULT_CLASSES, FAULT_FEATURES, decide, metric_scale, stream_features
 from firmware_sim.faults import Fault, apply_faults
 from training.calibration import Fitted
 from training.datasets import Stream, load_aarhus, load_aberdeen
@@ -70,7 +70,7 @@ def _real_labels(
 def _fault_plan(stream: Stream, seed: int) -> list[tuple[str, Fault]]:
     """One fault per day of the stream, its kind cycling, its window and size random."""
     rng = np.random.default_rng([seed, zlib.crc32(f"{stream.device}/{stream.metric}".encode())])
-    resolution, scale = _SCALES.get(stream.metric, (0.1, 1.0))
+    resolution, scale = metric_scale(stream.metric)
     info = BY_NAME[stream.metric]
     level = max(float(np.nanmedian(stream.values)), scale)
     kinds = [k for k in INJECTED if k != "drift" or stream.partner is not None]
@@ -117,8 +117,8 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
     keep = np.ones(len(clean), dtype=bool)
     windows = np.zeros(len(clean), dtype=np.int64)
     if inject:
-        resolution, _ = _SCALES.get(stream.metric, (0.1, 1.0))
-        level = max(float(np.nanmedian(clean)), _SCALES.get(stream.metric, (0.1, 1.0))[1])
+        resolution, _ = metric_scale(stream.metric)
+        level = max(float(np.nanmedian(clean)), metric_scale(stream.metric)[1])
         for kind, fault in _fault_plan(stream, seed):
             _, faulted = apply_faults(
                 stream.metric, times, values, [fault], seed, remove_dropouts=False

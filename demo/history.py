@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from analytics.store.base import StoredBatch
 from civicmesh.identity import Ed25519Signer
 from civicmesh.protocol import GENESIS_HASH, Reading, make_payload, seal_batch, wrap_envelope
 from civicmesh.registry import DeviceRecord
@@ -124,9 +125,7 @@ def fill_store(
     return total
 
 
-def stored_batch(batch: Any, envelope: Any, prev_hash: bytes, gateway_id: str) -> Any:
-    from analytics.store.base import StoredBatch  # the store is the central side's
-
+def stored_batch(batch: Any, envelope: Any, prev_hash: bytes, gateway_id: str) -> StoredBatch:
     return StoredBatch(
         device_id=batch.device_id,
         seq=batch.seq,
