@@ -26,11 +26,24 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ask = sub.add_parser("ask", help="answer a question about air quality or traffic")
-    ask.add_argument("question", help="the question, in quotes")
+    ask = sub.add_parser(
+        "ask",
+        help="answer a question about air quality or traffic (no question: interactive)",
+        description=(
+            "Asks the running API when one answers at --url, else answers here; with no "
+            "question, reads questions one a line and keeps the model loaded between them."
+        ),
+    )
+    ask.add_argument("question", nargs="?", help="the question, in quotes")
     _common(ask)
-    ask.add_argument("--now", help="answer as if asked at this ISO time (default: now)")
+    ask.add_argument(
+        "--now", help="answer as if asked at this ISO time; without an offset, city time"
+    )
     ask.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    ask.add_argument("--url", help="the API to ask (default: api.host and api.port)")
+    ask.add_argument(
+        "--local", action="store_true", help="answer in this process, never via the API"
+    )
     ask.set_defaults(func=_ask)
 
     reports = sub.add_parser("reports", help="daily and weekly reports")
@@ -82,27 +95,85 @@ def _with_service(args: argparse.Namespace) -> tuple[ReportService, Store]:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not args.local and args.question:
+        url = args.url or f"http://{settings.api.host}:{settings.api.port}"
+        remote = ask_api(url, args.question, args.now)
+        if remote is not None:
+            return _print_remote(remote, args.json)
     service, store = _with_service(args)
     try:
-        now = datetime.fromisoformat(args.now) if args.now else None
-        try:
-            answer = service.ask(args.question, now)
-        except IntentError as exc:
-            print(f"civicmesh: cannot answer ({exc.code}): {exc}")
-            if exc.suggestions:
-                print("closest known: " + ", ".join(exc.suggestions))
-            return 2
-        if args.json:
-            print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
-            return 0
-        print(answer.text)
-        if answer.narrative.source != "llm":
-            print(f"[deterministic text: {answer.narrative.fallback_reason}]")
-        print()
-        for fact in answer.facts_used():
-            print(f"  {fact['id']:<36} {fact['text']:<24} {fact['start']} .. {fact['end']}")
+        if args.question:
+            return _answer_one(service, args.question, args.now, args.json)
+        print("civicmesh ask: one question a line; an empty line or Ctrl-D ends.")
+        code = 0
+        while True:
+            try:
+                question = input("> ").strip()
+            except EOFError:
+                break
+            if not question:
+                break
+            code = _answer_one(service, question, args.now, args.json)
     finally:
         store.close()
+    return code
+
+
+def ask_api(url: str, question: str, now: str | None) -> dict[str, Any] | None:
+    """The running API's answer, or None when no API answers at ``url``."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"question": question, **({"now": now} if now else {})}).encode()
+    request = urllib.request.Request(
+        url.rstrip("/") + "/api/v1/ask", body, {"Content-Type": "application/json"}
+    )
+    token = os.environ.get("CIVICMESH_API_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return {"status": response.status, **json.loads(response.read())}
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read())
+        except ValueError:
+            detail = {"detail": str(exc)}
+        return {"status": exc.code, **detail}
+    except (urllib.error.URLError, OSError):
+        return None  # nothing listens there: answer locally
+
+
+def _print_remote(answer: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+    elif answer.get("status") == 200:
+        print(answer.get("text", ""))
+    else:
+        print(f"civicmesh: cannot answer ({answer.get('status')}): {answer.get('detail')}")
+    return 0 if answer.get("status") == 200 else 2
+
+
+def _answer_one(service: ReportService, question: str, now_text: str | None, as_json: bool) -> int:
+    now = datetime.fromisoformat(now_text) if now_text else None
+    try:
+        answer = service.ask(question, now)
+    except IntentError as exc:
+        print(f"civicmesh: cannot answer ({exc.code}): {exc}")
+        if exc.suggestions:
+            print("closest known: " + ", ".join(exc.suggestions))
+        return 2
+    if as_json:
+        print(json.dumps(answer.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    print(answer.text)
+    if answer.narrative.source != "llm":
+        print(f"[deterministic text: {answer.narrative.fallback_reason}]")
+    print()
+    for fact in answer.facts_used():
+        print(f"  {fact['id']:<36} {fact['text']:<24} {fact['start']} .. {fact['end']}")
     return 0
 
 

@@ -131,9 +131,9 @@ def _one_mismatch(expected: dict[str, Any], got: Intent, tz: ZoneInfo, fields: s
     strict = fields == STRICT
     if got.kind != expected["kind"]:
         return f"kind {got.kind}"
-    if strict:
-        quantity = getattr(got, "quantity", "summary")  # intents before v2 had none
-        if quantity != expected.get("quantity", "summary"):
+    if strict and "quantity" in expected:  # sets before schema v2 do not state it
+        quantity = getattr(got, "quantity", "summary")  # nor did intents then
+        if quantity != expected["quantity"]:
             return f"quantity {quantity}"
     metrics = expected["metrics"]
     wanted = METRIC_SETS[metrics] if isinstance(metrics, str) else (frozenset(metrics),)

@@ -29,12 +29,17 @@ DAY_MS = 24 * HOUR_MS
 AIR_METRICS = ("pm25", "pm10", "no2", "o3", "co")
 TRAFFIC_METRICS = ("vehicle_count", "mean_speed")
 REPORT_METRICS = AIR_METRICS + TRAFFIC_METRICS
+# Measured and answered when asked; reports and broad questions keep to REPORT_METRICS.
+WEATHER_METRICS = ("temperature", "relativehumidity")
+MEASURED_METRICS = (*REPORT_METRICS, "occupancy", *WEATHER_METRICS)
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 # A reading flagged with any of these is a fault or an anomaly found at the edge.
 FAULT_FLAGS = int(
     Quality.OUT_OF_RANGE | Quality.STUCK | Quality.SPIKE | Quality.DRIFT | Quality.IMPLAUSIBLE
 )
 LOW_COMPLETENESS = 0.8
+GAP_COMPLETENESS = 0.95  # a device below this has a gap worth naming in a report
+MAX_LISTED_DAYS = 7  # exceedance days named one by one
 # Days need this share of their hours, 8-h means 6 of 8 hours (the usual 75% rule).
 MIN_DAY_HOURS = 18
 MIN_8H_HOURS = 6
@@ -46,6 +51,9 @@ LABELS = {
     "co": "CO",
     "vehicle_count": "traffic volume",
     "mean_speed": "traffic speed",
+    "occupancy": "road occupancy",
+    "temperature": "temperature",
+    "relativehumidity": "relative humidity",
 }
 
 
@@ -216,24 +224,19 @@ def build_fact_sheet(
     timezone: str = "UTC",
     metrics: Sequence[str] = REPORT_METRICS,
     window_s: int = 60,
+    days: str | None = None,
+    hours: tuple[int, int] | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
+    aqi_now: bool = False,
 ) -> FactSheet:
     """The fact sheet of ``zone`` (None: the whole city) over ``[start_ms, end_ms)``.
 
     Days and weekdays are local days of ``timezone``; the previous period (for changes)
     is the window of the same length just before. ``window_s`` is the devices' reading
-    window, which sets how many readings completeness expects.
+    window. ``days`` ("weekdays"/"weekends") and ``hours`` (local ``[from, to)``) keep
+    only those hours (devices and completeness cover all). ``pairs``: metrics to correlate.
     """
-    if end_ms <= start_ms:
-        raise FactSheetError(f"Empty period: end {iso(end_ms)} is not after {iso(start_ms)}")
-    unknown = [m for m in metrics if m not in REPORT_METRICS]
-    if unknown:
-        raise FactSheetError(
-            f"No facts for metric {unknown[0]!r}; reports cover {', '.join(REPORT_METRICS)}"
-        )
-    try:
-        tz = ZoneInfo(timezone)
-    except (KeyError, ValueError) as exc:
-        raise FactSheetError(f"Unknown time zone {timezone!r}") from exc
+    tz = _checked(start_ms, end_ms, metrics, timezone)
     # Hourly buckets are whole UTC hours: widen to them so every bucket counts fully.
     lo = start_ms - start_ms % HOUR_MS
     hi = end_ms + (-end_ms) % HOUR_MS
@@ -241,15 +244,24 @@ def build_fact_sheet(
     source = "rollup_zone_1h" if zone is not None else "rollup_zone_1h (all zones)"
     out = _Collector(lo, hi)
     hourly: dict[str, list[SeriesPoint]] = {}
-    for metric in metrics:
-        points = store.rollup_series(metric, lo, hi, Resolution.HOUR, zone=zone)
-        previous = store.rollup_series(metric, lo - span, lo, Resolution.HOUR, zone=zone)
+    keep = HourFilter(tz, days, hours)
+    for metric in dict.fromkeys([*metrics, *(m for pair in pairs for m in pair)]):
+        points = keep(store.rollup_series(metric, lo, hi, Resolution.HOUR, zone=zone))
+        previous = keep(store.rollup_series(metric, lo - span, lo, Resolution.HOUR, zone=zone))
         hourly[metric] = points
-        _metric_facts(out, metric, points, previous, tz, source, lo - span)
+        if metric in metrics:
+            _metric_facts(out, metric, points, previous, tz, source, lo - span)
     if "vehicle_count" in hourly and "no2" in hourly:
         _correlation(out, hourly["vehicle_count"], hourly["no2"], source)
+    for a, b in pairs:
+        _pair_correlation(out, a, b, hourly[a], hourly[b], source)
+    _coverage(out, hourly, [m for m in metrics if m in hourly], keep, lo, hi)
     if any(m in AIR_METRICS for m in metrics):
         _aqi_facts(out, hourly, tz, source)
+    if aqi_now:
+        result = current_aqi(store, zone, end_ms - 1)
+        if result is not None:
+            _aqi_now_facts(out, result, "rollup_zone_1h, NowCast")
     _device_facts(out, store, zone, window_s)
     sheet = FactSheet(
         scope=zone or "city",
@@ -262,6 +274,95 @@ def build_fact_sheet(
         metrics=tuple(metrics),
     )
     return sheet
+
+
+def _checked(start_ms: int, end_ms: int, metrics: Sequence[str], timezone: str) -> ZoneInfo:
+    if end_ms <= start_ms:
+        raise FactSheetError(f"Empty period: end {iso(end_ms)} is not after {iso(start_ms)}")
+    unknown = [m for m in metrics if m not in MEASURED_METRICS]
+    if unknown:
+        raise FactSheetError(
+            f"No facts for metric {unknown[0]!r}; facts cover {', '.join(MEASURED_METRICS)}"
+        )
+    try:
+        return ZoneInfo(timezone)
+    except (KeyError, ValueError) as exc:
+        raise FactSheetError(f"Unknown time zone {timezone!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class HourFilter:
+    """Keeps the hourly points of the asked weekdays or weekends and hours of the day."""
+
+    tz: ZoneInfo
+    days: str | None = None
+    hours: tuple[int, int] | None = None
+
+    def wanted(self, bucket_ms: int) -> bool:
+        local = datetime.fromtimestamp(bucket_ms / 1000, self.tz)
+        if self.days is not None and (local.weekday() >= 5) != (self.days == "weekends"):
+            return False
+        return self.hours is None or self.hours[0] <= local.hour < self.hours[1]
+
+    def __call__(self, points: Sequence[SeriesPoint]) -> list[SeriesPoint]:
+        if self.days is None and self.hours is None:
+            return list(points)
+        return [p for p in points if self.wanted(p.bucket_ms)]
+
+
+def _coverage(
+    out: _Collector,
+    hourly: dict[str, list[SeriesPoint]],
+    metrics: Sequence[str],
+    keep: HourFilter,
+    lo: int,
+    hi: int,
+) -> None:
+    """Hours of the period (after the filters) and how many of them hold data."""
+    expected = sum(1 for t in range(lo, hi, HOUR_MS) if keep.wanted(t))
+    if not expected or not metrics:
+        return
+    with_data = len({p.bucket_ms for m in metrics for p in hourly[m]})
+    out.add("coverage.hours", with_data, "hours", "hours with data", "rollup_zone_1h", decimals=0)
+    out.add(
+        "coverage.hours_expected",
+        expected,
+        "hours",
+        "hours in the period",
+        "rollup_zone_1h",
+        decimals=0,
+    )
+
+
+def strength(r: float) -> str:
+    """Words for a correlation coefficient (Cohen's rule of thumb)."""
+    size = abs(r)
+    if size < 0.1:
+        return "no clear"
+    word = "a weak" if size < 0.3 else "a moderate" if size < 0.5 else "a strong"
+    return f"{word} {'positive' if r > 0 else 'negative'}"
+
+
+def _pair_correlation(
+    out: _Collector,
+    a: str,
+    b: str,
+    xs: Sequence[SeriesPoint],
+    ys: Sequence[SeriesPoint],
+    source: str,
+) -> None:
+    by_hour = {p.bucket_ms: p.mean for p in xs}
+    pairs = [(by_hour[p.bucket_ms], p.mean) for p in ys if p.bucket_ms in by_hour]
+    if len(pairs) < 12:
+        return
+    r = pearson([x for x, _ in pairs], [y for _, y in pairs])
+    if not math.isfinite(r):
+        return
+    key = f"corr.{a}.{b}"
+    label = f"{LABELS[a]} and {LABELS[b]}"
+    out.add(f"{key}.r", r, "r", f"Pearson correlation of hourly {label}", source, decimals=2)
+    out.add(f"{key}.hours", len(pairs), "hours", f"hours with both {label}", source, decimals=0)
+    out.add(f"{key}.strength", strength(r), "words", f"strength of the link of {label}", source)
 
 
 def weighted_mean(points: Iterable[SeriesPoint]) -> tuple[float, int]:
@@ -321,6 +422,21 @@ def _metric_facts(
     else:
         out.add(f"{metric}.mean", mean, unit, f"mean {label}", source, decimals=decimals)
     out.add(f"{metric}.readings", n, "count", f"{label} readings", source, decimals=0)
+    out.add(f"{metric}.hours", len(points), "hours", f"hours with {label} data", source, decimals=0)
+    _peak_facts(out, metric, points, tz, source)
+    if previous:
+        _change_facts(out, metric, mean, previous, source, previous_start)
+    _patterns(out, metric, points, tz, source, decimals)
+    if metric in AIR_METRICS:
+        _who_facts(out, metric, points, tz, source)
+
+
+def _peak_facts(
+    out: _Collector, metric: str, points: Sequence[SeriesPoint], tz: ZoneInfo, source: str
+) -> None:
+    unit = BY_NAME[metric].unit
+    label = LABELS[metric]
+    decimals = 2 if metric == "co" else 1
     peak = max(points, key=lambda p: p.mean)
     peak_unit = "vehicles per window" if metric == "vehicle_count" else unit
     out.add(
@@ -350,40 +466,49 @@ def _metric_facts(
     if metric == "mean_speed":
         lowest = min(points, key=lambda p: p.mean)
         out.add("mean_speed.lowest_hour", lowest.mean, unit, "lowest hourly traffic speed", source)
-    if previous:
-        before, _ = weighted_mean(previous)
+
+
+def _change_facts(
+    out: _Collector,
+    metric: str,
+    mean: float,
+    previous: Sequence[SeriesPoint],
+    source: str,
+    previous_start: int,
+) -> None:
+    unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
+    label = LABELS[metric]
+    decimals = 2 if metric == "co" else 1
+    before, _ = weighted_mean(previous)
+    out.add(
+        f"{metric}.previous_mean",
+        before,
+        unit,
+        f"{label} in the previous period",
+        source,
+        decimals=decimals,
+        start_ms=previous_start,
+        end_ms=out.start_ms,
+    )
+    if before > 0:
+        change = (mean - before) / before * 100.0
         out.add(
-            f"{metric}.previous_mean",
-            before,
-            peak_unit if metric == "vehicle_count" else unit,
-            f"{label} in the previous period",
+            f"{metric}.change_pct",
+            abs(change),
+            "%",
+            f"change of {label} against the previous period",
             source,
-            decimals=decimals,
             start_ms=previous_start,
-            end_ms=out.start_ms,
         )
-        if before > 0:
-            change = (mean - before) / before * 100.0
-            out.add(
-                f"{metric}.change_pct",
-                abs(change),
-                "%",
-                f"change of {label} against the previous period",
-                source,
-                start_ms=previous_start,
-            )
-            direction = "up" if change > 0.05 else "down" if change < -0.05 else "unchanged"
-            out.add(
-                f"{metric}.change_direction",
-                direction,
-                "direction",
-                f"direction of the change of {label}",
-                source,
-                start_ms=previous_start,
-            )
-    _patterns(out, metric, points, tz, source, decimals)
-    if metric in AIR_METRICS:
-        _who_facts(out, metric, points, tz, source)
+        direction = "up" if change > 0.05 else "down" if change < -0.05 else "unchanged"
+        out.add(
+            f"{metric}.change_direction",
+            direction,
+            "direction",
+            f"direction of the change of {label}",
+            source,
+            start_ms=previous_start,
+        )
 
 
 def peak_max(points: Sequence[SeriesPoint]) -> float:
@@ -417,58 +542,65 @@ def _patterns(
             source,
         )
     if len(by_weekday) == 7:
-        means = {d: sum(v) / len(v) for d, v in by_weekday.items()}
-        high = max(means, key=lambda d: means[d])
-        low = min(means, key=lambda d: means[d])
-        unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
-        out.add(
-            f"{metric}.weekday_high",
-            WEEKDAYS[high],
-            "weekday",
-            f"weekday with the highest mean {label}",
-            source,
-        )
-        out.add(
-            f"{metric}.weekday_high.mean",
-            means[high],
-            unit,
-            f"mean {label} on that weekday",
-            source,
-            decimals=decimals,
-        )
-        out.add(
-            f"{metric}.weekday_low",
-            WEEKDAYS[low],
-            "weekday",
-            f"weekday with the lowest mean {label}",
-            source,
-        )
-        out.add(
-            f"{metric}.weekday_low.mean",
-            means[low],
-            unit,
-            f"mean {label} on that weekday",
-            source,
-            decimals=decimals,
-        )
-        weekend = [m for d, m in means.items() if d >= 5]
-        weekday = [m for d, m in means.items() if d < 5]
-        out.add(
-            f"{metric}.weekend_mean",
-            sum(weekend) / len(weekend),
-            unit,
-            f"mean {label} at weekends",
-            source,
-            decimals=decimals,
-        )
-        out.add(
-            f"{metric}.workday_mean",
-            sum(weekday) / len(weekday),
-            unit,
-            f"mean {label} on working days",
-            source,
-            decimals=decimals,
-        )
+        _weekday_facts(out, metric, by_weekday, source, decimals)
+
+
+def _weekday_facts(
+    out: _Collector, metric: str, by_weekday: dict[int, list[float]], source: str, decimals: int
+) -> None:
+    label = LABELS[metric]
+    means = {d: sum(v) / len(v) for d, v in by_weekday.items()}
+    high = max(means, key=lambda d: means[d])
+    low = min(means, key=lambda d: means[d])
+    unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
+    out.add(
+        f"{metric}.weekday_high",
+        WEEKDAYS[high],
+        "weekday",
+        f"weekday with the highest mean {label}",
+        source,
+    )
+    out.add(
+        f"{metric}.weekday_high.mean",
+        means[high],
+        unit,
+        f"mean {label} on that weekday",
+        source,
+        decimals=decimals,
+    )
+    out.add(
+        f"{metric}.weekday_low",
+        WEEKDAYS[low],
+        "weekday",
+        f"weekday with the lowest mean {label}",
+        source,
+    )
+    out.add(
+        f"{metric}.weekday_low.mean",
+        means[low],
+        unit,
+        f"mean {label} on that weekday",
+        source,
+        decimals=decimals,
+    )
+    weekend = [m for d, m in means.items() if d >= 5]
+    weekday = [m for d, m in means.items() if d < 5]
+    out.add(
+        f"{metric}.weekend_mean",
+        sum(weekend) / len(weekend),
+        unit,
+        f"mean {label} at weekends",
+        source,
+        decimals=decimals,
+    )
+    out.add(
+        f"{metric}.workday_mean",
+        sum(weekday) / len(weekday),
+        unit,
+        f"mean {label} on working days",
+        source,
+        decimals=decimals,
+    )
 
 
 def _who_facts(
@@ -505,6 +637,15 @@ def _who_facts(
             source,
             decimals=0,
         )
+        above = [d for d, v in days.items() if v > guideline.value]
+        for i, day in enumerate(above[:MAX_LISTED_DAYS]):
+            out.add(
+                f"{metric}.who_exceedance_day.{i + 1}",
+                datetime.fromisoformat(day).strftime("%a %d %b"),
+                "date",
+                f"a day above the WHO 2021 guideline for {label}",
+                source,
+            )
     hours = sum(1 for p in points if p.mean > guideline.value)
     out.add(
         f"{metric}.hours_above_who",
@@ -527,9 +668,21 @@ def _aqi_facts(
     for p in hourly.get("no2", []):
         day = datetime.fromtimestamp(p.bucket_ms / 1000, tz).date().isoformat()
         no2_peak[day] = max(no2_peak.get(day, 0.0), p.mean)
-    days = sorted(set(pm25) | set(pm10) | set(o3))
+    results = _daily_aqi(pm25, pm10, o3, no2_peak)
+    _eaqi_hours(out, hourly, source)
+    if results:
+        _aqi_day_facts(out, results, source)
+
+
+def _daily_aqi(
+    pm25: dict[str, float],
+    pm10: dict[str, float],
+    o3: dict[str, float],
+    no2_peak: dict[str, float],
+) -> list[tuple[str, aqi.IndexResult]]:
+    """(local date, daily US AQI) for each day some pollutant can rate (AQI_DAILY)."""
     results = []
-    for day in days:
+    for day in sorted(set(pm25) | set(pm10) | set(o3)):
         try:
             table = aqi.epa_table_for(datetime.fromisoformat(day))
             results.append(
@@ -546,9 +699,12 @@ def _aqi_facts(
             )
         except aqi.AqiError:
             continue  # a day the tables cannot rate (no pollutant with enough data)
-    _eaqi_hours(out, hourly, source)
-    if not results:
-        return
+    return results
+
+
+def _aqi_day_facts(
+    out: _Collector, results: list[tuple[str, aqi.IndexResult]], source: str
+) -> None:
     worst_day, worst = max(results, key=lambda r: r[1].value)
     version = worst.table_version
     out.add(
@@ -588,6 +744,81 @@ def _aqi_facts(
 
 
 EAQI = "eea-eaqi-2017"
+# The one AQI of answers, reports and the dashboard (README: AQI definition).
+AQI_DAILY = (
+    "US EPA AQI, daily: 24-hour mean PM2.5 and PM10, highest 8-hour mean ozone, highest "
+    "1-hour NO2; the EPA table in force on the day (2012 breakpoints before 6 May 2024, "
+    "2024 after)"
+)
+AQI_NOW = (
+    "US EPA AQI now: NowCast of the last 12 hourly PM2.5 and PM10 means, the last 8 hours' "
+    "mean ozone and the last hour's NO2; the EPA table in force today"
+)
+
+
+def nowcast(hourly: Sequence[float | None]) -> float | None:
+    """EPA NowCast of hourly means, the most recent first (12 hours; 2 of the last 3
+    needed). The weight factor is the range ratio, at least 0.5."""
+    values = list(hourly[:12])
+    if sum(v is not None for v in values[:3]) < 2:
+        return None
+    known = [v for v in values if v is not None]
+    high = max(known)
+    weight = max(min(known) / high, 0.5) if high > 0 else 1.0
+    total = norm = 0.0
+    for i, value in enumerate(values):
+        if value is not None:
+            total += weight**i * value
+            norm += weight**i
+    return total / norm
+
+
+def current_aqi(store: Store, zone: str | None, now_ms: int) -> aqi.IndexResult | None:
+    """The current US AQI of ``zone`` (None: the city) by :data:`AQI_NOW`; None without
+    data. The dashboard and /ask both use this one."""
+    end = now_ms - now_ms % HOUR_MS + HOUR_MS
+    series = {
+        m: {
+            p.bucket_ms: p.mean
+            for p in store.rollup_series(m, end - 12 * HOUR_MS, end, Resolution.HOUR, zone=zone)
+        }
+        for m in ("pm25", "pm10", "o3", "no2")
+    }
+    hours = [end - (k + 1) * HOUR_MS for k in range(12)]
+    pm25 = nowcast([series["pm25"].get(h) for h in hours])
+    pm10 = nowcast([series["pm10"].get(h) for h in hours])
+    o3 = [series["o3"][h] for h in hours[:8] if h in series["o3"]]
+    no2 = next((series["no2"][h] for h in hours[:2] if h in series["no2"]), None)
+    try:
+        return aqi.us_aqi(
+            pm25_24h=pm25,
+            pm10_24h=pm10,
+            o3_8h_ug=sum(o3) / len(o3) if len(o3) >= MIN_8H_HOURS else None,
+            no2_1h_ug=no2,
+            table=aqi.epa_table_for(datetime.fromtimestamp(now_ms / 1000, ZoneInfo("UTC"))),
+        )
+    except aqi.AqiError:
+        return None
+
+
+def _aqi_now_facts(out: _Collector, result: aqi.IndexResult, source: str) -> None:
+    out.add(
+        "aqi.now",
+        result.value,
+        "AQI",
+        f"current US AQI ({result.table_version})",
+        source,
+        decimals=0,
+    )
+    out.add("aqi.now.category", result.category, "category", "US AQI category now", source)
+    out.add(
+        "aqi.now.pollutant",
+        LABELS.get(result.dominant.split("_")[0], result.dominant),
+        "pollutant",
+        "pollutant that sets the current AQI",
+        source,
+    )
+    out.add("aqi.now.table", result.table_version, "table", "EPA table used", aqi.__name__)
 
 
 def _eaqi_hours(out: _Collector, hourly: dict[str, list[SeriesPoint]], source: str) -> None:
@@ -698,6 +929,34 @@ def _device_facts(out: _Collector, store: Store, zone: str | None, window_s: int
                 "a device with gaps",
                 "rollup_1h",
             )
+        _gap_facts(out, ratios)
+    _fault_facts(out, store, zone)
+
+
+def _gap_facts(out: _Collector, ratios: dict[str, float]) -> None:
+    gaps = sorted(d for d, r in ratios.items() if r < GAP_COMPLETENESS)
+    out.add(
+        "devices.gaps",
+        len(gaps),
+        "devices",
+        f"devices with less than {GAP_COMPLETENESS:.0%} of their data",
+        "rollup_1h",
+        decimals=0,
+    )
+    for i, device in enumerate(gaps[:6]):
+        out.add(f"devices.gap.{i + 1}", device, "device", "a device with gaps", "rollup_1h")
+        out.add(
+            f"devices.gap.{i + 1}.pct",
+            ratios[device] * 100.0,
+            "%",
+            "share of its expected readings that it sent",
+            "rollup_1h",
+            decimals=0,
+        )
+
+
+def _fault_facts(out: _Collector, store: Store, zone: str | None) -> None:
+    lo, hi = out.start_ms, out.end_ms
     flagged = store.flagged_readings(lo, hi, FAULT_FLAGS, zone=zone)
     quarantined = store.quarantine_counts(lo, hi, zone=zone)
     faulty = sorted(set(flagged) | set(quarantined))

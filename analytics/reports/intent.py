@@ -2,9 +2,11 @@
 
 Two parsers give the same :class:`Intent`:
 
-- :func:`parse_question`, deterministic: synonyms for metrics, the known zone names, and
-  relative time expressions ("last week", "yesterday morning", "since Monday", "in
-  October", "the last 3 days") resolved in the city's time zone against a given "now".
+- :func:`parse_question`, deterministic: what is asked (:data:`QUANTITY_RULES`: a mean,
+  a peak and when, the AQI, hours or days above the WHO guideline, the busiest hour, a
+  total, a correlation, device health, data completeness), synonyms for every measured
+  metric, the known zone names, and time expressions (:mod:`analytics.reports.periods`)
+  resolved in the city's time zone against a given "now".
 - :func:`llm_intent`: the language model fills a JSON schema (metric names from a fixed
   list; places and the time expression as words copied from the question). Zone names
   never go into the prompt (operators typed them); the model's words are matched to
@@ -12,26 +14,62 @@ Two parsers give the same :class:`Intent`:
   model says that the question does not support is refused, and the deterministic
   parser answers instead.
 
-Questions outside air quality and traffic, forecasts, and questions carrying
-instructions to the system are refused with a reason, not answered.
+Every question is first folded to one spelling (:func:`textnorm.normalise`: NFKC, no
+zero-width or format characters, Latin look-alikes), then screened: instructions to the
+system and requests to change data are refused (``refused``); forecasts in any wording,
+periods that have not happened and other subjects are out of scope (``out_of_scope``).
+A screened question never reaches the model.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from analytics.reports.facts import AIR_METRICS, REPORT_METRICS, TRAFFIC_METRICS
+from analytics.reports.facts import (
+    AIR_METRICS,
+    MEASURED_METRICS,
+    REPORT_METRICS,
+    TRAFFIC_METRICS,
+    WEATHER_METRICS,
+)
 from analytics.reports.llm import LlmBackend, LlmError
+from analytics.reports.periods import (
+    DAY,
+    MONTH_ABBR,
+    MONTHS,
+    WEEKDAY_NAMES,
+    Clock,
+    Found,
+    Period,
+    find_days,
+    find_hours,
+    find_periods,
+    with_filters,
+)
+from analytics.reports.textnorm import normalise
 from civicmesh.errors import CivicmeshError
 
 CITY = "city"
 KINDS = ("summary", "compare_places", "compare_periods", "rank")
+QUANTITIES = (
+    "summary",
+    "mean",
+    "peak",
+    "aqi",
+    "exceedance_hours",
+    "exceedance_days",
+    "busiest_hour",
+    "total",
+    "correlation",
+    "device_health",
+    "completeness",
+)
 
 
 class IntentError(CivicmeshError):
@@ -46,20 +84,6 @@ class IntentError(CivicmeshError):
 
 
 @dataclass(frozen=True, slots=True)
-class Period:
-    start_ms: int
-    end_ms: int
-    label: str
-
-    def to_dict(self, tz: ZoneInfo) -> dict[str, Any]:
-        return {
-            "start": datetime.fromtimestamp(self.start_ms / 1000, tz).isoformat(),
-            "end": datetime.fromtimestamp(self.end_ms / 1000, tz).isoformat(),
-            "label": self.label,
-        }
-
-
-@dataclass(frozen=True, slots=True)
 class Intent:
     kind: str
     metrics: tuple[str, ...]
@@ -67,10 +91,12 @@ class Intent:
     periods: tuple[Period, ...]  # one, or two for compare_periods (asked, then reference)
     parser: str = "deterministic"  # or "llm"
     notes: tuple[str, ...] = field(default=())
+    quantity: str = "summary"  # what is asked about the metrics (QUANTITIES)
 
     def to_dict(self, tz: ZoneInfo) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "quantity": self.quantity,
             "metrics": list(self.metrics),
             "places": list(self.places),
             "periods": [p.to_dict(tz) for p in self.periods],
@@ -134,6 +160,32 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "slower": ("mean_speed",),
     "traffic": TRAFFIC_METRICS,
     "roads": TRAFFIC_METRICS,
+    "temperature": ("temperature",),
+    "temperatures": ("temperature",),
+    "temp": ("temperature",),
+    "how warm": ("temperature",),
+    "how hot": ("temperature",),
+    "how cold": ("temperature",),
+    "hottest": ("temperature",),
+    "coldest": ("temperature",),
+    "warmest": ("temperature",),
+    "coolest": ("temperature",),
+    "degrees": ("temperature",),
+    "heat": ("temperature",),
+    "warm": ("temperature",),
+    "cold": ("temperature",),
+    "humidity": ("relativehumidity",),
+    "relative humidity": ("relativehumidity",),
+    "humid": ("relativehumidity",),
+    "dampness": ("relativehumidity",),
+    "damp": ("relativehumidity",),
+    "moisture": ("relativehumidity",),
+    "weather": WEATHER_METRICS,
+    "occupancy": ("occupancy",),
+    "road occupancy": ("occupancy",),
+    "lane occupancy": ("occupancy",),
+    "detector occupancy": ("occupancy",),
+    "occupied": ("occupancy",),
 }
 # Things people ask about that the network does not report on.
 OTHER_MEASURES = (
@@ -149,9 +201,6 @@ OTHER_MEASURES = (
     "co2",
     "carbon dioxide",
     "lead",
-    "humidity",
-    "humid",
-    "temperature",
     "rainfall",
     "rain",
     "water quality",
@@ -194,15 +243,47 @@ DOMAIN_WORDS = (
     "trend",
 )
 FORECAST = re.compile(
-    r"\b(tomorrow|next (week|month|year|monday|tuesday|wednesday|thursday|"
-    r"friday|saturday|sunday)|forecast|predict\w*|will (it|the|there) be|"
-    r"going to be)\b"
+    r"\b(tomorrow|tonight|next (week|month|year|weekend|few|couple|\d+|monday|tuesday|"
+    r"wednesday|thursday|friday|saturday|sunday)|forecasts?|forecasting|predict\w*|"
+    r"projected|projections?|outlook|upcoming|coming (days?|weeks?|weekend|months?|hours?)|"
+    r"in the future|later (today|this week|on)|from now|will|won't|'ll|shall|gonna|"
+    r"going to (be|get|rise|fall|drop|go|stay|improve|worsen)|expect(ed|ing)? (to|it|the)|"
+    r"anticipat\w*|likely to|chance of|should i expect|what to expect)\b"
 )
 INJECTION = re.compile(
-    r"\b(ignore|disregard|forget)\b.{0,40}\b(instruction|prompt|rule|above|previous)"
+    r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}\b(instruction|prompt|rule|above|"
+    r"previous|guideline|polic)"
     r"|\bsystem prompt\b|\byou are now\b|\bpretend\b|\bjailbreak\b|\bas an ai\b"
-    r"|\b(reveal|print|show)\b.{0,20}\b(prompt|instructions|password|secret|key)s?\b"
-    r"|\bsay that\b|\bwrite that\b|\breply with\b|\brespond with\b"
+    r"|\bdeveloper mode\b|\bact as\b|\broleplay\b"
+    r"|\b(reveal|print|show|tell me|repeat)\b.{0,20}\b(prompt|instructions|password|secret|"
+    r"key|token|credential)s?\b"
+    r"|\bsay that\b|\bwrite that\b|\breply with\b|\brespond with\b|\bclaim that\b"
+)
+# Requests to change what is stored: refused, whatever follows.
+_WRITE_VERBS = (
+    r"delete|remove|erase|drop|truncate|wipe|purge|destroy|clear|update|modify|edit|"
+    r"overwrite|insert|add|create|register|deregister|reset|rename|disable|enable|restart|"
+    r"reboot|shut down|turn off|switch off|set|change|alter|correct|fix|replace|upload|"
+    r"import|revoke|move|mark|flag|hide|falsify|fake|adjust|lower|raise"
+)
+WRITE = re.compile(
+    rf"^(?:(?:please|pls|can you|could you|would you|will you|i want you to|i want to|"
+    rf"i'd like (?:you )?to|i need (?:you )?to|go ahead and|now|ok|okay|just)[ ,]+)*"
+    rf"(?:{_WRITE_VERBS})\b"
+    rf"|\b(?:delete|remove|erase|wipe|purge|overwrite|truncate|drop|falsify|destroy|"
+    rf"tamper with|clear out)\b.{{0,40}}\b(?:readings?|data|records?|values?|"
+    rf"measurements?|sensors?|devices?|zones?|reports?|database|tables?|history|"
+    rf"everything|all|logs?|ledger)\b"
+)
+# Work of another kind than reporting measured data, and other subjects.
+OTHER_TASK = re.compile(
+    r"\b(write|compose|tell|sing|draw|generate|make up|create)\b.{0,25}\b(poem|story|joke|"
+    r"song|essay|limerick|haiku|picture|image|code|script|email|letter|tweet)s?\b"
+    r"|\btranslate\b|\b(recipe|football|soccer|cricket|lottery|horoscope|bitcoin|stock|"
+    r"shares|election|mayor|council tax|bus|buses|train|trains|tram|timetable|ticket|"
+    r"tickets|fare|fares|restaurant|restaurants|hotel|hotels|cinema|parking|crime|house "
+    r"prices|rent|population|tourist|museum|school|hospital|elections?|news|president|"
+    r"capital of|meaning of life|yourself|password)\b"
 )
 CITY_TERMS = (
     "whole city",
@@ -226,46 +307,6 @@ COMPARE_PERIOD = re.compile(
     r"|month[- ]on[- ]month|change[ds]? (since|from)|the week before"
     r"|the day before(?! yesterday)|the month before)\b"
 )
-WEEKDAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-MONTHS = (
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-)
-MONTH_ABBR = {m[:3]: i + 1 for i, m in enumerate(MONTHS)} | {"sept": 9}
-NUMBER_WORDS = {
-    "one": 1,
-    "two": 2,
-    "three": 3,
-    "four": 4,
-    "five": 5,
-    "six": 6,
-    "seven": 7,
-    "eight": 8,
-    "nine": 9,
-    "ten": 10,
-    "twelve": 12,
-    "fourteen": 14,
-    "thirty": 30,
-    "a": 1,
-    "an": 1,
-}
-PARTS_OF_DAY = {
-    "morning": (6, 12),
-    "afternoon": (12, 18),
-    "evening": (18, 24),
-    "night": (0, 6),
-    "rush hour": (7, 10),
-}
 PLACE_PREPOSITIONS = ("in", "at", "for", "near", "around", "of", "across")
 STOP_AFTER_PREPOSITION = frozenset(
     (
@@ -358,9 +399,7 @@ STOP_AFTER_PREPOSITION = frozenset(
 
 
 def _norm(text: str) -> str:
-    text = text.lower().replace("’", "'").replace("‘", "'")
-    text = re.sub(r"[?!;\"()\[\]]", " ", text)
-    return re.sub(r"\s+", " ", text).strip()
+    return normalise(text)
 
 
 def _has(text: str, phrase: str) -> bool:
@@ -402,7 +441,7 @@ def find_metrics(text: str) -> tuple[list[str], list[str]]:
     if speed_words & set(phrases) and not volume_words & set(phrases):
         # "did vehicles drive faster": the vehicles are the subject, speed the measure
         found.discard("vehicle_count")
-    return [m for m in REPORT_METRICS if m in found], phrases
+    return [m for m in MEASURED_METRICS if m in found], phrases
 
 
 def _unknown_measure(text: str) -> str | None:
@@ -443,7 +482,7 @@ def find_places(text: str, zones: Sequence[str]) -> tuple[list[str], list[str]]:
             if not words or not re.fullmatch(r"[a-z][a-z'-]*", words[0]):
                 continue
         head = words[0]
-        if head in STOP_AFTER_PREPOSITION or head in MONTH_ABBR or head.isdigit():
+        if head in STOP_AFTER_PREPOSITION or head in MONTH_ABBR or head[0].isdigit():
             continue
         if any(head == p.split()[0] for p in METRIC_TERMS) or head in OTHER_MEASURES:
             continue
@@ -463,234 +502,351 @@ def closest(word: str, known: Sequence[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(word, list(known), n=n, cutoff=0.0)[:n]
 
 
-# ---------------------------------------------------------------------- periods
+# -------------------------------------------------------------------- quantities
+
+# What is asked about the metrics, most specific first: the first rule that matches wins.
+QUANTITY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (quantity, re.compile(pattern))
+    for quantity, pattern in (
+        (
+            "correlation",
+            r"\b(correlat\w*|relationship|related|relate|link(ed|s)?|connection|connected|"
+            r"associat\w*|go(es)? together|move(d)? together|track(s|ed)? (with|each other)|"
+            r"depend(s|ed)? on|follow(s|ed)? (the )?traffic|affect(s|ed)?|effect of|impact(s|ed)?|"
+            r"caus(e|es|ed|ing)|drives|driven by|due to|because of|contribut\w*|explain\w*)\b",
+        ),
+        (
+            "device_health",
+            r"\b(sensors?|devices?|stations?|monitors?|counters?|detectors?|nodes?|equipment|"
+            r"hardware)\b.{0,40}\b(broken|faulty|faults?|offline|online|working|down|fail\w*|"
+            r"malfunction\w*|problems?|issues?|health\w*|status|errors?|stuck|dead|ok|okay|"
+            r"reporting|report in|silent|trouble|drift\w*|defective|glitch\w*|alive|up)\b"
+            r"|\b(broken|faulty|malfunctioning|defective|offline|dead|failing|misbehaving)\b.{0,20}"
+            r"\b(sensors?|devices?|stations?|monitors?|counters?|detectors?)\b"
+            r"|\bdevice health\b|\bsensor health\b|\bhealth of the (sensors|devices|network)\b",
+        ),
+        (
+            "completeness",
+            r"\b(complete(ness)?|coverage|missing (data|readings|values|hours|measurements)|"
+            r"data gaps?|gaps? in (the )?(data|readings|record)|how much (of the )?data|"
+            r"data availability|availability of (the )?data|uptime|data loss|lost data|"
+            r"any gaps|holes in|data quality|how reliable|blanks?)\b",
+        ),
+        (
+            "busiest_hour",
+            r"\b(busiest|heaviest|peak traffic|traffic peak(ed)?|most traffic|most cars|most "
+            r"vehicles|worst traffic|rush hour peak|busiest time|heaviest time)\b.{0,20}"
+            r"\b(hour|time|times|moment)\b|\b(what|which) (hour|time)\b.{0,40}\b(busiest|"
+            r"heaviest|most traffic|most cars|most vehicles|peak)\b|\bwhen\b.{0,30}\b(busiest|"
+            r"heaviest|most (traffic|cars|vehicles))\b",
+        ),
+        (
+            "exceedance_hours",
+            r"\b(how many|number of|count of|total|which|what) hours?\b.{0,60}\b(above|over|"
+            r"exceed\w*|beyond|breach\w*|higher than|more than|past|broke|break|unsafe|unhealthy)"
+            r"|\bhours? (above|over|exceed\w*|beyond|in breach|higher than|more than)\b",
+        ),
+        (
+            "exceedance_days",
+            r"\b(how many|number of|count of|total|which|what) days?\b.{0,60}\b(above|over|"
+            r"exceed\w*|beyond|breach\w*|higher than|more than|past|broke|break|unsafe|unhealthy)"
+            r"|\bdays? (above|over|exceed\w*|beyond|in breach|higher than|more than)\b"
+            r"|\b(exceed\w*|breach\w*|above|over|broke|break|beyond|within|under|below|meet|met|"
+            r"comply|complied)\b.{0,30}\b(who|guideline|guidelines|limit|limits|threshold|"
+            r"standard|safe level)\b",
+        ),
+        (
+            "aqi",
+            r"\b(aqi|air quality index|air-quality index|air quality rating|pollution index|"
+            r"index|nowcast|air quality category|aqi category)\b",
+        ),
+        (
+            "total",
+            r"\b(how many (vehicles|cars|trucks|lorries|buses|motorists)|total (number of )?"
+            r"(vehicles|cars|traffic|count)|number of (vehicles|cars)|vehicles counted|"
+            r"cars counted|vehicle total|traffic count|counted)\b",
+        ),
+        (
+            "peak",
+            r"\b(highest|peak\w*|max(imum)?|worst (hour|moment|time|reading|level|value)|"
+            r"top (reading|value|level)|spike\w*|hottest|warmest|coldest|coolest|most humid|"
+            r"record|lowest|minimum|slowest|fastest|when (was|did|were)|at what time|"
+            r"what time)\b",
+        ),
+        ("mean", r"\b(average|averaged|mean|typical|typically|on average|avg)\b"),
+    )
+)
+# Words that mean the rank's direction in a ranking, not a peak
+_RANK_DIRECTION = re.compile(r"\b(highest|lowest|worst|best|most|least)\b")
+
+
+def find_quantity(text: str, ranking: bool = False) -> str:
+    """What ``text`` asks about its metrics (a name from QUANTITIES)."""
+    for quantity, pattern in QUANTITY_RULES:
+        match = pattern.search(text)
+        if match is None:
+            continue
+        if ranking and quantity == "peak" and _RANK_DIRECTION.fullmatch(match.group(0)):
+            rest = pattern.search(text, match.end())
+            if rest is None:
+                continue
+        return quantity
+    return "summary"
+
+
+def _metrics_for(quantity: str, named: list[str], text: str) -> list[str]:
+    """The metrics a question asks about, given what it asks and what it names."""
+    if quantity == "correlation":
+        return _correlation_metrics(named)
+    if quantity in ("busiest_hour", "total") and not named:
+        return ["vehicle_count"]
+    if quantity in ("busiest_hour", "total") and set(named) >= set(TRAFFIC_METRICS):
+        return ["vehicle_count"]
+    if quantity in ("aqi", "exceedance_hours", "exceedance_days") and (
+        not named or set(named) == set(MEASURED_METRICS)
+    ):
+        return list(AIR_METRICS)
+    if quantity == "aqi":
+        air = [m for m in named if m in AIR_METRICS]
+        return air or list(AIR_METRICS)
+    return named or list(REPORT_METRICS)
+
+
+def _correlation_metrics(named: list[str]) -> list[str]:
+    traffic = [m for m in named if m in TRAFFIC_METRICS or m == "occupancy"]
+    air = [m for m in named if m in AIR_METRICS]
+    weather = [m for m in named if m in WEATHER_METRICS]
+    if set(air) == set(AIR_METRICS):  # "pollution", "air quality": the traffic pollutant
+        air = ["no2"]
+    if set(traffic) == set(TRAFFIC_METRICS):
+        traffic = ["vehicle_count"]
+    if not traffic and not weather and len(air) < 2:
+        traffic = ["vehicle_count"]
+    if not air and not weather:
+        air = ["no2"]
+    chosen = set(traffic + air + weather)
+    return [m for m in MEASURED_METRICS if m in chosen]
+
+
+# ------------------------------------------------------------------------ screens
+
+
+def _screen(text: str) -> None:
+    """Refuse instructions and writes, and rule out forecasts and other subjects."""
+    if INJECTION.search(text):
+        raise IntentError(
+            "refused",
+            "The question contains instructions to the system. Ask about air quality or "
+            "traffic in a zone or the city over a period, e.g. 'NO2 in harbour last week'.",
+        )
+    if WRITE.search(text):
+        raise IntentError(
+            "refused",
+            "This service only reads measured data; it does not change, add or delete "
+            "anything. Ask about a measurement, e.g. 'PM2.5 in the city yesterday'.",
+        )
+    if FORECAST.search(text):
+        raise IntentError(
+            "out_of_scope",
+            "civicmesh reports on measured data only; it does not forecast. Ask about a "
+            "past period, e.g. 'PM2.5 in the city yesterday'.",
+        )
+
+
+def _checked_text(question: str) -> str:
+    text = _norm(question)
+    if not text:
+        raise IntentError("out_of_scope", "The question is empty.")
+    if len(text) > 500:
+        raise IntentError("out_of_scope", "The question is too long (500 characters at most).")
+    _screen(text)
+    return text
+
+
+_OUT_OF_SCOPE = (
+    "This service answers questions about measured air quality, traffic and weather, e.g. "
+    "'How was NO2 in harbour last week?'"
+)
+
+
+def _check_subject(text: str, metrics: list[str], places: list[str], ranking: bool) -> None:
+    other = _unknown_measure(text)
+    if other and not metrics:
+        raise IntentError(
+            "unknown_metric",
+            f"civicmesh does not measure {other!r}. Known: {', '.join(MEASURED_METRICS)}.",
+            closest(other, MEASURED_METRICS),
+        )
+    if OTHER_TASK.search(text) and not metrics:
+        raise IntentError("out_of_scope", _OUT_OF_SCOPE)
+    quantity = find_quantity(text, ranking)
+    domain = bool(metrics or places or ranking or quantity != "summary")
+    if not (domain or any(_has(text, w) for w in DOMAIN_WORDS)):
+        raise IntentError("out_of_scope", _OUT_OF_SCOPE)
+
+
+def _future(found: Sequence[Found], clock: Clock) -> None:
+    now_ms = int(clock.now.timestamp() * 1000)
+    for item in found:
+        if item.period.start_ms >= now_ms:
+            raise IntentError(
+                "out_of_scope",
+                f"{item.period.label!r} has not happened yet, and civicmesh does not forecast. "
+                "Ask about a past period.",
+            )
+
+
+# ------------------------------------------------------------------------ parse
+
+
+def parse_question(question: str, zones: Sequence[str], now: datetime) -> Intent:
+    """The intent of ``question`` by fixed rules; IntentError when there is none."""
+    text = _checked_text(question)
+    clock = Clock(now)
+    metrics, _ = find_metrics(text)
+    places, unknown_places = find_places(text, zones)
+    ranking = RANK.search(text) is not None
+    _check_subject(text, metrics, places, ranking)
+    found = find_periods(text, clock)
+    _future(found, clock)
+    if unknown_places and not places and not ranking:
+        word = unknown_places[0]
+        raise IntentError(
+            "unknown_place",
+            f"Unknown place {word!r}. Known places: {', '.join(sorted(zones))}, or the city.",
+            closest(word, [*zones, CITY]),
+        )
+    return _assemble(text, metrics, places, found, clock, ranking, "deterministic", zones)
+
+
+# "the week before": the 7 days before the period it follows
+BEFORE = re.compile(
+    r"\b(?:the|a) (week|day|month|fortnight|weekend|period|year) (?:before|prior|earlier)"
+    r"(?! last| yesterday)\b|\bthe (?:previous|preceding|prior) (week|day|month|period)\b"
+)
+CHANGE = re.compile(
+    r"\b(improv\w*|chang\w*|better|worse|worsen\w*|gone (up|down)|go (up|down)|went (up|down)|"
+    r"ris(en|e)|rose|fall(en)?|fell|dropp?(ed)?|increas\w*|decreas\w*|differ\w*|declin\w*|"
+    r"grow(n)?|grew|shift\w*)\b"
+)
+_BEFORE_DAYS = {"week": 7, "day": 1, "fortnight": 14, "weekend": 7, "year": 365}
+
+
+def _before(asked: Period, unit: str, clock: Clock) -> Period:
+    if unit == "month":
+        start = datetime.fromtimestamp(asked.start_ms / 1000, clock.tz)
+        first = start.date().replace(day=1)
+        prev = (first - DAY).replace(day=1)
+        if start == clock.midnight(first):
+            return clock.period(clock.midnight(prev), clock.midnight(first), "the month before")
+        span = timedelta(days=30)
+    elif unit == "period":
+        return replace(previous_period(asked), days=asked.days, hours=asked.hours)
+    else:
+        span = timedelta(days=_BEFORE_DAYS[unit])
+    end = datetime.fromtimestamp(asked.start_ms / 1000, clock.tz)
+    before = clock.period(end - span, end, f"the {unit} before")
+    return replace(before, days=asked.days, hours=asked.hours)
 
 
 @dataclass(frozen=True, slots=True)
-class Clock:
-    now: datetime  # aware, in the city's zone
-
-    @property
-    def tz(self) -> ZoneInfo:
-        assert isinstance(self.now.tzinfo, ZoneInfo)
-        return self.now.tzinfo
-
-    def midnight(self, day: date) -> datetime:
-        return datetime(day.year, day.month, day.day, tzinfo=self.tz)
-
-    def period(self, start: datetime, end: datetime, label: str) -> Period:
-        end = min(end, self.now) if start < self.now else end
-        return Period(int(start.timestamp() * 1000), int(end.timestamp() * 1000), label)
+class TimeFrame:
+    asked: Period
+    reference: Period | None
+    notes: tuple[str, ...] = ()
 
 
-def _month_start(year: int, month: int) -> date:
-    return date(year + (month - 1) // 12, (month - 1) % 12 + 1, 1)
+def time_frame(
+    text: str, found: Sequence[Found], clock: Clock, periods_compared: bool = True
+) -> TimeFrame:
+    """The asked period (with its filters) and the reference period, if any (never
+    when ``periods_compared`` is false: the question compares places)."""
+    before = BEFORE.search(text)
+    found = [f for f in found if not (before and f.at < before.end() and f.end > before.start())]
+    found, hour_of = _fold_hours(found, clock)
+    hours = hour_of or find_hours(text, clock, [(f.at, f.end) for f in found])
+    days = find_days(text)
+    notes: list[str] = []
+    if found:
+        base = found[0].period
+    elif before is not None and (before.group(1) or before.group(2)) in _BEFORE_DAYS:
+        # "compared with the week before": the last 7 days against the 7 before them
+        length = _BEFORE_DAYS[before.group(1) or before.group(2)]
+        base = clock.period(clock.now - length * DAY, clock.now, f"the last {length} days")
+        notes.append(f"no period named: the last {length} days")
+    else:
+        base, note = _default_period(clock, bool(days or hours))
+        notes.append(note)
+    if len(days) >= 2:  # weekdays against weekends, over the same period
+        asked = with_filters(base, clock, days[0], hours)
+        return TimeFrame(asked, with_filters(base, clock, days[1], hours), tuple(notes))
+    day = days[0] if days else None
+    if periods_compared:
+        asked, reference = _pair(text, found, base, clock, before)
+    else:
+        asked, reference = base, None
+    asked = with_filters(asked, clock, day, hours)
+    if reference is not None:
+        reference = with_filters(reference, clock, day, hours)
+    return TimeFrame(asked, reference, tuple(notes))
 
 
-def _number(token: str) -> int | None:
-    if token.isdigit():
-        return int(token)
-    return NUMBER_WORDS.get(token)
+def _fold_hours(found: Sequence[Found], clock: Clock) -> tuple[list[Found], tuple[int, int] | None]:
+    """ "at 8am this morning": the hour narrows the day it is said with."""
+    hours = [f for f in found if f.rule == "at_hour"]
+    rest = [f for f in found if f.rule != "at_hour"]
+    if not hours or not rest:
+        return list(found), None
+    hour = datetime.fromtimestamp(hours[0].period.start_ms / 1000, clock.tz).hour
+    return rest, (hour, hour + 1)
 
 
-def find_periods(text: str, clock: Clock) -> list[Period]:
-    """Time expressions in ``text``, in order of mention, resolved against ``clock``."""
-    found: list[tuple[int, Period]] = []
-    today = clock.now.date()
-    midnight = clock.midnight(today)
-
-    def add(match: re.Match[str] | None, start: datetime, end: datetime) -> None:
-        if match is not None:
-            found.append((match.start(), clock.period(start, end, match.group(0).strip())))
-
-    # explicit ISO dates
-    for m in re.finditer(r"\b(\d{4})-(\d{2})-(\d{2})\b", text):
-        day = date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-        add(m, clock.midnight(day), clock.midnight(day + timedelta(days=1)))
-    # "3 November", "november 3", "3rd of nov 2025"
-    month_re = "|".join(sorted(list(MONTHS) + list(MONTH_ABBR), key=len, reverse=True))
-    for m in re.finditer(
-        rf"\b(\d{{1,2}})(?:st|nd|rd|th)? (?:of )?({month_re})\.?(?: (\d{{4}}))?\b"
-        rf"|\b({month_re})\.? (\d{{1,2}})(?:st|nd|rd|th)?(?:,? (\d{{4}}))?\b",
-        text,
-    ):
-        day_s, month_s, year_s = (
-            (m.group(1), m.group(2), m.group(3))
-            if m.group(1)
-            else (m.group(5), m.group(4), m.group(6))
-        )
-        month = MONTH_ABBR[month_s[:3]] if month_s[:4] != "sept" else 9
-        year = int(year_s) if year_s else today.year
-        try:
-            day = date(year, month, int(day_s))
-        except ValueError:
-            continue
-        if not year_s and day > today:
-            day = date(year - 1, month, int(day_s))
-        add(m, clock.midnight(day), clock.midnight(day + timedelta(days=1)))
-    taken = [(s, s + len(p.label)) for s, p in found]
-
-    def free(m: re.Match[str]) -> bool:
-        return all(m.end() <= a or m.start() >= b for a, b in taken)
-
-    # whole months: "in october", "october 2025", "last month", "this month"
-    for m in re.finditer(rf"\b(?:in |during |for )?({'|'.join(MONTHS)})(?: (\d{{4}}))?\b", text):
-        if not free(m):
-            continue
-        month = MONTHS.index(m.group(1)) + 1
-        year = int(m.group(2)) if m.group(2) else today.year
-        if not m.group(2) and _month_start(year, month) > today:
-            year -= 1
-        first = _month_start(year, month)
-        add(m, clock.midnight(first), clock.midnight(_month_start(year, month + 1)))
-    patterns: list[tuple[str, Any]] = [
-        (
-            r"\b(?:in the |over the |during the |for the )?(?:last|past|previous) (\d+|[a-z]+) "
-            r"(hour|day|week|month)s?\b",
-            "last_n",
-        ),
-        (r"\b(?:the )?(?:last|past) (24|48) ?h\b", "last_h"),
-        (r"\b(\d+|[a-z]+) days? ago\b", "days_ago"),
-        (r"\b(?:the )?past week\b|\bweekly\b", "last_7"),
-        (r"\b(?:the )?(?:last|past) fortnight\b", "last_14"),
-        (
-            r"\b(?:on )?(monday|tuesday|wednesday|thursday|friday|saturday|sunday) "
-            r"(morning|afternoon|evening|night)\b",
-            "day_part",
-        ),
-        (r"\b(?:the )?past month\b|\bmonthly\b", "last_30"),
-        (r"\byesterday (morning|afternoon|evening|night)\b", "yesterday_part"),
-        (r"\b(?:this|today'?s?) (morning|afternoon|evening)\b", "today_part"),
-        (r"\b(?:last|yesterday) night\b", "last_night"),
-        (r"\bday before yesterday\b", "day_before"),
-        (r"\bsince (monday|tuesday|wednesday|thursday|friday|saturday|sunday)\b", "since_day"),
-        (r"\bsince yesterday\b", "since_yesterday"),
-        (r"\bsince (?:the )?(?:start|beginning) of (?:the )?(week|month)\b", "since_start"),
-        (r"\byesterday\b", "yesterday"),
-        (r"\btoday\b|\bso far today\b", "today"),
-        (r"\b(?:last|past|previous) week ?end\b|\blast weekend\b", "last_weekend"),
-        (r"\b(?:this|the) ?week ?end\b", "this_weekend"),
-        (
-            r"\b(?:last|previous|past) (monday|tuesday|wednesday|thursday|friday|saturday|sunday)"
-            r"\b",
-            "last_day",
-        ),
-        (r"\b(?:on )?(monday|tuesday|wednesday|thursday|friday|saturday|sunday)\b", "on_day"),
-        (r"\b(?:the )?week before(?: last)?\b", "week_before"),
-        (r"\b(?:the )?previous week\b", "last_week"),
-        (r"\b(?:last|past) week\b", "last_week"),
-        (r"\bthis week\b", "this_week"),
-        (r"\bthe week\b", "last_7"),
-        (r"\b(?:the )?month before\b|\bprevious month\b", "month_before"),
-        (r"\b(?:last|past) month\b", "last_month"),
-        (r"\bthis month\b", "this_month"),
-        (r"\b(?:last|past|this) year\b", "year"),
-        (r"\b(?:right )?now\b|\bcurrently\b|\bat the moment\b|\blatest\b", "now"),
-    ]
-    for pattern, what in patterns:
-        for m in re.finditer(pattern, text):
-            if not free(m):
-                continue
-            result = _resolve(what, m, clock, today, midnight)
-            if result is not None:
-                found.append((m.start(), clock.period(result[0], result[1], m.group(0).strip())))
-                taken.append((m.start(), m.end()))
-    return [p for _, p in sorted(found, key=lambda pair: pair[0])]
+def _default_period(clock: Clock, filtered: bool) -> tuple[Period, str]:
+    now_ms = int(clock.now.timestamp() * 1000)
+    if filtered:  # "weekday mornings": a day or two would hold too few of them
+        period = Period(now_ms - 7 * 86_400_000, now_ms, "the last 7 days")
+        return period, "no period named: the last 7 days"
+    period = Period(now_ms - 86_400_000, now_ms, "the last 24 hours")
+    return period, "no period named: the last 24 hours"
 
 
-def _resolve(
-    what: str, m: re.Match[str], clock: Clock, today: date, midnight: datetime
-) -> tuple[datetime, datetime] | None:
-    now = clock.now
-    day = timedelta(days=1)
-    monday = clock.midnight(today - timedelta(days=today.weekday()))
-    if what == "last_n":
-        n = _number(m.group(1))
-        if n is None or n <= 0:
-            return None
-        unit = {"hour": timedelta(hours=1), "day": day, "week": 7 * day}.get(m.group(2))
-        if m.group(2) == "month":
-            unit = 30 * day
-        assert unit is not None
-        return now - n * unit, now
-    if what == "last_h":
-        return now - timedelta(hours=int(m.group(1))), now
-    if what in ("yesterday_part", "today_part"):
-        base = clock.midnight(today - day) if what == "yesterday_part" else midnight
-        lo, hi = PARTS_OF_DAY[m.group(1)]
-        return base + timedelta(hours=lo), base + timedelta(hours=hi)
-    if what == "last_night":
-        return clock.midnight(today - day) + timedelta(hours=18), midnight + timedelta(hours=6)
-    if what == "day_before":
-        return clock.midnight(today - 2 * day), clock.midnight(today - day)
-    if what == "yesterday":
-        return clock.midnight(today - day), midnight
-    if what == "today":
-        return midnight, now
-    if what == "since_day":
-        back = (today.weekday() - WEEKDAY_NAMES.index(m.group(1))) % 7
-        return clock.midnight(today - timedelta(days=back)), now
-    if what == "since_yesterday":
-        return clock.midnight(today - day), now
-    if what == "since_start":
-        if m.group(1) == "week":
-            return monday, now
-        return clock.midnight(today.replace(day=1)), now
-    if what == "last_weekend":
-        saturday = monday - 2 * day
-        return saturday, monday
-    if what == "this_weekend":
-        saturday = monday + 5 * day
-        if saturday > now:
-            saturday -= 7 * day
-        return saturday, saturday + 2 * day
-    if what in ("last_day", "on_day"):
-        back = (today.weekday() - WEEKDAY_NAMES.index(m.group(1))) % 7
-        if back == 0 and what == "last_day":
-            back = 7
-        if back == 0:  # "on Monday" asked on a Monday: today so far
-            return midnight, now
-        start = clock.midnight(today - timedelta(days=back))
-        return start, start + day
-    if what == "week_before":
-        return monday - 14 * day, monday - 7 * day
-    if what == "last_week":
-        return monday - 7 * day, monday
-    if what == "this_week":
-        return monday, now
-    if what == "last_7":
-        return now - 7 * day, now
-    if what == "last_14":
-        return now - 14 * day, now
-    if what == "day_part":
-        back = (today.weekday() - WEEKDAY_NAMES.index(m.group(1))) % 7
-        base = clock.midnight(today - timedelta(days=back))
-        lo, hi = PARTS_OF_DAY[m.group(2)]
-        return base + timedelta(hours=lo), base + timedelta(hours=hi)
-    if what == "last_30":
-        return now - 30 * day, now
-    if what == "days_ago":
-        n = _number(m.group(1))
-        if n is None or n <= 0:
-            return None
-        start = clock.midnight(today - n * day)
-        return start, start + day
-    if what in ("month_before", "last_month"):
-        first = today.replace(day=1)
-        prev = _month_start(first.year, first.month - 1)
-        if what == "month_before":
-            prev2 = _month_start(first.year, first.month - 2)
-            return clock.midnight(prev2), clock.midnight(prev)
-        return clock.midnight(prev), clock.midnight(first)
-    if what == "this_month":
-        return clock.midnight(today.replace(day=1)), now
-    if what == "year":
-        if m.group(0).startswith("this"):
-            return clock.midnight(date(today.year, 1, 1)), now
-        return clock.midnight(date(today.year - 1, 1, 1)), clock.midnight(date(today.year, 1, 1))
-    if what == "now":
-        return now - timedelta(hours=1), now
-    return None
+def _pair(
+    text: str,
+    found: Sequence[Found],
+    base: Period,
+    clock: Clock,
+    before: re.Match[str] | None,
+) -> tuple[Period, Period | None]:
+    """(asked, reference): the reference is None when nothing is compared."""
+    if before is not None:
+        return base, _before(base, before.group(1) or before.group(2), clock)
+    compare = COMPARE_PERIOD.search(text)
+    if len(found) >= 2:
+        if compare is not None and compare.start() < found[0].at:
+            return found[1].period, found[0].period  # "compared with last week, this week"
+        return found[0].period, found[1].period
+    if not found:
+        return base, None
+    first = found[0]
+    if first.since and CHANGE.search(text):
+        # "has it improved since last week": that week against the time after it
+        reference = _unsince(first, clock)
+        now = clock.now
+        start = datetime.fromtimestamp(reference.end_ms / 1000, clock.tz)
+        return clock.period(start, now, f"after {reference.label}"), reference
+    if compare is None:
+        return base, None
+    if compare.start() < first.at:  # "compared with last week": that is the reference
+        return following_period(first.period, clock), first.period
+    return base, previous_period(base)
+
+
+def _unsince(item: Found, clock: Clock) -> Period:
+    """The period a "since X" started from, as X alone."""
+    label = item.period.label.removeprefix("since ").strip()
+    for other in find_periods(label, clock):
+        return other.period
+    return previous_period(item.period)
 
 
 def following_period(period: Period, clock: Clock) -> Period:
@@ -704,110 +860,49 @@ def previous_period(period: Period) -> Period:
     return Period(period.start_ms - length, period.start_ms, "the period before")
 
 
-# ------------------------------------------------------------------------ parse
-
-
-def _screen(text: str) -> None:
-    if INJECTION.search(text):
-        raise IntentError(
-            "refused",
-            "The question contains instructions to the system. Ask about air quality or "
-            "traffic in a zone or the city over a period, e.g. 'NO2 in harbour last week'.",
-        )
-    if FORECAST.search(text):
-        raise IntentError(
-            "out_of_scope",
-            "civicmesh reports on measured data only; it does not forecast. Ask about a "
-            "past period, e.g. 'PM2.5 in the city yesterday'.",
-        )
-
-
-def parse_question(question: str, zones: Sequence[str], now: datetime) -> Intent:
-    """The intent of ``question`` by fixed rules; IntentError when there is none."""
-    text = _norm(question)
-    if not text:
-        raise IntentError("out_of_scope", "The question is empty.")
-    if len(text) > 500:
-        raise IntentError("out_of_scope", "The question is too long (500 characters at most).")
-    _screen(text)
-    clock = Clock(now)
-    metrics, _ = find_metrics(text)
-    places, unknown_places = find_places(text, zones)
-    periods = find_periods(text, clock)
-    other = _unknown_measure(text)
-    if other and not metrics:
-        raise IntentError(
-            "unknown_metric",
-            f"civicmesh does not measure {other!r}. Known: {', '.join(REPORT_METRICS)}.",
-            closest(other, REPORT_METRICS),
-        )
-    ranking = RANK.search(text) is not None
-    domain = bool(metrics or places or ranking) or any(_has(text, w) for w in DOMAIN_WORDS)
-    if not domain:
-        raise IntentError(
-            "out_of_scope",
-            "This service answers questions about measured air quality and traffic, e.g. "
-            "'How was NO2 in harbour last week?'",
-        )
-    if unknown_places and not places and not ranking:
-        known = [*zones, CITY]
-        word = unknown_places[0]
-        raise IntentError(
-            "unknown_place",
-            f"Unknown place {word!r}. Known places: {', '.join(sorted(zones))}, or the city.",
-            closest(word, known),
-        )
-    return _assemble(text, metrics, places, periods, clock, ranking, "deterministic", zones)
-
-
 def _assemble(
     text: str,
     metrics: list[str],
     places: list[str],
-    periods: list[Period],
+    found: Sequence[Found],
     clock: Clock,
     ranking: bool,
     parser: str,
     zones: Sequence[str],
 ) -> Intent:
-    notes = []
-    if not metrics:
-        metrics = list(REPORT_METRICS)
-    if not periods:
-        now_ms = int(clock.now.timestamp() * 1000)
-        periods = [Period(now_ms - 24 * 3_600_000, now_ms, "the last 24 hours")]
-        notes.append("no period named: the last 24 hours")
+    quantity = find_quantity(text, ranking)
+    metrics = _metrics_for(quantity, metrics, text)
+    frame = time_frame(text, found, clock, periods_compared=not ranking and len(places) < 2)
+    notes = list(frame.notes)
+    kind, chosen_places, periods = _shape(frame, places, ranking, zones, clock)
+    for period in periods:
+        if period.end_ms <= period.start_ms:
+            raise IntentError(
+                "out_of_scope",
+                f"{period.label!r} is an empty period (it has not begun yet). Ask about a "
+                "past period.",
+            )
+    if not places and not ranking and parser == "deterministic":
+        notes.append("no place named: the whole city")
+    return Intent(
+        kind, tuple(metrics), tuple(chosen_places), periods, parser, tuple(notes), quantity
+    )
+
+
+def _shape(
+    frame: TimeFrame, places: list[str], ranking: bool, zones: Sequence[str], clock: Clock
+) -> tuple[str, list[str], tuple[Period, ...]]:
     if ranking:
-        return Intent("rank", tuple(metrics), tuple(zones), (periods[0],), parser, tuple(notes))
-    if not places:
-        places = [CITY]
-        if parser == "deterministic":
-            notes.append("no place named: the whole city")
+        return "rank", list(zones), (frame.asked,)
+    places = places or [CITY]
     if len(places) >= 2:
-        return Intent(
-            "compare_places", tuple(metrics), tuple(places), (periods[0],), parser, tuple(notes)
-        )
-    compare = COMPARE_PERIOD.search(text)
-    if len(periods) >= 2 or compare:
-        if len(periods) >= 2:
-            asked, reference = periods[0], periods[1]
-        elif compare is not None and 0 <= compare.start() < text.find(periods[0].label):
-            # "compared with last week": that is the reference; asked is what follows it
-            reference = periods[0]
-            asked = following_period(reference, clock)
-        else:
-            asked, reference = periods[0], previous_period(periods[0])
-        periods = [asked, reference]
-        reference = periods[1]
-        return Intent(
-            "compare_periods",
-            tuple(metrics),
-            tuple(places),
-            (periods[0], reference),
-            parser,
-            tuple(notes),
-        )
-    return Intent("summary", tuple(metrics), tuple(places), (periods[0],), parser, tuple(notes))
+        return "compare_places", places, (frame.asked,)
+    if frame.reference is not None:
+        return "compare_periods", places, (frame.asked, frame.reference)
+    return "summary", places, (frame.asked,)
+
+
+Parse = Callable[[str], Intent]
 
 
 # -------------------------------------------------------------------------- LLM
@@ -830,7 +925,7 @@ def intent_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
-            "metrics": {"type": "array", "items": {"enum": list(REPORT_METRICS)}, "maxItems": 3},
+            "metrics": {"type": "array", "items": {"enum": list(MEASURED_METRICS)}, "maxItems": 3},
             "places": {"type": "array", "items": words, "maxItems": 2},
             "time": words,
             "compare": {"type": "boolean"},
@@ -842,15 +937,16 @@ def intent_schema() -> dict[str, Any]:
 def llm_intent(question: str, zones: Sequence[str], now: datetime, llm: LlmBackend) -> Intent:
     """The model's intent, every part checked against the question; IntentError or
     LlmError when it cannot be used (the caller then parses deterministically)."""
+    # the same screens as the parser, first: a question they stop never reaches the model
+    deterministic = parse_question(question, zones, now)
     text = _norm(question)
-    _screen(text)
     answer = llm.complete_json(
         INTENT_SYSTEM, f"Question: {question.strip()[:500]}", intent_schema(), 120
     )
     if not isinstance(answer, dict):
         raise LlmError("the intent is not a JSON object")
     clock = Clock(now)
-    metrics = [m for m in answer.get("metrics", []) if m in REPORT_METRICS]
+    metrics = [m for m in answer.get("metrics", []) if m in MEASURED_METRICS]
     supported, _ = find_metrics(text)
     for metric in metrics:
         if metric not in supported:
@@ -863,7 +959,7 @@ def llm_intent(question: str, zones: Sequence[str], now: datetime, llm: LlmBacke
         if not matched or _norm(words) not in text:
             raise LlmError(f"the model's place {words[:40]!r} is not a known place in the question")
         places += [p for p in matched if p not in places]
-    periods: list[Period] = []
+    periods: list[Found] = []
     time_words = answer.get("time", "")
     if isinstance(time_words, str) and time_words.strip():
         if _norm(time_words) not in text:
@@ -883,4 +979,5 @@ def llm_intent(question: str, zones: Sequence[str], now: datetime, llm: LlmBacke
     intent = _assemble(text, metrics, places, periods, clock, ranking, "llm", zones)
     if answer.get("compare") and intent.kind == "summary":
         raise LlmError("the model saw a comparison the question does not support")
-    return intent
+    # what is asked and the hour and weekday filters come from the fixed rules
+    return replace(intent, quantity=deterministic.quantity)

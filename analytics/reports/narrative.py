@@ -117,64 +117,60 @@ def _t(topic_id: str, hint: str, template: str, *optional: str) -> Topic:
     return Topic(topic_id, hint, template, needs)
 
 
-def topics_for(sheet: FactSheet) -> list[Topic]:
-    """The topics this sheet has the facts for, most important first."""
-    candidates: list[Topic] = []
-    for metric in ("pm25", "pm10", "no2", "o3", "co"):
-        name = LABELS[metric]
-        name_cap = name[0].upper() + name[1:]
-        change = (
-            f", {{{metric}.change_direction}} by {{{metric}.change_pct}} on the previous period"
-            if f"{metric}.change_pct" in sheet
-            else ""
-        )
-        candidates.append(
-            _t(
-                f"{metric}.level",
-                f"average {name} level{' and its change' if change else ''}",
-                f"{name_cap} averaged {{{metric}.mean}}{change}.",
-            )
-        )
-        candidates.append(
-            _t(
-                f"{metric}.who",
-                f"days when {name} was above the WHO guideline",
-                f"{name_cap} was above the WHO 2021 guideline of {{{metric}.who_guideline}} on "
-                f"{{{metric}.who_exceedance_days:n}} of {{{metric}.who_days}}.",
-            )
-        )
-        candidates.append(
-            _t(
-                f"{metric}.peak",
-                f"the highest hour of {name}",
-                f"The highest hourly {name} was {{{metric}.peak_hour}}, on "
-                f"{{{metric}.peak_hour.time}}.",
-            )
-        )
-        candidates.append(
-            _t(
-                f"{metric}.eaqi",
-                f"hours when {name} was rated poor by the European air quality index",
-                f"For {{{metric}.eaqi_hours.poor_or_worse}}, {name} was rated Poor or worse "
-                "by the European AQI.",
-            )
-        )
-        candidates.append(
-            _t(
-                f"{metric}.weekdays",
-                f"which weekday had the most and least {name}",
-                f"{name_cap} was highest on {{{metric}.weekday_high}}s "
-                f"({{{metric}.weekday_high.mean}}) and lowest on {{{metric}.weekday_low}}s "
-                f"({{{metric}.weekday_low.mean}}).",
-            )
-        )
-    candidates += [
+def _air_topics(sheet: FactSheet, metric: str) -> list[Topic]:
+    topics: list[Topic] = []
+    name = LABELS[metric]
+    name_cap = name[0].upper() + name[1:]
+    change = (
+        f", {{{metric}.change_direction}} by {{{metric}.change_pct}} on the previous period"
+        if f"{metric}.change_pct" in sheet
+        else ""
+    )
+    topics.append(
         _t(
-            "aqi.worst",
-            "the worst day by the air quality index",
-            "The worst day was {aqi.worst_day.date}, with a US AQI of {aqi.worst_day} "
-            "({aqi.worst_day.category}, set by {aqi.worst_day.pollutant}).",
-        ),
+            f"{metric}.level",
+            f"average {name} level{' and its change' if change else ''}",
+            f"{name_cap} averaged {{{metric}.mean}}{change}.",
+        )
+    )
+    topics.append(
+        _t(
+            f"{metric}.who",
+            f"days when {name} was above the WHO guideline",
+            f"{name_cap} was above the WHO 2021 guideline of {{{metric}.who_guideline}} on "
+            f"{{{metric}.who_exceedance_days:n}} of {{{metric}.who_days}}.",
+        )
+    )
+    topics.append(
+        _t(
+            f"{metric}.peak",
+            f"the highest hour of {name}",
+            f"The highest hourly {name} was {{{metric}.peak_hour}}, on "
+            f"{{{metric}.peak_hour.time}}.",
+        )
+    )
+    topics.append(
+        _t(
+            f"{metric}.eaqi",
+            f"hours when {name} was rated poor by the European air quality index",
+            f"For {{{metric}.eaqi_hours.poor_or_worse}}, {name} was rated Poor or worse "
+            "by the European AQI.",
+        )
+    )
+    topics.append(
+        _t(
+            f"{metric}.weekdays",
+            f"which weekday had the most and least {name}",
+            f"{name_cap} was highest on {{{metric}.weekday_high}}s "
+            f"({{{metric}.weekday_high.mean}}) and lowest on {{{metric}.weekday_low}}s "
+            f"({{{metric}.weekday_low.mean}}).",
+        )
+    )
+    return topics
+
+
+def _traffic_volume_topic(sheet: FactSheet) -> Topic:
+    return (
         _t(
             "traffic.volume",
             "how much traffic was counted and its busiest hour",
@@ -187,7 +183,23 @@ def topics_for(sheet: FactSheet) -> list[Topic]:
             "traffic.volume",
             "how much traffic was counted",
             "Counters recorded {vehicle_count.total}.",
+        )
+    )
+
+
+def topics_for(sheet: FactSheet) -> list[Topic]:
+    """The topics this sheet has the facts for, most important first."""
+    candidates: list[Topic] = []
+    for metric in ("pm25", "pm10", "no2", "o3", "co"):
+        candidates += _air_topics(sheet, metric)
+    candidates += [
+        _t(
+            "aqi.worst",
+            "the worst day by the air quality index",
+            "The worst day was {aqi.worst_day.date}, with a US AQI of {aqi.worst_day} "
+            "({aqi.worst_day.category}, set by {aqi.worst_day.pollutant}).",
         ),
+        _traffic_volume_topic(sheet),
         _t(
             "traffic.change",
             "the change in traffic volume",
@@ -230,7 +242,143 @@ def topics_for(sheet: FactSheet) -> list[Topic]:
     return [t for _, t in sorted(scored, key=lambda pair: -pair[0])]
 
 
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def answer_topics(sheet: FactSheet) -> dict[str, Topic]:
+    """Every topic an answer may be asked to state, by id, whether or not a report would
+    choose it: the report topics, and what the asked quantity needs."""
+    candidates = {t.id: t for t in topics_for(sheet)}
+    for metric in sheet.metrics:
+        name = LABELS[metric]
+        mean = "vehicle_count.mean" if metric == "vehicle_count" else f"{metric}.mean"
+        extra = [
+            _t(f"{metric}.level", f"average {name}", f"Mean {name} was {{{mean}}}."),
+            _t(
+                f"{metric}.peak",
+                f"the highest hour of {name}",
+                f"The highest hourly {name} was {{{metric}.peak_hour}}, on "
+                f"{{{metric}.peak_hour.time}}.",
+            ),
+            _t(
+                f"{metric}.who_hours",
+                f"hours above the WHO guideline for {name}",
+                f"{_cap(name)} was above the WHO 2021 guideline level of "
+                f"{{{metric}.who_guideline}} in {{{metric}.hours_above_who:n}} of "
+                f"{{{metric}.hours}} with data.",
+            ),
+            _t(
+                f"{metric}.who",
+                f"days above the WHO guideline for {name}",
+                f"{_cap(name)} was above the WHO 2021 guideline of {{{metric}.who_guideline}} "
+                f"on {{{metric}.who_exceedance_days:n}} of {{{metric}.who_days}} with enough data.",
+            ),
+        ]
+        for topic in extra:
+            if topic.id not in candidates or topic.id.endswith(".who"):
+                candidates[topic.id] = topic
+    for topic in _quantity_topics(sheet):
+        candidates[topic.id] = topic
+    return {i: t for i, t in candidates.items() if all(n in sheet for n in t.needs)}
+
+
+def _quantity_topics(sheet: FactSheet) -> list[Topic]:
+    topics = [
+        _t(
+            "aqi.now",
+            "the current air quality index",
+            "The current US AQI (EPA NowCast, table {aqi.now.table}) is {aqi.now:n}: "
+            "{aqi.now.category}, set by {aqi.now.pollutant}.",
+        ),
+        _t(
+            "aqi.days_rated",
+            "the daily air quality index of the period",
+            "The daily US AQI was rated on {aqi.days}; the highest was {aqi.worst_day:n} "
+            "({aqi.worst_day.category}, set by {aqi.worst_day.pollutant}) on "
+            "{aqi.worst_day.date}.",
+        ),
+        _t(
+            "traffic.busiest",
+            "the busiest hour of traffic",
+            "The busiest hour was {vehicle_count.peak_hour.time}, with {vehicle_count.peak_hour}.",
+        ),
+        _t(
+            "traffic.busiest_hour_of_day",
+            "the busiest hour of the day on average",
+            "On average the busiest hour of the day was {vehicle_count.busiest_hour_of_day}.",
+        ),
+        _t(
+            "traffic.total",
+            "how much traffic was counted",
+            "Counters recorded {vehicle_count.total}.",
+        ),
+        _t(
+            "data.coverage",
+            "how many hours have data",
+            "Data for {coverage.hours:n} of {coverage.hours_expected}.",
+        ),
+        _t(
+            "data.devices",
+            "which devices reported and which had faults",
+            "Of {devices.registered:n} registered devices, {devices.reporting:n} reported; "
+            "{devices.faulty:n} had fault-flagged readings or quarantined batches and "
+            "{devices.low_completeness:n} had gaps in their data.",
+        ),
+    ]
+    return topics + _listed_topics(sheet)
+
+
 _BASE = {"pm25": 50, "no2": 45, "pm10": 40, "o3": 35, "co": 30}
+
+
+def _listed_topics(sheet: FactSheet) -> list[Topic]:
+    """Topics whose number of facts varies: exceedance dates, devices, correlations."""
+    topics: list[Topic] = []
+    for metric in sheet.metrics:
+        dates = [f.id for f in sheet.facts if f.id.startswith(f"{metric}.who_exceedance_day.")]
+        if dates:
+            listed = ", ".join(f"{{{i}}}" for i in dates[:-1])
+            listed = f"{listed} and {{{dates[-1]}}}" if listed else f"{{{dates[-1]}}}"
+            topics.append(
+                _t(
+                    f"{metric}.who_dates",
+                    f"the days {LABELS[metric]} was above the WHO guideline",
+                    f"{_cap(LABELS[metric])} was above the WHO 2021 guideline of "
+                    f"{{{metric}.who_guideline}} on {listed} "
+                    f"({{{metric}.who_exceedance_days:n}} of {{{metric}.who_days}}).",
+                )
+            )
+    faulty = [f.id for f in sheet.facts if re.fullmatch(r"devices\.faulty\.\d+", f.id)]
+    gaps = [f.id for f in sheet.facts if re.fullmatch(r"devices\.low_completeness\.\d+", f.id)]
+    if faulty:
+        names = ", ".join(f"{{{i}}}" for i in faulty[:6])
+        topics.append(
+            _t("data.faulty_list", "the devices with faults", f"Devices with faults: {names}.")
+        )
+    if gaps:
+        names = ", ".join(f"{{{i}}}" for i in gaps[:6])
+        topics.append(_t("data.gaps_list", "the devices with gaps", f"Devices with gaps: {names}."))
+    gap_ids = [f.id for f in sheet.facts if re.fullmatch(r"devices\.gap\.\d+", f.id)]
+    if gap_ids:
+        names = ", ".join(f"{{{i}}} ({{{i}.pct}} of its data)" for i in gap_ids)
+        topics.append(
+            _t("data.gap_devices", "devices with gaps in their data", f"Data gaps: {names}.")
+        )
+    for fact in sheet.facts:
+        m = re.fullmatch(r"corr\.(\w+)\.(\w+)\.r", fact.id)
+        if m:
+            a, b = m.groups()
+            key = f"corr.{a}.{b}"
+            topics.append(
+                _t(
+                    key,
+                    "how closely two measurements moved together",
+                    f"Hourly {LABELS[a]} and {LABELS[b]} had a Pearson correlation of "
+                    f"r = {{{key}.r}} over {{{key}.hours}}: {{{key}.strength}} relationship.",
+                )
+            )
+    return topics
 
 
 def _value(sheet: FactSheet, fact_id: str) -> float:
@@ -452,9 +600,8 @@ def narrate(
 ) -> Narrative:
     """The narrative of ``sheet``: planned by ``llm`` when it can, else deterministic.
 
-    ``required`` topic ids are told whatever the model picks (an answer about NO2 must
-    state NO2): code puts a missing one first. ``on_llm_text`` lets a test corrupt the
-    model's text to prove the check catches it.
+    ``required`` topic ids are told whatever the model picks (code puts a missing one
+    first). ``on_llm_text`` lets a test corrupt the model's text for the check.
     """
     available = list(topics) if topics is not None else topics_for(sheet)[:OFFERED_TOPICS]
     # the deterministic text tells the first topics: the required ones lead
@@ -466,22 +613,9 @@ def narrate(
     by_id = {t.id: t for t in available}
     most = min(MAX_TOPICS, limit or MAX_TOPICS)
     started = time.perf_counter()
-    try:
-        plan = llm.complete_json(
-            SYSTEM_PROMPT,
-            _prompt(available, sheet, focus),
-            # a small model stops after one topic unless the grammar asks for more
-            plan_schema(list(by_id), most, min_items=MIN_TOPICS),
-            TOKENS_PER_TOPIC * most + 16,
-        )
-    except LlmError as exc:
-        salvaged = salvage_plan(exc.text)
-        if salvaged is None:
-            log.warning("LLM narrative failed, using the deterministic one: %s", exc)
-            return deterministic(
-                sheet, available, heading, f"LLM failed: {exc}", llm.model_name, limit
-            )
-        plan = salvaged
+    plan, failure = _ask_plan(llm, available, sheet, focus, most)
+    if failure is not None:
+        return deterministic(sheet, available, heading, failure, llm.model_name, limit)
     seconds = time.perf_counter() - started
     problem, chosen, sentences = _apply_plan(plan, by_id, sheet, required, most)
     if problem is not None:
@@ -513,6 +647,29 @@ def narrate(
         None,
         seconds,
     )
+
+
+def _ask_plan(
+    llm: LlmBackend, available: Sequence[Topic], sheet: FactSheet, focus: str, most: int
+) -> tuple[Any, str | None]:
+    """The model's plan, or (None, why it failed)."""
+    try:
+        return (
+            llm.complete_json(
+                SYSTEM_PROMPT,
+                _prompt(available, sheet, focus),
+                # a small model stops after one topic unless the grammar asks for more
+                plan_schema([t.id for t in available], most, min_items=MIN_TOPICS),
+                TOKENS_PER_TOPIC * most + 16,
+            ),
+            None,
+        )
+    except LlmError as exc:
+        salvaged = salvage_plan(exc.text)
+        if salvaged is None:
+            log.warning("LLM narrative failed, using the deterministic one: %s", exc)
+            return None, f"LLM failed: {exc}"
+        return salvaged, None
 
 
 _PLAN_ITEM = re.compile(

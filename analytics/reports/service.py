@@ -11,11 +11,14 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from analytics.reports.answering import asked_topics
+from analytics.reports.answering import pairs as _pairs
+from analytics.reports.answering import taken_as as _taken_as
 from analytics.reports.facts import (
     LABELS,
     REPORT_METRICS,
@@ -40,12 +43,20 @@ from analytics.reports.narrative import (
     PROMPT_VERSION,
     Narrative,
     NarrativeError,
-    Topic,
+    answer_topics,
     check_numbers,
     deterministic,
     narrate,
     title,
     topics_for,
+)
+from analytics.reports.periods import Period
+from analytics.reports.writer import (
+    WORD_BUDGET,
+    add_history_facts,
+    city_topics,
+    words,
+    zone_paragraph,
 )
 from analytics.store.base import LedgerSpan, ReportRecord, Resolution, Store, StoreError
 from civicmesh.metrics import BY_NAME
@@ -115,10 +126,20 @@ class Report:
     narrative: Narrative
     created_ms: int
     seconds: float
+    zone_sheets: tuple[FactSheet, ...] = ()  # a city report's zone paragraphs rest on these
 
     @property
     def text(self) -> str:
         return self.narrative.text
+
+    def facts(self) -> FactSheet:
+        """Every fact the text may state: the sheet's, and each zone's as ``zone@id``."""
+        if not self.zone_sheets:
+            return self.sheet
+        names = [self.sheet.scope] + [s.scope for s in self.zone_sheets]
+        merged = merge_sheets([self.sheet, *self.zone_sheets], names)
+        own = self.sheet.facts  # the city's facts keep their plain ids too
+        return replace(merged, facts=own + merged.facts[len(own) :], ledger=self.sheet.ledger)
 
 
 class ReportService:
@@ -148,18 +169,23 @@ class ReportService:
     def now(self) -> datetime:
         return datetime.now(self.tz)
 
+    def city_time(self, when: datetime | None) -> datetime:
+        """``when`` in the city's zone; a time without an offset is city time (not UTC,
+        not this machine's zone); None is now."""
+        if when is None:
+            return self.now()
+        if when.tzinfo is None:
+            return when.replace(tzinfo=self.tz)
+        return when.astimezone(self.tz)
+
     def intent(self, question: str, now: datetime | None = None) -> Intent:
         """The question's intent by the configured mode; IntentError when it has none."""
-        now = (now or self.now()).astimezone(self.tz)
+        now = self.city_time(now)
         zones = self.zones()
-        if self.llm is None or self.intent_mode == "parser":
+        if self.llm is None or self.intent_mode in ("parser", "parser-first"):
+            # parser-first: a question the parser rules out (out of scope, refused, an
+            # unknown place or metric) gets its 422; it never goes to the model raw
             return parse_question(question, zones, now)
-        if self.intent_mode == "parser-first":
-            try:
-                return parse_question(question, zones, now)
-            except IntentError as exc:
-                if exc.code in ("refused", "unknown_place", "unknown_metric"):
-                    raise
         try:
             return llm_intent(question, zones, now, self.llm)
         except LlmError as exc:
@@ -196,56 +222,68 @@ class ReportService:
             answer.derived,
         )
 
-    def _sheet(self, place: str, start_ms: int, end_ms: int, metrics: Sequence[str]) -> FactSheet:
+    def _sheet(
+        self,
+        place: str,
+        period: Period,
+        metrics: Sequence[str],
+        *,
+        pairs: Sequence[tuple[str, str]] = (),
+        aqi_now: bool = False,
+    ) -> FactSheet:
         zone = None if place == CITY else place
         return build_fact_sheet(
             self.store,
-            start_ms,
-            end_ms,
+            period.start_ms,
+            period.end_ms,
             zone=zone,
             timezone=self.timezone,
             metrics=metrics,
             window_s=self.window_s,
+            days=period.days,
+            hours=period.hours,
+            pairs=pairs,
+            aqi_now=aqi_now,
         )
 
     def _summary(self, question: str, intent: Intent) -> Answer:
         period = intent.periods[0]
-        sheet = self._sheet(intent.places[0], period.start_ms, period.end_ms, intent.metrics)
+        now = intent.quantity == "aqi" and period.end_ms - period.start_ms <= 3 * HOUR_MS
+        pairs = _pairs(intent) if intent.quantity == "correlation" else ()
+        sheet = self._sheet(intent.places[0], period, intent.metrics, pairs=pairs, aqi_now=now)
+        by_id = answer_topics(sheet)
+        required, missing = asked_topics(intent, by_id, now, sheet)
         wanted = set(intent.metrics)
-        # the asked metrics' own topics before the data-quality ones, which go with any
         relevant = [t for t in topics_for(sheet) if _topic_metrics(t.id) & wanted]
-        specific = [t for t in relevant if _topic_metrics(t.id) != set(REPORT_METRICS)]
-        general = [t for t in relevant if _topic_metrics(t.id) == set(REPORT_METRICS)]
-        # an answer states every metric it was asked about: its most important topic
-        required: list[Topic] = []
-        for metric in intent.metrics:
-            own = [t for t in specific if _topic_metrics(t.id) == {metric}]
-            shared = [t for t in specific if metric in _topic_metrics(t.id)]
-            candidates = own or shared
-            if candidates and candidates[0] not in required:
-                required.append(candidates[0])
-        required = required[:ANSWER_TOPICS]
-        rest = [t for t in specific + general if t not in required]
-        topics = (required + rest)[: ANSWER_TOPICS + 2]
-        heading = title(sheet, "Answer")
+        rest = [t for t in relevant if t not in required]
+        if intent.quantity != "summary":
+            rest = [t for t in rest if t.id == "data.completeness"][:1]
+        topics = (required + rest)[: max(len(required), ANSWER_TOPICS) + 2]
+        plain = title(sheet, "Answer")
+        heading = plain + (f" ({period.filter_text()})" if period.filter_text() else "")
         narrative = narrate(
             sheet,
             self.llm,
-            heading=heading,
+            heading=plain,
             focus=period.label,
             topics=topics,
-            limit=ANSWER_TOPICS,
+            limit=max(len(required), ANSWER_TOPICS),
             required=[t.id for t in required],
         )
+        body = narrative.text.replace(plain, heading, 1)
+        text = " ".join([body, *missing, *_taken_as(intent)])
+        bad = check_numbers(text, sheet, extra=[heading, *intent.notes])
+        if bad:
+            raise NarrativeError(f"answer states {bad[0]}, which the fact sheet does not hold")
         notes: tuple[str, ...] = ()
         if not sheet.facts or all(
-            f.id.startswith(("devices.", "completeness")) for f in sheet.facts
+            f.id.startswith(("devices.", "completeness", "coverage")) for f in sheet.facts
         ):
             notes = ("no readings in this period and place",)
         return Answer(
             question,
             intent,
-            narrative.text,
+            text,
             narrative,
             (sheet,),
             _table([sheet], intent.metrics),
@@ -257,59 +295,26 @@ class ReportService:
     def _compare(self, question: str, intent: Intent, *, by_place: bool) -> Answer:
         if by_place:
             period = intent.periods[0]
-            sheets = [
-                self._sheet(p, period.start_ms, period.end_ms, intent.metrics)
-                for p in intent.places
-            ]
+            sheets = [self._sheet(p, period, intent.metrics) for p in intent.places]
             names = [("the city" if p == CITY else p) for p in intent.places]
         else:
             place = intent.places[0]
-            sheets = [
-                self._sheet(place, p.start_ms, p.end_ms, intent.metrics) for p in intent.periods
+            sheets = [self._sheet(place, p, intent.metrics) for p in intent.periods]
+            names = [
+                s.period_text() + (f" ({p.filter_text()})" if p.filter_text() else "")
+                for s, p in zip(sheets, intent.periods, strict=True)
             ]
-            names = [s.period_text() for s in sheets]
         merged = merge_sheets(sheets, names)
-        sentences = []
-        extra_facts: list[Fact] = []
-        for metric in intent.metrics:
-            fact_id = "vehicle_count.mean" if metric == "vehicle_count" else f"{metric}.mean"
-            facts = [s.get(fact_id) for s in sheets]
-            present = [(n, f) for n, f in zip(names, facts, strict=True) if f is not None]
-            if len(present) < 2:
-                continue
-            label = LABELS[metric]
-            parts = [f"{f.text} in {n}" if by_place else f"{f.text} ({n})" for n, f in present]
-            sentence = f"Mean {label} was " + ", ".join(parts[:-1]) + f" and {parts[-1]}"
-            first, second = present[0][1], present[1][1]
-            if isinstance(first.value, float) and isinstance(second.value, float) and second.value:
-                change = (first.value - second.value) / second.value * 100
-                fact = Fact(
-                    f"compare.{metric}.difference_pct",
-                    abs(change),
-                    "%",
-                    f"difference of mean {label}",
-                    first.start_ms,
-                    first.end_ms,
-                    "computed from the facts above",
-                )
-                extra_facts.append(fact)
-                word = "higher" if change > 0 else "lower"
-                sentence += f": {present[0][0]} was {fact.text} {word}"
-            sentences.append(sentence + ".")
-        merged = FactSheet(
-            merged.scope,
-            merged.zone,
-            merged.start_ms,
-            merged.end_ms,
-            merged.timezone,
-            merged.facts + tuple(extra_facts),
-            merged.ledger,
-            merged.metrics,
-        )
+        sentences, extra_facts = _compare_sentences(intent, sheets, names, by_place)
+        merged = replace(merged, facts=merged.facts + tuple(extra_facts))
         what = "places" if by_place else "periods"
         heading = f"Comparison of {' and '.join(names)}"
+        if by_place:
+            heading += f", {sheets[0].period_text()}"
+            if intent.periods[0].filter_text():
+                heading += f" ({intent.periods[0].filter_text()})"
         text = f"{heading}. " + (" ".join(sentences) or "There is no data to compare.")
-        bad = check_numbers(text, merged, extra=names)
+        bad = check_numbers(text, merged, extra=[*names, heading])
         if bad:
             raise NarrativeError(f"comparison states {bad[0]}, which no fact sheet holds")
         stated = {f"{m}.mean" for m in intent.metrics}
@@ -374,15 +379,9 @@ class ReportService:
             sentences.append(f"By mean {LABELS[metric]}, highest first: {', '.join(parts)}.")
         span = self.store.ledger_span(period.start_ms, period.end_ms)
         sheet = FactSheet(
-            CITY,
-            None,
-            period.start_ms,
-            period.end_ms,
-            self.timezone,
-            tuple(facts),
-            span,
+            CITY, None, period.start_ms, period.end_ms, self.timezone, tuple(facts), span,
             tuple(intent.metrics),
-        )
+        )  # fmt: skip
         heading = f"Zones ranked, {sheet.period_text()}"
         text = f"{heading}. " + (" ".join(sentences) or "No zone has data in this period.")
         bad = check_numbers(text, sheet, extra=list(intent.places))
@@ -399,17 +398,7 @@ class ReportService:
         )
         columns = ["metric", "zone", "rank", "mean", "unit"]
         table = {"columns": columns, "rows": rows}
-        chart = {
-            "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
-            "title": heading,
-            "data": {"values": [dict(zip(columns, r, strict=True)) for r in rows]},
-            "mark": "bar",
-            "encoding": {
-                "x": {"field": "zone", "type": "nominal", "sort": "-y"},
-                "y": {"field": "mean", "type": "quantitative"},
-                "column": {"field": "metric", "type": "nominal"},
-            },
-        }
+        chart = _rank_chart(heading, columns, rows)
         return Answer(question, intent, text, narrative, (sheet,), table, chart, self.timezone)
 
     def _chart(
@@ -448,16 +437,38 @@ class ReportService:
     # ------------------------------------------------------------------ reports
 
     def report(self, kind: str, zone: str | None, end: datetime | None = None) -> Report:
-        """The daily or weekly report of ``zone`` (None: the city) for the whole local
-        day or Monday-to-Monday week before ``end`` (default: now)."""
+        """The daily or weekly report of ``zone`` (None: the city, with a paragraph per
+        zone) for the whole local day or Monday-to-Monday week before ``end``."""
         started = time.perf_counter()
-        start_ms, end_ms = report_window(kind, (end or self.now()).astimezone(self.tz))
-        sheet = build_fact_sheet(
-            self.store, start_ms, end_ms, zone=zone, timezone=self.timezone, window_s=self.window_s
-        )
+        start_ms, end_ms = report_window(kind, self.city_time(end))
+        sheet = self._report_sheet(zone, start_ms, end_ms)
         heading = title(sheet, "Weekly summary" if kind == "weekly" else "Daily summary")
         focus = "a week" if kind == "weekly" else "a day"
-        narrative = narrate(sheet, self.llm, heading=heading, focus=focus, limit=8)
+        found, usual = city_topics(sheet)
+        narrative = narrate(
+            sheet,
+            self.llm,
+            heading=heading,
+            focus=focus,
+            topics=found + usual,
+            limit=len(found) + len(usual),
+            required=[t.id for t in found],
+        )
+        zone_sheets: list[FactSheet] = []
+        paragraphs = [narrative.text]
+        told = list(narrative.topics)
+        if zone is None:
+            budget = max(WORD_BUDGET - words(narrative.text), 40) // max(len(self.zones()), 1)
+            for name in self.zones():
+                zone_sheet = self._report_sheet(name, start_ms, end_ms)
+                text, ids = zone_paragraph(name, zone_sheet, budget)
+                bad = check_numbers(text, zone_sheet, extra=[name])
+                if bad:
+                    raise NarrativeError(f"the {name} paragraph states {bad[0]}, not a fact")
+                zone_sheets.append(zone_sheet)
+                paragraphs.append(text)
+                told += [f"{name}@{i}" for i in ids]
+        narrative = replace(narrative, text="\n\n".join(paragraphs), topics=tuple(told))
         return Report(
             sheet.scope,
             zone,
@@ -466,7 +477,14 @@ class ReportService:
             narrative,
             int(time.time() * 1000),
             time.perf_counter() - started,
+            tuple(zone_sheets),
         )
+
+    def _report_sheet(self, zone: str | None, start_ms: int, end_ms: int) -> FactSheet:
+        sheet = build_fact_sheet(
+            self.store, start_ms, end_ms, zone=zone, timezone=self.timezone, window_s=self.window_s
+        )
+        return add_history_facts(sheet, self.store)
 
 
 def report_window(kind: str, end: datetime) -> tuple[int, int]:
@@ -485,6 +503,54 @@ def report_window(kind: str, end: datetime) -> tuple[int, int]:
     start = start.replace(tzinfo=None).replace(tzinfo=tz)
     stop = stop.replace(tzinfo=None).replace(tzinfo=tz)
     return int(start.timestamp() * 1000), int(stop.timestamp() * 1000)
+
+
+def _compare_sentences(
+    intent: Intent, sheets: Sequence[FactSheet], names: Sequence[str], by_place: bool
+) -> tuple[list[str], list[Fact]]:
+    """One sentence per metric: each side's mean and the difference between them."""
+    sentences = []
+    extra_facts: list[Fact] = []
+    for metric in intent.metrics:
+        fact_id = "vehicle_count.mean" if metric == "vehicle_count" else f"{metric}.mean"
+        facts = [s.get(fact_id) for s in sheets]
+        present = [(n, f) for n, f in zip(names, facts, strict=True) if f is not None]
+        if len(present) < 2:
+            continue
+        label = LABELS[metric]
+        parts = [f"{f.text} in {n}" if by_place else f"{f.text} ({n})" for n, f in present]
+        sentence = f"Mean {label} was " + ", ".join(parts[:-1]) + f" and {parts[-1]}"
+        first, second = present[0][1], present[1][1]
+        if isinstance(first.value, float) and isinstance(second.value, float) and second.value:
+            change = (first.value - second.value) / second.value * 100
+            fact = Fact(
+                f"compare.{metric}.difference_pct",
+                abs(change),
+                "%",
+                f"difference of mean {label}",
+                first.start_ms,
+                first.end_ms,
+                "computed from the facts above",
+            )
+            extra_facts.append(fact)
+            word = "higher" if change > 0 else "lower"
+            sentence += f": {present[0][0]} was {fact.text} {word}"
+        sentences.append(sentence + ".")
+    return sentences, extra_facts
+
+
+def _rank_chart(heading: str, columns: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "title": heading,
+        "data": {"values": [dict(zip(columns, r, strict=True)) for r in rows]},
+        "mark": "bar",
+        "encoding": {
+            "x": {"field": "zone", "type": "nominal", "sort": "-y"},
+            "y": {"field": "mean", "type": "quantitative"},
+            "column": {"field": "metric", "type": "nominal"},
+        },
+    }
 
 
 def _topic_metrics(topic_id: str) -> set[str]:
@@ -606,7 +672,7 @@ def to_record(report: Report) -> ReportRecord:
         fallback_reason=report.narrative.fallback_reason,
         model=report.narrative.model,
         prompt_version=report.narrative.prompt_version,
-        fact_sheet_json=json.dumps(report.sheet.to_dict(), ensure_ascii=False),
+        fact_sheet_json=json.dumps(report.facts().to_dict(), ensure_ascii=False),
         ledger_digest=report.sheet.ledger.digest(),
         ledger_batches=report.sheet.ledger.batches,
     )
