@@ -496,3 +496,23 @@ def test_a_long_outage_on_a_small_disk_keeps_the_agent_within_it(
     outbox.close()
     if min_free:
         assert lowest_free >= min_free - 512 * 1024, "the reserve was kept, about"
+
+
+@pytest.mark.integration
+def test_a_bignum_batch_is_quarantined_and_the_gateway_keeps_relaying(
+    tmp_path: Path, system_mqtt_url: str
+) -> None:
+    from test_gateway import Rig, chain, stored_seqs
+
+    rig = Rig(tmp_path, system_mqtt_url)
+    try:
+        poison = raw_batch(rig.device, [[0, 1, 2**1100, 0]])
+        rig.publish(rig.device.key_id, poison)
+        (good,) = chain(rig.other, 1)
+        rig.publish(rig.other.key_id, good.message)
+        rig.wait(lambda: rig.store.ledger(rig.other.key_id) != [])
+        rig.wait(lambda: "schema.invalid" in rig.reasons())
+        assert rig.dev_link.is_connected and rig.dev_link.handler_errors == 0
+        assert stored_seqs(rig) == []  # the poison was not stored
+    finally:
+        rig.close()

@@ -4,9 +4,10 @@ Three edge agents (``civicmesh edge run``), a gateway (``civicmesh gateway run``
 ingest (``civicmesh ingest run``) run as their own processes. The edge agents and the
 gateway boot while the broker is down; then, at random points (seeded: set
 ``CIVICMESH_FAULT_SEED`` to replay a run), agents, the gateway and ingest are killed
-with SIGKILL and started again, and the broker is stopped, killed and restarted; then
-the broker stays away for a while as one agent, whose outbox is capped at the smallest
-bound, re-reads a day of history (a long outage against a disk cap).
+with SIGKILL and started again, and the broker is killed or stopped and started again
+(every victim at least twice); then the broker stays away for a while as one agent,
+whose outbox is capped at the smallest bound, re-reads a day of history (a long outage
+against a disk cap).
 
 Afterwards, per device, with L its last sealed seq:
 - lost: seqs in 1..L neither stored, nor still in its outbox or the gateway buffer,
@@ -314,13 +315,15 @@ def test_kill_9_broker_faults_boot_offline_and_a_capped_outage(
     )
 
     # Kill -9 at random points, and broker faults.
+    # Every victim at least twice (the broker once killed, once stopped), the rest random.
     victims = ["edge0", "edge1", "edge2", "gateway", "ingest", "broker"]
-    for _ in range(ROUNDS):
+    schedule = victims * 2 + [rng.choice(victims) for _ in range(max(0, ROUNDS - 12))]
+    rng.shuffle(schedule)
+    for victim in schedule:
         time.sleep(rng.uniform(0.3, 2.5))
         sample_cap()
-        victim = rng.choice(victims)
         if victim == "broker":
-            if rng.random() < 0.5:
+            if broker_restarts % 2 == 0:
                 rig.broker.kill()
             else:
                 rig.broker.stop()
