@@ -1,0 +1,99 @@
+"""The REST API of the central service (read-only), under ``/api/v1``.
+
+Endpoints are plain ``def`` functions: FastAPI runs them in its thread pool, which is
+where the synchronous store belongs. Every number comes from the store; times are ISO
+8601 UTC plus the exact epoch milliseconds used on the wire. ``/openapi.json`` and
+``/docs`` describe every route.
+
+One router per resource (``service``, ``devices``, ``zones``, ``readings``,
+``completeness``, ``ledger``); the reports, admin, audit and dashboard routes come from
+their own packages. :func:`create_app` puts them together; ``analytics.app.build`` is
+what calls it with the settings.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from analytics import admin as admin_routes
+from analytics import audit as audit_routes
+from analytics.api import completeness, devices, ledger, readings, service, zones
+from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
+from analytics.apiauth import ApiSecurity, BodyLimit, requires
+from analytics.dashboard.routes import Dashboard
+from analytics.dashboard.routes import install as install_dashboard
+from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
+from analytics.reports import routes as report_routes
+from analytics.reports.service import ReportService
+from analytics.store.base import Store, StoreError
+from civicmesh import __version__
+from civicmesh.registry import RegistryFile
+
+__all__ = ["DEFAULT_WINDOW_S", "StatsProvider", "create_app"]
+
+# in the order they appear in /docs
+RESOURCES = (service, devices, zones, readings, completeness, ledger)
+
+
+def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"The store is unavailable: {exc}"}, status_code=503)
+
+
+def create_app(
+    store: Store,
+    *,
+    registry: RegistryFile | None = None,
+    stats_provider: StatsProvider | None = None,
+    window_s: int = DEFAULT_WINDOW_S,
+    reports: ReportService | None = None,
+    dashboard: Dashboard | None = None,
+    security: ApiSecurity | None = None,
+    max_body_bytes: int = 65_536,
+    cors_origins: tuple[str, ...] = (),
+) -> FastAPI:
+    """The API application over ``store`` (thread-safe: the endpoints run in a thread pool).
+
+    ``stats_provider`` (e.g. ``IngestWorker.stats``) feeds ``/health``; ``window_s`` is
+    the devices' reading window, used for the online flag; ``reports`` serves
+    ``/ask``, ``/reports`` and ``/facts``.
+    """
+    if window_s <= 0:
+        raise ValueError(f"window_s must be positive, not {window_s}")
+    app = FastAPI(
+        title="civicmesh",
+        version=__version__,
+        description="Air-quality and traffic readings of the civicmesh sensor network.",
+    )
+    app.state.store = store
+    app.state.api_security = security
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if cors_origins:  # closed unless origins are named
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.state.registry = registry
+    app.state.stats_provider = stats_provider
+    app.state.window_s = window_s
+    app.add_exception_handler(StoreError, _store_unavailable)
+    for resource in RESOURCES:
+        app.include_router(resource.router)
+    app.state.reports = reports
+    app.include_router(report_routes.router)
+    app.include_router(admin_routes.router)
+    audit_routes.install(app)  # public: the audit log needs no token
+    if dashboard is not None:
+        install_dashboard(app, dashboard)
+    if stats_provider is not None:
+        registry_ = metrics_registry(stats_provider)
+
+        @app.get("/metrics", include_in_schema=False, dependencies=[requires("operator")])
+        def metrics() -> Response:
+            """Prometheus text format: the in-process ingest worker's counters."""
+            return Response(render(registry_), media_type=CONTENT_TYPE)
+
+    return app
