@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import secrets
 import shutil
+from functools import partial
 from pathlib import Path
 
 from analytics.apiauth import TokenFile
@@ -147,7 +148,7 @@ def setup(args: argparse.Namespace) -> int:
         if files.made_by(
             pki / f"{name}.key",
             f"{name} certificate",
-            lambda name=name, server=server: issue(pki, name, server=server, hosts=hosts),
+            partial(issue, pki, name, server=server, hosts=hosts),
         ):
             files.own(pki / f"{name}.key")
     broker = SiteFiles(args.broker_user, Outcome())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     figures: dict[str, object] = {}
+    result: dict[str, Any]  # each benchmark's own figures
     if args.only in (None, "ingest"):
         import bench.ingest as ingest
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
              "same rows, same indexed partitioned table, one client"),
             ("ingest / raw COPY", f"{result['ratio']:.2f}", "target >= 0.5"),
             ("ingest worker peak RSS, MB",
-             ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]),  # type: ignore[attr-defined]
+             ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]),
              "VmHWM of each worker process; target <= 150"),
         ]  # fmt: skip
     if args.only in (None, "queries"):
@@ -49,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         days, devices = (3, 20) if args.quick else (30, 200)
         result = queries.run(days, devices)
         figures["queries"] = result
-        for name, stats in result["queries"].items():  # type: ignore[attr-defined]
+        for name, stats in result["queries"].items():
             rows.append(
                 (f"{name}: p50 / p95 ms", f"{stats['p50']:.1f} / {stats['p95']:.1f}",
                  f"raw readings: {stats['raw_p50']:.0f} / {stats['raw_p95']:.0f} ms "
                  f"({stats['raw_p50'] / max(stats['p50'], 1e-6):.0f}x)")
             )  # fmt: skip
-        rows.append(("query data set", f"{result['rows']:,} readings", result["shape"]))  # type: ignore[arg-type]
+        rows.append(("query data set", f"{result['rows']:,} readings", result["shape"]))
     if args.only in (None, "dashboard"):
         import bench.dashboard as dashboard
 

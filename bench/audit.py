@@ -96,7 +96,7 @@ def _interleaved(url: str, batches: list[StoredBatch], first_with_log: bool) -> 
     return {mode: readings[mode] / seconds[mode] for mode in (True, False)}
 
 
-def write_overhead(devices: int, batches: int, rounds: int) -> dict[str, object]:
+def write_overhead(devices: int, batches: int, rounds: int) -> dict[str, Any]:
     import bench.ingest as ingest
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -133,7 +133,7 @@ def write_overhead(devices: int, batches: int, rounds: int) -> dict[str, object]
     return figures
 
 
-def proof_at_size(size: int, proofs: int) -> dict[str, object]:
+def proof_at_size(size: int, proofs: int) -> dict[str, Any]:
     """Build the stored levels of a ``size``-leaf tree in files; time random proofs."""
     import hashlib
 
@@ -189,7 +189,7 @@ def proof_at_size(size: int, proofs: int) -> dict[str, object]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def verify_city_day(devices: int, batches_per_device: int, readings: int) -> dict[str, object]:
+def verify_city_day(devices: int, batches_per_device: int, readings: int) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="civicmesh-bench-mirror-"))
     try:
         print(
@@ -224,7 +224,7 @@ def verify_city_day(devices: int, batches_per_device: int, readings: int) -> dic
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run(quick: bool = False) -> dict[str, object]:
+def run(quick: bool = False) -> dict[str, Any]:
     return {
         "write": write_overhead(20 if quick else 100, 5 if quick else 10, 2 if quick else 3),
         "proof": proof_at_size(100_000 if quick else 10_000_000, 200 if quick else 2000),

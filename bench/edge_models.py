@@ -186,7 +186,7 @@ def _child(models_dir: str, names: tuple[str, ...]) -> None:
             },
         )
         # built as `civicmesh edge run` builds it, without a broker
-        agent = build(settings, signer=Ed25519Signer.generate(), driver=Device(), link=None).agent  # type: ignore[arg-type]
+        agent = build(settings, signer=Ed25519Signer.generate(), driver=Device(), link=None).agent
         loaded = agent.model_version
         start = time.perf_counter()
         agent.backfill(T0, T0 + 7 * 24 * HOUR_MS, step_ms=6 * HOUR_MS)

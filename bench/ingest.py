@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -235,7 +236,7 @@ def ingest_rate(url: str, mqtt_url: str, fleet: Fleet, workers: int, workdir: Pa
     )
 
 
-def run(devices: int, batches: int, minutes: int, workers: int) -> dict[str, object]:
+def run(devices: int, batches: int, minutes: int, workers: int) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from support.mosquitto import MosquittoProcess
     from support.postgres import create_database, drop_database

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -103,7 +104,7 @@ def load(url: str, days: int, devices: int) -> tuple[PostgresStore, int, int]:
     return store, start, end
 
 
-def run(days: int, devices: int) -> dict[str, object]:
+def run(days: int, devices: int) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests"))
     from support.postgres import create_database, drop_database
 

@@ -155,8 +155,9 @@ class SimulatedDriver:
                 t = np.array([first], dtype=np.int64)
                 clean = simulate(self._params, t, (metric,))[metric]
                 _, held = apply_faults(metric, t, clean, pinned, self._seed, remove_dropouts=False)
-                fault = dataclasses.replace(fault, hold_value=float(held[0]))
-            pinned.append(fault)
+                pinned.append(dataclasses.replace(fault, hold_value=float(held[0])))
+            else:
+                pinned.append(fault)
         return tuple(pinned)
 
     def read(self, until_ms: int) -> list[SampleBlock]:

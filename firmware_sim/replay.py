@@ -84,9 +84,8 @@ def read_series(
     """The samples of each series before ``until_ms`` not returned yet (advances
     ``positions``, in the order of its keys)."""
     blocks = []
-    for metric in positions:
+    for metric, begin in list(positions.items()):
         times, values = series[metric]
-        begin = positions[metric]
         end = int(np.searchsorted(times, until_ms, side="left"))
         if end > begin:
             blocks.append(sample_block(metric, times[begin:end], values[begin:end]))

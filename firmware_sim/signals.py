@@ -14,7 +14,7 @@ noise) are keyed on the device ``seed``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +223,47 @@ def _noise(seed: int, metric_name: str, sub: int, times: TimeArray) -> FloatArra
     return rng.normal(rng.stream_key(seed, _S_NOISE + 16 * code + sub), times)
 
 
+Noise = Callable[..., FloatArray]  # noise(metric, sub=0): the metric's own stream
+
+
+def _traffic(params: SignalParams, load: FloatArray, noise: Noise) -> dict[str, FloatArray]:
+    """vehicle_count, mean_speed and occupancy from the road's load (v/c ratio)."""
+    flow_vph = _LANE_CAPACITY_VPH * params.lanes * load
+    expected = flow_vph * params.sample_interval_ms / HOUR_MS
+    count = np.rint(expected + np.sqrt(expected) * noise("vehicle_count"))
+    # BPR-style speed-flow curve: speed collapses as load nears capacity.
+    congestion = np.minimum(load, 1.4)
+    speed = params.free_speed_kmh / (1.0 + 1.5 * congestion**4)
+    density = flow_vph / params.lanes / speed  # vehicles per km and lane
+    occupancy = 100.0 * density * _VEHICLE_LENGTH_KM
+    occupancy = occupancy * (1.0 + 0.1 * noise("occupancy")) + 0.2 * noise("occupancy", 1)
+    return {
+        "vehicle_count": np.maximum(count, 0.0),
+        "mean_speed": np.clip(speed * (1.0 + 0.06 * noise("mean_speed")), 0.0, 250.0),
+        "occupancy": np.clip(occupancy, 0.0, 98.0),
+    }
+
+
+def _pm25(
+    bg: float,
+    weather: _Weather,
+    device: _DeviceConstants,
+    traffic: tuple[FloatArray, FloatArray],
+    noise: Noise,
+) -> FloatArray:
+    """Fine particles: background, episodes, traffic (load, dilution) and humidity."""
+    load, dilution = traffic
+    # Episodes: several still, damp days let fine particles accumulate.
+    episode = 1.0 + 2.0 * np.maximum(weather.stagnation - 0.4, 0.0) ** 1.3
+    hygroscopic = 1.0 + 0.25 * np.maximum(weather.relativehumidity - 75.0, 0.0) / 25.0
+    pm25_clean = (
+        5.5 * bg * episode * weather.dispersion**0.3 + 3.5 * load * dilution
+    ) * hygroscopic
+    pm25 = pm25_clean * device.gain["pm25"] * (1.0 + 0.08 * noise("pm25"))
+    result: FloatArray = np.maximum(pm25 + 0.4 * noise("pm25", 1), 0.0)
+    return result
+
+
 def simulate(
     params: SignalParams, times_ms: ArrayLike, metrics: Iterable[str] = ALL_METRICS
 ) -> dict[str, FloatArray]:
@@ -249,18 +290,7 @@ def simulate(
     traffic_no2 = 42.0 * load * dilution
 
     if {"vehicle_count", "mean_speed", "occupancy"} & set(wanted):
-        flow_vph = _LANE_CAPACITY_VPH * params.lanes * load
-        expected = flow_vph * params.sample_interval_ms / HOUR_MS
-        count = np.rint(expected + np.sqrt(expected) * noise("vehicle_count"))
-        out["vehicle_count"] = np.maximum(count, 0.0)
-        # BPR-style speed-flow curve: speed collapses as load nears capacity.
-        congestion = np.minimum(load, 1.4)
-        speed = params.free_speed_kmh / (1.0 + 1.5 * congestion**4)
-        out["mean_speed"] = np.clip(speed * (1.0 + 0.06 * noise("mean_speed")), 0.0, 250.0)
-        density = flow_vph / params.lanes / speed  # vehicles per km and lane
-        occupancy = 100.0 * density * _VEHICLE_LENGTH_KM
-        occupancy = occupancy * (1.0 + 0.1 * noise("occupancy")) + 0.2 * noise("occupancy", 1)
-        out["occupancy"] = np.clip(occupancy, 0.0, 98.0)
+        out.update(_traffic(params, load, noise))
 
     bg = params.background_level
     if "no2" in wanted:
@@ -282,14 +312,7 @@ def simulate(
         co = co * (1.0 + 0.05 * noise("co")) + 0.02 * noise("co", 1)
         out["co"] = np.maximum(co, 0.0)
     if "pm25" in wanted or "pm10" in wanted:
-        # Episodes: several still, damp days let fine particles accumulate.
-        episode = 1.0 + 2.0 * np.maximum(weather.stagnation - 0.4, 0.0) ** 1.3
-        hygroscopic = 1.0 + 0.25 * np.maximum(weather.relativehumidity - 75.0, 0.0) / 25.0
-        pm25_clean = (
-            5.5 * bg * episode * weather.dispersion**0.3 + 3.5 * load * dilution
-        ) * hygroscopic
-        pm25 = pm25_clean * device.gain["pm25"] * (1.0 + 0.08 * noise("pm25"))
-        pm25 = np.maximum(pm25 + 0.4 * noise("pm25", 1), 0.0)
+        pm25 = _pm25(bg, weather, device, (load, dilution), noise)
         if "pm25" in wanted:
             out["pm25"] = pm25
         if "pm10" in wanted:

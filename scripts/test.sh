@@ -8,7 +8,7 @@
 #      private brokers with it; Debian's chromium is installed for the browser tests;
 #      a real TimescaleDB server on private ports (scripts/timescaledb.sh: from
 #      ../shared/timescaledb/ when no TimescaleDB package is installed; 5432 untouched);
-#   3. lint: ruff check, ruff format --check, mypy civicmesh gateway, the package
+#   3. lint: ruff check, ruff format --check, mypy --strict on every package, the package
 #      boundaries of pyproject.toml (scripts/check_boundaries.py);
 #   4. pytest with the given arguments (default: the whole suite).
 #
@@ -196,7 +196,7 @@ run_lint() {
     ruff format --check --quiet . || { civicmesh_say "to fix: ruff format ."; failed=1; }
     # mypy prints a success line; show its output only when it has something to say.
     log="$(mktemp)"
-    mypy civicmesh gateway >"$log" 2>&1 || { cat "$log"; failed=1; }
+    mypy civicmesh gateway edge analytics firmware_sim training demo bench >"$log" 2>&1 || { cat "$log"; failed=1; }
     rm -f "$log"
     python scripts/check_boundaries.py || failed=1
     return "$failed"

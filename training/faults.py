@@ -107,6 +107,38 @@ def _fault_plan(stream: Stream, seed: int) -> list[tuple[str, Fault]]:
     return plan
 
 
+def _label_fault(
+    kind: str,
+    fault: Fault,
+    times: NDArray[np.int64],
+    masks: tuple[NDArray[np.bool_], NDArray[np.bool_]],
+    offset: NDArray[np.float64],
+    level: float,
+    labels: NDArray[np.int64],
+    weights: NDArray[np.float64],
+) -> None:
+    """Label (in place) the samples an injected stuck, spike, drift or out-of-range fault
+    changed; weight 0 for those inside its window it did not visibly change. ``masks``:
+    the fault's window (outside real faults) and the samples it changed there."""
+    window, changed = masks
+    if kind == "stuck":
+        run = np.cumsum(window) * window
+        labels[window & (run >= 3) & changed] = CLASS["stuck"]
+        weights[window & ~((run >= 3) & changed)] = 0.0
+    elif kind == "spike":
+        labels[changed] = CLASS["spike"]
+    elif kind == "drift":
+        strong = window & (np.abs(offset) >= 0.5 * level)
+        labels[strong] = CLASS["drift"]
+        weights[window & ~strong] = 0.0
+        # after the window the sensor is repaired; the slow baseline needs a while
+        recovery = (times >= fault.end_ms) & (times < fault.end_ms + 12 * 3_600_000)
+        weights[recovery & (labels == CLASS["ok"])] = 0.0
+    else:
+        labels[changed] = CLASS["out_of_range"]
+        weights[window & ~changed] = 0.0
+
+
 def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labelled:
     """Features and labels of a stream, with injected faults when ``inject``."""
     times, clean = stream.times_ms, stream.values
@@ -135,23 +167,9 @@ def labelled_stream(stream: Stream, seed: int, *, inject: bool = True) -> Labell
                     labels[after] = CLASS["dropout"]
                 continue
             values = faulted
-            if kind == "stuck":
-                run = np.cumsum(window) * window
-                labels[window & (run >= 3) & changed] = CLASS["stuck"]
-                weights[window & ~((run >= 3) & changed)] = 0.0
-            elif kind == "spike":
-                labels[changed] = CLASS["spike"]
-            elif kind == "drift":
-                offset = np.abs(faulted - clean)
-                strong = window & (offset >= 0.5 * level)
-                labels[strong] = CLASS["drift"]
-                weights[window & ~strong] = 0.0
-                # after the window the sensor is repaired; the slow baseline needs a while
-                recovery = (times >= fault.end_ms) & (times < fault.end_ms + 12 * 3_600_000)
-                weights[recovery & (labels == CLASS["ok"])] = 0.0
-            else:
-                labels[changed] = CLASS["out_of_range"]
-                weights[window & ~changed] = 0.0
+            _label_fault(
+                kind, fault, times, (window, changed), faulted - clean, level, labels, weights
+            )
     times, values, labels, weights, real, windows = (
         times[keep],
         values[keep],
