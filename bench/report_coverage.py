@@ -36,7 +36,7 @@ from analytics.reports.narrative import check_numbers
 from analytics.reports.service import ReportService, report_window
 from analytics.store import open_store
 from analytics.store.base import Resolution
-from civicmesh.simhistory import fill_store, history_signer
+from demo.history import fill_store, history_signer
 from firmware_sim.city import SimulatedCity
 from firmware_sim.driver import signal_params
 from firmware_sim.signals import stagnation

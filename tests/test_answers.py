@@ -19,7 +19,7 @@ from analytics.reports.narrative import check_numbers
 from analytics.reports.service import ReportService
 from analytics.store import open_store
 from analytics.store.base import Store
-from civicmesh.simhistory import fill_store, history_signer
+from demo.history import fill_store, history_signer
 from firmware_sim.city import SimulatedCity
 
 TZ = "Europe/London"
