@@ -516,3 +516,26 @@ def test_a_bignum_batch_is_quarantined_and_the_gateway_keeps_relaying(
         assert stored_seqs(rig) == []  # the poison was not stored
     finally:
         rig.close()
+
+
+def test_the_gateway_buffer_is_bounded_kept_envelopes_going_first(tmp_path: Path) -> None:
+    from civicmesh.protocol import message_digest
+
+    buffer = GatewayBuffer(tmp_path / "b.db", max_envelopes=5, max_bytes=10**6)
+    for i in range(3):
+        buffer.enqueue("t", f"old-{i}".encode())
+    ids = [item[0] for item in buffer.pending(10)]
+    buffer.mark_forwarded(ids[:2])
+    buffer.confirm([message_digest(b"old-0"), message_digest(b"old-1")])  # kept for replay
+    for i in range(5):
+        buffer.enqueue("t", f"new-{i}".encode())
+    assert buffer.size()[0] == 5
+    # The two confirmed ones went first, then the oldest unconfirmed (counted).
+    assert [body for _, _, body in buffer.pending(10)] == [f"new-{i}".encode() for i in range(5)]
+    assert buffer.dropped_total() == 1
+    small = GatewayBuffer(tmp_path / "c.db", max_envelopes=100, max_bytes=1000)
+    for i in range(20):
+        small.enqueue("t", bytes([i]) * 100)
+    assert small.size()[1] <= 1000 and small.dropped_total() == 10
+    buffer.close()
+    small.close()
