@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
 from analytics.store.cli import add_db_status
 from civicmesh.config import load_settings
+from civicmesh.systemd import Watchdog, notify
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     add_commands(db_cmds, _common, _settings)
     add_db_status(db_cmds, _common, _settings)
+    from analytics.daemons import add_upkeep
+
+    add_upkeep(db_cmds, _common, _settings)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -123,8 +128,14 @@ def _ingest_run(args: argparse.Namespace) -> int:
         log.info("Prometheus metrics at http://127.0.0.1:%d/metrics", args.metrics_port)
     try:
         services.start(stop)
-        while not stop.wait(STATS_EVERY_S):
-            log.info("ingest stats: %s", ingest.worker.stats())
+        notify("READY=1")
+        watchdog = Watchdog()
+        next_stats = time.monotonic() + STATS_EVERY_S
+        while not stop.wait(2.0):
+            watchdog.tick()
+            if time.monotonic() >= next_stats:
+                next_stats += STATS_EVERY_S
+                log.info("ingest stats: %s", ingest.worker.stats())
     finally:
         services.close()
         log.info("ingest worker %s stopped: %s", ingest.worker.worker_id, ingest.worker.stats())
@@ -132,7 +143,7 @@ def _ingest_run(args: argparse.Namespace) -> int:
 
 
 def _api_run(args: argparse.Namespace) -> int:
-    import uvicorn
+    from analytics.daemons import serve_api
 
     settings = _settings(args)
     refuse_unsafe(settings, serving_api=True)
@@ -143,13 +154,7 @@ def _api_run(args: argparse.Namespace) -> int:
     if settings.api.tls_cert is not None and settings.api.tls_key is not None:
         tls = {"ssl_certfile": str(settings.api.tls_cert), "ssl_keyfile": str(settings.api.tls_key)}
     with services:
-        uvicorn.run(
-            services.api.app,
-            host=settings.api.host,
-            port=settings.api.port,
-            log_level="info",
-            **tls,
-        )
+        serve_api(services.api.app, settings.api.host, settings.api.port, **tls)
     return 0
 
 

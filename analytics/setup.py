@@ -75,7 +75,8 @@ max_queued_messages 100000
 max_inflight_messages 1000
 persistent_client_expiration 7d
 
-log_dest syslog
+# stderr: the journal under systemd, the container log under compose
+log_dest stderr
 log_type error
 log_type warning
 log_type notice
@@ -95,7 +96,7 @@ tls_cert = {ingest_cert}
 tls_key = {ingest_key}
 
 [api]
-host = "0.0.0.0"
+host = {api_host}
 port = {api_port}
 tokens_file = {tokens}
 tls_cert = {api_cert}                # HTTPS with the site CA's certificate
@@ -153,7 +154,7 @@ def setup(args: argparse.Namespace) -> int:
             files.own(pki / f"{name}.key")
     broker = SiteFiles(args.broker_user, Outcome())
     broker.own(pki / "broker.key")
-    broker.directory(args.state_dir / "mosquitto", 0o700, owned=True)
+    broker.directory(args.broker_state_dir, 0o700, owned=True)
 
     if not files.exists(paths["registry"], "registry"):
         Registry.empty().save(paths["registry"])
@@ -166,7 +167,7 @@ def setup(args: argparse.Namespace) -> int:
             port=args.mqtt_port,
             pki=pki,
             acl=paths["acl"],
-            persistence=args.state_dir / "mosquitto",
+            persistence=args.broker_state_dir,
         ),
         "broker config",
     )
@@ -198,6 +199,7 @@ def setup(args: argparse.Namespace) -> int:
             pki_ca=toml_str(pki / "ca.crt"),
             ingest_cert=toml_str(pki / f"{INGEST_USER}.crt"),
             ingest_key=toml_str(pki / f"{INGEST_USER}.key"),
+            api_host=toml_str(args.api_host),
             api_port=args.api_port,
             tokens=toml_str(paths["tokens"]),
             api_cert=toml_str(pki / "api.crt"),

@@ -275,6 +275,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     central.add_argument(
         "--broker-user", default="mosquitto", help="user the broker runs as (owns the broker's key)"
     )
+    central.add_argument("--api-host", default="0.0.0.0", help="the API's listen address")
+    central.add_argument(
+        "--broker-state-dir",
+        type=Path,
+        default=Path("/var/lib/mosquitto"),
+        help="the broker's persistence folder (owned by --broker-user)",
+    )
     central.add_argument(
         "--llm-backend",
         default="llama-cpp",

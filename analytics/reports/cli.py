@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("--kind", choices=("daily", "weekly"))
     show.add_argument("--limit", type=int, default=10)
     show.set_defaults(func=_list)
+    from analytics.daemons import add_schedule
+
+    add_schedule(cmds, _common, _settings)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
