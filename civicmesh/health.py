@@ -16,6 +16,11 @@ from civicmesh.errors import CivicmeshError
 from civicmesh.identity import is_valid_id
 
 MAX_HEALTH_BYTES = 4096
+# Bounds of every number a report carries: times as the wire protocol bounds them
+# (2000-01-01 .. 2100-01-01), counters as the store's integer columns hold them.
+MIN_TIME_MS = 946_684_800_000
+MAX_TIME_MS = 4_102_444_800_000
+MAX_COUNT = 2**31 - 1
 
 
 class HealthError(CivicmeshError):
@@ -53,22 +58,32 @@ def _obj(payload: bytes, what: str) -> dict[str, Any]:
         raise HealthError(f"{what} of {len(payload)} bytes (at most {MAX_HEALTH_BYTES})")
     try:
         obj = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise HealthError(f"{what} is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise HealthError(f"{what} is not a JSON object")
     return obj
 
 
-def _int(obj: dict[str, Any], key: str, what: str) -> int:
+def _int(obj: dict[str, Any], key: str, what: str, maximum: int = MAX_COUNT) -> int:
     value = obj.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise HealthError(f"{what}: {key} must be a non-negative integer")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise HealthError(f"{what}: {key} must be an integer in [0, {maximum}]")
+    return value
+
+
+def _time(obj: dict[str, Any], key: str, what: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HealthError(f"{what}: {key} must be an integer time in ms")
+    if not MIN_TIME_MS <= value <= MAX_TIME_MS:
+        raise HealthError(f"{what}: {key} {value} is not a time between 2000 and 2100")
     return value
 
 
 def _text(obj: dict[str, Any], key: str, what: str, limit: int = 64) -> str:
     value = obj.get(key, "")
+    # isprintable() is False for NUL, control characters and lone surrogates
     if not isinstance(value, str) or len(value) > limit or not value.isprintable():
         raise HealthError(f"{what}: {key} must be printable text of at most {limit} characters")
     return value
@@ -89,7 +104,7 @@ def from_agent(
         device_id,
         gateway_id,
         received_at_ms,
-        _int(obj, "time_ms", what),
+        _time(obj, "time_ms", what),
         _int(outbox, "sealed_batches", what),
         _int(outbox, "pending_readings", what),
         _text(obj, "model_version", what),
@@ -109,8 +124,8 @@ def from_relay(payload: bytes, gateway_id: str) -> HealthReport:
     return HealthReport(
         device_id,
         gateway_id,
-        _int(obj, "received_at_ms", what),
-        _int(obj, "reported_ms", what),
+        _time(obj, "received_at_ms", what),
+        _time(obj, "reported_ms", what),
         _int(obj, "outbox_batches", what),
         _int(obj, "outbox_readings", what),
         _text(obj, "model_version", what),

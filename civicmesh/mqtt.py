@@ -80,6 +80,9 @@ class Message:
     qos: int
     mid: int
     retain: bool
+    # Which connection of its link delivered it: a packet id means something only on the
+    # connection it came with, so an acknowledgement is never sent on a later one.
+    connection: int = 0
 
 
 Handler = Callable[[Message], None]
@@ -116,6 +119,8 @@ class MqttLink:
         self._keepalive = keepalive
         self._max_inflight = max_inflight
         self._tls = (tls_ca, tls_cert, tls_key)
+        self._will: tuple[str, bytes] | None = None
+        self.connections = 0  # successful connects so far (each a new packet-id space)
         self._subscriptions: dict[str, tuple[int, Handler, ErrorHandler | None]] = {}
         self._subacks: set[int] = set()
         self._connected = threading.Event()
@@ -129,6 +134,21 @@ class MqttLink:
         self._backoff_s = 1.0
         self._next_attempt = 0.0  # monotonic time of maintain()'s next connect attempt
         self._closed = False
+
+    @property
+    def protocol_choice(self) -> str:
+        return self._protocol_choice
+
+    @property
+    def tls_args(self) -> dict[str, str | None]:
+        """The TLS files, as the constructor takes them (for a second link like this one)."""
+        ca, cert, key = self._tls
+        return {"tls_ca": ca, "tls_cert": cert, "tls_key": key}
+
+    def set_will(self, topic: str, payload: bytes) -> None:
+        """A retained message the broker publishes when this client vanishes (from the
+        next connect on)."""
+        self._will = (topic, payload)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -176,6 +196,8 @@ class MqttLink:
         ca, cert, key = self._tls
         if self.address.tls or ca:
             client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+        if self._will is not None:
+            client.will_set(self._will[0], self._will[1], qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -306,6 +328,7 @@ class MqttLink:
             subscriptions = list(self._subscriptions.items())
         for topic_filter, (qos, _handler, _on_error) in subscriptions:
             client.subscribe(topic_filter, qos=qos)
+        self.connections += 1
         self._connected.set()
 
     def _on_disconnect(
@@ -323,7 +346,9 @@ class MqttLink:
         self._connected.clear()
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        message = Message(msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain))
+        message = Message(
+            msg.topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), self.connections
+        )
         qos, handler, on_error = self._subscription_for(msg.topic)
         if handler is None:
             # Not acknowledged on purpose: a persistent session redelivers it once a
@@ -476,10 +501,18 @@ class MqttLink:
         with self._lock:
             self._subacks.add(mid)
 
-    def ack(self, message: Message) -> None:
-        """Acknowledge a message received with ``manual_ack=True``."""
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a message received with ``manual_ack=True``.
+
+        Returns False when the message came on an earlier connection: its packet id may
+        name another message now, and the broker redelivers it on this connection anyway.
+        """
+        if message.connection and message.connection != self.connections:
+            log.debug("not acknowledging mid %d of an earlier connection", message.mid)
+            return False
         if self.manual_ack and message.qos > 0 and self._client is not None:
             self._client.ack(message.mid, message.qos)
+        return True
 
 
 def _no_delay(client: paho.Client) -> None:

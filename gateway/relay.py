@@ -225,7 +225,7 @@ class Gateway:
                 device_id=device_id,
                 seq=seq,
             )
-            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+            self.buffer.enqueue(self.quarantine_topic, record.to_wire(self.signer))
             with self._lock:
                 self._quarantined[exc.reason] += 1
             log.warning("quarantined message on %s: %s", message.topic, exc.reason)

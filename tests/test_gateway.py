@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from analytics.ingest import IngestWorker
+from analytics.ingest.receive import Receiver
 from analytics.settings import AnalyticsSettings
 from analytics.store import open_store
 from analytics.store.base import Store
@@ -303,7 +304,7 @@ def health_report(device: str, t: int, batches: int) -> bytes:
             "agent_version": "0.1.0",
             "model_version": "cal-2",
             "driver": "sim",
-            "time_ms": t,
+            "time_ms": T0 + t,
             "published": 1,
             "confirmed": 1,
             "outbox": {
@@ -345,20 +346,20 @@ def test_health_through_amqtt_is_delivered_at_qos_0(
     """amqtt delivers at the subscription's QoS: health subscribed at QoS 1 arrived as
     QoS 1, was never acknowledged, and the broker logged a PUBACK timeout for each one."""
     delivered: list[tuple[str, int]] = []
-    for owner in (Gateway, IngestWorker):
-        original = owner._on_health
+    for owner, method in ((Gateway, "_on_health"), (Receiver, "on_health")):
+        original = getattr(owner, method)
 
         def spy(self: Any, message: Any, original: Any = original, name: str = owner.__name__):
             delivered.append((name, message.qos))
             original(self, message)
 
-        monkeypatch.setattr(owner, "_on_health", spy)
+        monkeypatch.setattr(owner, method, spy)
     rig = Rig(tmp_path, embedded_broker.url)
     try:
         report = health_report(rig.device.key_id, 1000, 2)
         rig.pub.publish(topics.device_health(rig.device.key_id), report, qos=0)
         rig.wait(lambda: rig.store.device_health())
-        assert sorted(delivered) == [("Gateway", 0), ("IngestWorker", 0)]
+        assert sorted(delivered) == [("Gateway", 0), ("Receiver", 0)]
     finally:
         rig.close()
 

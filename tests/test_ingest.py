@@ -493,9 +493,9 @@ def test_gateway_quarantine_records_are_stored_and_malformed_ones_too(
         device_id=fleet.devices[0].key_id,
         seq=7,
     )
-    publisher.publish(topic, record.to_json())
+    publisher.publish(topic, record.to_wire(fleet.gateway))
     publisher.publish(topic, b'{"reason": 5}')
-    bad_base64 = dict(json.loads(record.to_json()), payload_b64="!!!")
+    bad_base64 = dict(json.loads(record.to_wire(fleet.gateway)), payload_b64="!!!")
     publisher.publish(topic, json.dumps(bad_base64).encode())
     device_topic = topics.device_up(fleet.devices[0].key_id)
 
@@ -505,9 +505,11 @@ def test_gateway_quarantine_records_are_stored_and_malformed_ones_too(
     wait_for(lambda: len(kept()) == 3, what="3 stored records")
     stored = {r.reason: r for r in kept()}
     assert stored["chain.gap"] == record
-    malformed = [r for r in kept() if r.reason == "quarantine.malformed"]
-    assert len(malformed) == 2
-    assert {r.payload() for r in malformed} >= {b'{"reason": 5}'}
+    # neither made it as the gateway's: one unsigned, one malformed; they name no device
+    refused = [r for r in kept() if r.reason != "chain.gap"]
+    assert sorted(r.reason for r in refused) == ["quarantine.malformed", "quarantine.unsigned"]
+    assert {r.payload() for r in refused} >= {b'{"reason": 5}'}
+    assert all(r.device_id is None for r in refused)
 
 
 @pytest.mark.integration

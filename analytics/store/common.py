@@ -26,7 +26,11 @@ from analytics.store.base import (
     ZoneShape,
 )
 from civicmesh.metrics import BY_CODE, BY_NAME
-from civicmesh.quarantine import QuarantineRecord
+from civicmesh.quarantine import BENIGN_REASONS, QuarantineRecord
+
+# Benign records (a redelivery looks like a replay) are evidence, not faults: the counts
+# that reports and device health read leave them out. Constant text, so safe in SQL.
+_BENIGN = ", ".join(f"'{reason}'" for reason in sorted(BENIGN_REASONS))
 
 BatchKey = tuple[str, int]
 
@@ -337,6 +341,7 @@ class SqlRollupQueries(Store):
             SELECT q.device_id, count(*)
             FROM quarantine q JOIN devices d ON d.device_id = q.device_id
             WHERE q.received_at >= {p("start")} AND q.received_at < {p("end")}
+              AND q.reason NOT IN ({_BENIGN})
               AND (CAST({p("zone")} AS TEXT) IS NULL OR d.zone = CAST({p("zone")} AS TEXT))
             GROUP BY q.device_id ORDER BY q.device_id
         """
@@ -515,7 +520,7 @@ class SqlRollupQueries(Store):
         p = self._param
         sql = f"""
             SELECT device_id, reason, count(*) FROM quarantine
-            WHERE device_id IS NOT NULL
+            WHERE device_id IS NOT NULL AND reason NOT IN ({_BENIGN})
               AND received_at >= {p("start")} AND received_at < {p("end")}
             GROUP BY device_id, reason
         """
