@@ -251,7 +251,7 @@ class Gateway:
                 device_id=None,
                 seq=None,
             )
-            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+            self.buffer.enqueue(self.quarantine_topic, record.to_wire(self.signer))
         except Exception as second:  # the record is best effort; the guard must return
             log.warning("no quarantine record for the failed message: %s", second)
         return True
@@ -394,7 +394,7 @@ class Gateway:
                 device_id=device_id,
                 seq=seq,
             )
-            self.buffer.enqueue(self.quarantine_topic, record.to_json())
+            self.buffer.enqueue(self.quarantine_topic, record.to_wire(self.signer))
             log.warning("device %s seq %d forwarded unlinked after its hold", device_id, seq)
 
     def _forward_loop(self) -> None:

@@ -392,6 +392,9 @@ def test_after_losing_the_store_the_gateway_buffer_replays_everything(rig: Rig) 
     with sqlite3.connect(path) as db:
         db.execute("DELETE FROM readings")
         db.execute("DELETE FROM batches")
+        for table in ("audit_cosignatures", "audit_checkpoints", "audit_nodes", "audit_leaves"):
+            db.execute(f"DELETE FROM {table}")  # the audit log went with it
+        db.execute("UPDATE audit_head SET size = 0")
     assert stored_seqs(rig) == []
     assert rig.gateway.buffer.requeue(0) == 4  # civicmesh gateway replay --since ...
     rig.wait(lambda: stored_seqs(rig) == [1, 2, 3, 4])
