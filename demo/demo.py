@@ -252,7 +252,7 @@ class Demo:
         stack.callback(link.close)
         self.end_ms = now_ms()
         self.start_ms = self.end_ms - int(self.args.days * DAY_MS)
-        release = None if self.args.no_models else self._pilot_release()
+        release = None if self.args.no_models else pilot_release(self.state, self.args.seed)
         devices = []
         for device in city.devices:
             signer = demo_signer(self.args.seed, device.name)
@@ -282,7 +282,7 @@ class Demo:
             if self.stop.is_set():
                 break
             device.agent.backfill(self.start_ms, self.end_ms)
-        produced = self._wait_for_ingest(central.ingest.store, devices, timeout=120)
+        produced = wait_for_ingest(central.ingest.store, devices, timeout=120)
         central.ingest.upkeep.flush()  # the report below reads the rollups, not the readings
         for device in devices:
             device.agent.publish_health()  # what the dashboard shows as outbox backlog
@@ -339,7 +339,7 @@ class Demo:
         for device in devices:
             device.agent.seal_all()
             device.agent.flush(timeout=10)
-        stored = self._wait_for_ingest(store, devices, timeout=60)
+        stored = wait_for_ingest(store, devices, timeout=60)
         backlog = sum(d.agent.health()["outbox"]["sealed_batches"] for d in devices)
         counts = store.counts()
         print(
@@ -348,55 +348,6 @@ class Demo:
             flush=True,
         )
 
-    def _pilot_release(self) -> tuple[Path, str] | None:
-        """The fault model as a signed release file, and the release key's public half.
-
-        Trained once on a slice of the real data sets (about 10 s) and cached beside the
-        state dir, keyed by the training code, so later demos start at once.
-        """
-        try:
-            from civicmesh.protocol import encode_model_release
-            from training.cli import manifest_for
-            from training.errors import TrainingError
-            from training.pipeline import build
-        except ImportError as exc:
-            print(f"civicmesh demo: no edge models ({exc}; install civicmesh[train])")
-            return None
-        code = hashlib.sha256()
-        for package in ("edge", "training"):
-            for path in sorted((Path(__file__).parents[1] / package).glob("*.py")):
-                code.update(path.read_bytes())
-        cache = self.state.parent / "models-cache" / code.hexdigest()[:12]
-        try:
-            if not (cache / "fault" / "card.json").exists():
-                print("civicmesh demo: training the edge fault model (once) ...", flush=True)
-                build("fault", cache, seed=0, small=True)
-            manifest, artifact = manifest_for(cache / "fault", "1.0.0", ["pilot"], "0.1.0")
-        except TrainingError as exc:
-            print(f"civicmesh demo: no edge models ({exc})", flush=True)
-            return None
-        key = demo_signer(self.args.seed, "model-release")
-        path = self.state / "fault-1.0.0.release"
-        path.write_bytes(encode_model_release(key, manifest, artifact))
-        return path, key.verify_key().to_text()
-
-    def _wait_for_ingest(self, store: Any, devices: list[DemoDevice], timeout: float) -> int:
-        """Wait until the store holds every batch the agents have sealed and every outbox
-        has its receipts (flushing meanwhile, so what a receipt never named is re-sent)."""
-        deadline = time.monotonic() + timeout
-        expected = {d.signer.key_id: d.agent.health()["outbox"]["last_seq"] for d in devices}
-        while time.monotonic() < deadline:
-            status = {s.device_id: s.last_seq for s in store.devices()}
-            stored = all((status.get(dev) or 0) >= (seq or 0) for dev, seq in expected.items())
-            if stored and not any(d.agent.health()["outbox"]["sealed_batches"] for d in devices):
-                break
-            for device in devices:
-                device.agent.flush(timeout=10)
-            time.sleep(0.25)
-        else:
-            log.warning("ingest has not caught up after %.0f s; data stays queued", timeout)
-        return int(store.counts().readings)
-
     def _install_signal_handlers(self) -> None:
         def handle(signum: int, frame: object) -> None:
             self.stop.set()
@@ -404,6 +355,57 @@ class Demo:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, handle)
             signal.signal(signal.SIGTERM, handle)
+
+
+def pilot_release(state: Path, seed: int) -> tuple[Path, str] | None:
+    """The fault model as a signed release file, and the release key's public half.
+
+    Trained once on a slice of the real data sets (about 10 s) and cached beside the
+    state dir, keyed by the training code, so later demos start at once.
+    """
+    try:
+        from civicmesh.protocol import encode_model_release
+        from training.cli import manifest_for
+        from training.errors import TrainingError
+        from training.pipeline import build
+    except ImportError as exc:
+        print(f"civicmesh demo: no edge models ({exc}; install civicmesh[train])")
+        return None
+    code = hashlib.sha256()
+    for package in ("edge", "training"):
+        for path in sorted((Path(__file__).parents[1] / package).glob("*.py")):
+            code.update(path.read_bytes())
+    cache = state.parent / "models-cache" / code.hexdigest()[:12]
+    try:
+        if not (cache / "fault" / "card.json").exists():
+            print("civicmesh demo: training the edge fault model (once) ...", flush=True)
+            build("fault", cache, seed=0, small=True)
+        manifest, artifact = manifest_for(cache / "fault", "1.0.0", ["pilot"], "0.1.0")
+    except TrainingError as exc:
+        print(f"civicmesh demo: no edge models ({exc})", flush=True)
+        return None
+    key = demo_signer(seed, "model-release")
+    path = state / "fault-1.0.0.release"
+    path.write_bytes(encode_model_release(key, manifest, artifact))
+    return path, key.verify_key().to_text()
+
+
+def wait_for_ingest(store: Store, devices: list[DemoDevice], timeout: float) -> int:
+    """Wait until the store holds every batch the agents have sealed and every outbox
+    has its receipts (flushing meanwhile, so what a receipt never named is re-sent)."""
+    deadline = time.monotonic() + timeout
+    expected = {d.signer.key_id: d.agent.health()["outbox"]["last_seq"] for d in devices}
+    while time.monotonic() < deadline:
+        status = {s.device_id: s.last_seq for s in store.devices()}
+        stored = all((status.get(dev) or 0) >= (seq or 0) for dev, seq in expected.items())
+        if stored and not any(d.agent.health()["outbox"]["sealed_batches"] for d in devices):
+            break
+        for device in devices:
+            device.agent.flush(timeout=10)
+        time.sleep(0.25)
+    else:
+        log.warning("ingest has not caught up after %.0f s; data stays queued", timeout)
+    return int(store.counts().readings)
 
 
 def _redact(url: str) -> str:
