@@ -47,6 +47,7 @@ class Unavailable:
 
     name: str
     reason: str
+    short: str  # for the command list
 
 
 def commands(entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> list[Command]:
@@ -106,7 +107,8 @@ def add_commands(
         missing = [m for extra in command.extras for m in missing_requirements(extra)]
         if missing:
             reason = f"{install_hint(command)} (missing: {', '.join(sorted(set(missing)))})"
-            unavailable.append(Unavailable(command.name, reason))
+            short = f"needs civicmesh[{','.join(command.extras)}], not installed"
+            unavailable.append(Unavailable(command.name, reason, short))
             continue
         if command.target in loaded:
             continue
@@ -119,13 +121,13 @@ def add_commands(
             reason = f"`civicmesh {command.name}` cannot be loaded ({exc}); reinstall civicmesh"
             if command.extras:
                 reason += f"[{','.join(command.extras)}]"
-            unavailable.append(Unavailable(command.name, reason))
+            unavailable.append(Unavailable(command.name, reason, "cannot be loaded"))
             continue
         register(sub)
         loaded.add(command.target)
     for item in unavailable:
         if item.name not in sub.choices:
-            sub.add_parser(item.name, help=f"(unavailable: {item.reason})", add_help=False)
+            sub.add_parser(item.name, help=f"({item.short})", add_help=False)
     return unavailable
 
 
