@@ -17,9 +17,10 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import Depends, HTTPException, Request
 from starlette.responses import JSONResponse, Response
@@ -123,6 +124,13 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
+    def exhausted(self, key: str) -> bool:
+        """Would the next request of ``key`` be refused? (Takes nothing from its bucket.)"""
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), level + (now - last) * self.rate) < 1.0
+
     def allow(self, key: str) -> bool:
         now = time.monotonic()
         with self._lock:
@@ -137,10 +145,17 @@ class RateLimiter:
             return True
 
 
+def _failure_limiter() -> RateLimiter:
+    # Wrong tokens from one address: 10 at once, then one every 10 s. Guessing a 256-bit
+    # token is hopeless anyway; this keeps a guesser from costing the API anything.
+    return RateLimiter(0.1, 10)
+
+
 @dataclass
 class ApiSecurity:
     tokens: TokenFile | None
     limiter: RateLimiter
+    failures: RateLimiter = field(default_factory=_failure_limiter)
 
     @property
     def open(self) -> bool:
@@ -158,7 +173,14 @@ def requires(role: str) -> Any:
         header = request.headers.get("authorization", "")
         token = None
         if security.tokens is not None:
+            # The limiter comes before the 401: a caller that keeps sending wrong tokens
+            # gets 429s, however the tokens look.
+            if security.failures.exhausted(client):
+                raise HTTPException(
+                    429, "Too many failed sign-ins; wait a minute", headers={"Retry-After": "10"}
+                )
             if not header.lower().startswith("bearer "):
+                security.failures.allow(client)
                 raise HTTPException(
                     401,
                     "Send Authorization: Bearer <token> (civicmesh api add-token)",
@@ -166,6 +188,7 @@ def requires(role: str) -> Any:
                 )
             token = security.tokens.authenticate(header[7:].strip())
             if token is None:
+                security.failures.allow(client)
                 raise HTTPException(
                     401, "Unknown or revoked token", headers={"WWW-Authenticate": "Bearer"}
                 )
@@ -218,6 +241,80 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class RejectNul:
+    """ASGI middleware: a NUL in the path or a query parameter is a 400 with a clear
+    message (no database refuses it later with its own text)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            problem = _nul_problem(scope)
+            if problem is not None:
+                response = JSONResponse({"detail": problem}, status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _nul_problem(scope: Scope) -> str | None:
+    if "\x00" in str(scope.get("path", "")):
+        return "The request path contains a NUL character"
+    query = bytes(scope.get("query_string") or b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if "\x00" in name or "\x00" in value:
+            return f"Query parameter {name.replace(chr(0), '?')[:64]!r} contains a NUL character"
+    return None
+
+
+# The dashboard loads its own script, styles and data only: no inline code, no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+# FastAPI's /docs and /redoc pages are built from inline script and a CDN's files.
+_DOC_PATHS = ("/docs", "/redoc")
+HSTS = "max-age=31536000; includeSubDomains"
+
+
+class SecurityHeaders:
+    """ASGI middleware: CSP, X-Frame-Options, nosniff and Referrer-Policy on every HTTP
+    response, and HSTS on those served over HTTPS."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        extra = [
+            (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+        ]
+        path = str(scope.get("path", ""))
+        if not path.startswith(_DOC_PATHS):
+            extra.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+        else:
+            extra.append((b"content-security-policy", b"frame-ancestors 'none'"))
+        if scope.get("scheme") == "https":
+            extra.append((b"strict-transport-security", HSTS.encode()))
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *[(n, v) for n, v in extra if n not in names],
+                ]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]

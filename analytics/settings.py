@@ -393,6 +393,11 @@ class AnalyticsSettings(ServiceSettings):
             key = self.dashboard.session_key()
             if key is not None and (len(key) < 32 or key in KNOWN_DEFAULT_SECRETS):
                 problems.append("dashboard session secret is a default or shorter than 32 bytes")
+            if self.dashboard.enabled and not self.dashboard.secure_cookies:
+                problems.append(
+                    "dashboard.secure_cookies = false sends the session cookie over plain "
+                    "HTTP: set dashboard.secure_cookies = true (and serve the API over TLS)"
+                )
         return problems
 
     def mqtt_client_id(self, worker_id: str | None = None) -> str:

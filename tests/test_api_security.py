@@ -41,7 +41,8 @@ def setup(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str], Path, St
     tokens = TokenFile(tmp_path / "tokens.json")
     issued = {role: tokens.add(f"{role}-user", role) for role in ROLES}
     issued["device"] = device.key_id
-    security = ApiSecurity(tokens, RateLimiter(1000, 1000))
+    # every anonymous and wrong-token probe of the matrix comes from one address
+    security = ApiSecurity(tokens, RateLimiter(1000, 1000), RateLimiter(1000, 1000))
     app = create_app(
         store,
         registry=RegistryFile(registry_path),

@@ -13,6 +13,8 @@ what calls it with the settings.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -21,7 +23,7 @@ from analytics import admin as admin_routes
 from analytics import audit as audit_routes
 from analytics.api import completeness, devices, ledger, readings, service, zones
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
-from analytics.apiauth import ApiSecurity, BodyLimit, requires
+from analytics.apiauth import ApiSecurity, BodyLimit, RejectNul, SecurityHeaders, requires
 from analytics.dashboard.routes import Dashboard
 from analytics.dashboard.routes import install as install_dashboard
 from analytics.metrics_export import CONTENT_TYPE, metrics_registry, render
@@ -37,8 +39,13 @@ __all__ = ["DEFAULT_WINDOW_S", "StatsProvider", "create_app"]
 RESOURCES = (service, devices, zones, readings, completeness, ledger)
 
 
+log = logging.getLogger(__name__)
+
+
 def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": f"The store is unavailable: {exc}"}, status_code=503)
+    # The database's own text stays in the log: it names tables, hosts and values.
+    log.warning("store error on %s: %s", request.url.path, exc)
+    return JSONResponse({"detail": "The store is unavailable; try again shortly"}, status_code=503)
 
 
 def create_app(
@@ -69,6 +76,8 @@ def create_app(
     app.state.store = store
     app.state.api_security = security
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RejectNul)
+    app.add_middleware(SecurityHeaders)  # outermost: errors, 400s and 413s carry them too
     if cors_origins:  # closed unless origins are named
         app.add_middleware(
             CORSMiddleware,

@@ -1,9 +1,10 @@
 """Sign-in for the dashboard: users with roles, scrypt password hashes, signed sessions.
 
 Users live in a JSON file (``civicmesh dashboard add-user``): name, role and an scrypt
-hash, never a password. A session is a cookie holding the user, role and expiry with an
-HMAC-SHA256 over them; the key comes from the settings (environment or a secrets file),
-or is made at start-up, in which case sessions end with the process.
+hash, never a password. A session is a cookie holding the user, role, expiry and a
+random session id with an HMAC-SHA256 over them (logout revokes the id); the key comes
+from the settings (environment or a secrets file), or is made at start-up, in which
+case sessions end with the process.
 """
 
 from __future__ import annotations
@@ -137,17 +138,39 @@ class Session:
     user: str
     role: str
     expires: int  # epoch seconds
+    session_id: str = ""
 
 
 class SessionSigner:
+    """Signed session cookies, each with its own id; a signed-out id is refused until the
+    session would have expired anyway (the revocation list forgets it then)."""
+
     def __init__(self, key: bytes | None, lifetime_s: int = 12 * 3600) -> None:
         self._key = key or secrets.token_bytes(32)
         self._lifetime = lifetime_s
+        self._revoked: dict[str, int] = {}  # session id -> its expiry (epoch s)
+        self._lock = threading.Lock()
 
     def issue(self, user: User) -> str:
-        session = {"u": user.name, "r": user.role, "e": int(time.time()) + self._lifetime}
+        session = {
+            "u": user.name,
+            "r": user.role,
+            "e": int(time.time()) + self._lifetime,
+            "i": secrets.token_urlsafe(16),
+        }
         body = base64.urlsafe_b64encode(json.dumps(session).encode()).decode().rstrip("=")
         return f"{body}.{self._mac(body)}"
+
+    def revoke(self, cookie: str | None) -> bool:
+        """Sign a session out for good (logout); False when the cookie is no session."""
+        session = self.read(cookie)
+        if session is None:
+            return False
+        now = int(time.time())
+        with self._lock:
+            self._revoked = {i: e for i, e in self._revoked.items() if e >= now}
+            self._revoked[session.session_id] = session.expires
+        return True
 
     def read(self, cookie: str | None) -> Session | None:
         if not cookie or "." not in cookie or len(cookie) > 1024:
@@ -157,11 +180,14 @@ class SessionSigner:
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
-            session = Session(str(data["u"]), str(data["r"]), int(data["e"]))
+            session = Session(str(data["u"]), str(data["r"]), int(data["e"]), str(data["i"]))
         except (ValueError, KeyError, TypeError):
-            return None
+            return None  # (cookies without an id, made before ids, are refused too)
         if session.expires < time.time() or session.role not in ROLES:
             return None
+        with self._lock:
+            if session.session_id in self._revoked:
+                return None
         return session
 
     def _mac(self, body: str) -> str:

@@ -154,7 +154,9 @@ def login(body: LoginIn, request: Request, response: Response, dashboard: Dashbo
 
 
 @router.post("/auth/logout")
-def logout(response: Response) -> Any:
+def logout(request: Request, response: Response, dashboard: DashboardDep) -> Any:
+    # Revoked server-side: a copy of the cookie kept elsewhere is refused from now on.
+    dashboard.signer.revoke(request.cookies.get(COOKIE))
     response.delete_cookie(COOKIE, path="/dashboard")
     return {"signed_out": True}
 

@@ -64,9 +64,7 @@ class GroupWriter:
         self, verified: Sequence[Verified], records: Sequence[QuarantineRecord]
     ) -> WriteResult | None:
         """Store the group; None only when asked to stop while the store still fails."""
-        outcomes = self._each(
-            [v.batch for v in verified], lambda chunk: self.store.write_batches(chunk)
-        )
+        outcomes = self._each([v.batch for v in verified], self.store.write_batches)
         if outcomes is None:
             return None
         refused = [
