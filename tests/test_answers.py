@@ -245,3 +245,13 @@ def test_a_time_without_an_offset_is_city_time(store: Store) -> None:
     assert intent.periods[0].start_ms == int(
         datetime(2026, 11, 18, tzinfo=tokyo).timestamp() * 1000
     )
+
+
+def test_the_dashboard_and_ask_state_one_current_aqi(store: Store) -> None:
+    from analytics.dashboard.views import zone_aqi
+
+    service = ReportService(store, None, timezone=TZ, window_s=600)
+    answer = service.ask("what is the AQI in harbour right now", NOW)
+    fact = answer.sheets[0].get("aqi.now")
+    assert fact is not None and f"is {fact.value}:" in answer.text
+    assert zone_aqi(store, NOW_MS)["harbour"].value == fact.value

@@ -7,10 +7,9 @@ import json
 import math
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from analytics import aqi
-from analytics.reports.facts import LABELS, iso
+from analytics.reports.facts import LABELS, current_aqi, iso
 from analytics.reports.service import ReportService, record_dict
 from analytics.store.base import Resolution, Store, ZoneShape, choose_resolution
 from civicmesh.metrics import BY_NAME, Quality
@@ -27,26 +26,13 @@ FAULT_FLAGS = int(
 
 
 def zone_aqi(store: Store, now_ms: int) -> dict[str, aqi.IndexResult]:
-    """Current US AQI per zone: 24-h PM means, the last hour's NO2, the last 8 h's O3."""
-    day = {(a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - DAY_MS, now_ms)}
-    hour = {(a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - HOUR_MS, now_ms)}
-    eight = {
-        (a.zone, a.metric): a.mean for a in store.zone_aggregates(now_ms - 8 * HOUR_MS, now_ms)
-    }
+    """Current US AQI per zone, by the one definition /ask uses too (facts.AQI_NOW: EPA
+    NowCast of PM, the last 8 h's O3, the last hour's NO2)."""
     out: dict[str, aqi.IndexResult] = {}
-    zones = {z for z, _ in day if z is not None}
-    table = aqi.epa_table_for(datetime.fromtimestamp(now_ms / 1000, ZoneInfo("UTC")))
-    for zone in zones:
-        try:
-            out[zone] = aqi.us_aqi(
-                pm25_24h=day.get((zone, "pm25")),
-                pm10_24h=day.get((zone, "pm10")),
-                o3_8h_ug=eight.get((zone, "o3")),
-                no2_1h_ug=hour.get((zone, "no2")),
-                table=table,
-            )
-        except aqi.AqiError:
-            continue  # no pollutant with data in the window
+    for zone in sorted(z.zone for z in store.zones()):
+        result = current_aqi(store, zone, now_ms)
+        if result is not None:
+            out[zone] = result
     return out
 
 
