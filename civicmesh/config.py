@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypedDict, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -107,7 +107,6 @@ class ServiceSettings(BaseSettings):
         validate_default=True,
         secrets_dir=None,
     )
-    _toml_data: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def settings_customise_sources(

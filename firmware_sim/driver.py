@@ -137,11 +137,6 @@ class SimulatedDriver:
     def kind(self) -> str:
         return self._kind
 
-    @property
-    def cursor_ms(self) -> int | None:
-        """The next grid time to be returned (None before the first read without start)."""
-        return self._cursor
-
     def _pin_stuck(self, metric: str, faults: Sequence[Fault]) -> tuple[Fault, ...]:
         """Fix each stuck fault's held value to the value at its first grid sample.
 

@@ -149,12 +149,6 @@ def _plateau(x: FloatArray, rise: float, fall: float, steepness: float = 1.6) ->
     return result / (1.0 + np.exp(-steepness * (fall - x)))
 
 
-def traffic_demand(params: SignalParams, times_ms: ArrayLike) -> FloatArray:
-    """Noiseless city-wide traffic demand, ~0.04 at night to ~1 in the weekday rush hour."""
-    times = as_times(times_ms)
-    return _demand(params, times, _clock(params, times))
-
-
 def _demand(params: SignalParams, times: TimeArray, clock: _Clock) -> FloatArray:
     h = clock.hour
     weekday_profile = (
