@@ -23,7 +23,7 @@ from civicmesh import topics
 from civicmesh.errors import MqttError
 from civicmesh.identity import Ed25519Signer
 from civicmesh.mqtt import Message, MqttLink
-from civicmesh.pki import PkiError, acl, init_ca, issue
+from civicmesh.pki import PkiError, acl, init_ca, issue, revoked_names, write_crl
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
 
 TLS_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "civicmesh-tls.conf"
@@ -297,3 +297,43 @@ def test_over_tls_revocation_and_rotation_reach_gateway_and_ingest(
         ingest.stop()
         ingest_link.close()
         store.close()
+
+
+def test_a_revoked_device_matches_no_acl_rule_and_its_certificate_is_refused(
+    site: Site, tmp_path: Path
+) -> None:
+    """Issue 16 item 15: revoked devices still matched the ACL's patterns; no CRL."""
+    from dataclasses import replace
+
+    registry = (
+        Registry.empty()
+        .with_device(DeviceRecord(site.a.key_id, site.a.verify_key().to_text(), "z1"))
+        .with_device(DeviceRecord(site.b.key_id, site.b.verify_key().to_text(), "z1"))
+    )
+    revoked = registry.with_device(replace(registry.devices[site.b.key_id], status="revoked"))
+    text = acl(revoked)
+    assert f"user {site.a.key_id}" in text and "\npattern " not in text
+    assert f"user {site.b.key_id}" not in text, "no rule for the revoked device"
+    write_crl(site.pki, revoked_names(revoked))
+    (tmp_path / "mosquitto.acl").write_text(text)
+    site.broker.close()
+    broker = MosquittoProcess(
+        TLS_CONFIG,
+        workdir=tmp_path / "broker-after",
+        substitutions={
+            "/etc/civicmesh/pki/": f"{site.pki}/",
+            "/etc/civicmesh/mosquitto.acl": str(tmp_path / "mosquitto.acl"),
+        },
+    )
+    broker.start()
+    try:
+        after = Site(broker, site.pki, site.a, site.b, site.gw)
+        good = after.link(site.a.key_id)
+        good.connect(timeout=5)
+        good.close()
+        gone = after.link(site.b.key_id)
+        with pytest.raises(MqttError):
+            gone.connect(timeout=3)
+        gone.close()
+    finally:
+        broker.close()
