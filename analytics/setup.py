@@ -22,6 +22,7 @@ import secrets
 import shutil
 from functools import partial
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from analytics.apiauth import TokenFile
 from analytics.dashboard.auth import UserFile, check_password
@@ -127,6 +128,7 @@ def layout(directory: Path) -> dict[str, Path]:
         "secrets": secrets_dir,
         "session_secret": secrets_dir / "session_secret",
         "database_url": secrets_dir / "database_url",
+        "pg_password": secrets_dir / "pg_password",
         "admin_token": secrets_dir / "api-admin.token",
         "admin_password": secrets_dir / "dashboard-admin.password",
     }
@@ -174,6 +176,9 @@ def setup(args: argparse.Namespace) -> int:
 
     url = args.database_url or f"sqlite:///{args.state_dir / 'civicmesh.db'}"
     files.secret(paths["database_url"], url + "\n", "database URL")
+    db_password = urlsplit(url).password
+    if db_password:  # compose's PostgreSQL service reads its password from here
+        files.secret(paths["pg_password"], unquote(db_password) + "\n", "database password")
     files.secret(paths["session_secret"], secrets.token_hex(32) + "\n", "session secret")
     if not paths["admin_token"].exists():
         token = TokenFile(paths["tokens"]).add("admin", "admin")

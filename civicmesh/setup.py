@@ -79,7 +79,10 @@ class SiteFiles:
     def __init__(self, owner: str | None, outcome: Outcome) -> None:
         self.outcome = outcome
         self.uid = self.gid = -1
-        if owner and os.geteuid() == 0:
+        if owner and owner.isdigit() and os.geteuid() == 0:
+            # a container's user (compose: user "10001:10001") need not exist on the host
+            self.uid = self.gid = int(owner)
+        elif owner and os.geteuid() == 0:
             try:
                 entry = pwd.getpwnam(owner)
             except KeyError:
@@ -159,7 +162,7 @@ def check_secret(path: Path, what: str, fix_missing: str, owner: str | None) -> 
         )
     if owner and os.geteuid() == 0:
         try:
-            uid = pwd.getpwnam(owner).pw_uid
+            uid = int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
         except KeyError:
             findings.append(
                 Finding(f"service user {owner}", "missing", f"useradd --system {owner}")
