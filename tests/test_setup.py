@@ -111,6 +111,35 @@ def test_missing_key_hint_does_not_offer_a_new_identity(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def run_until(
+    argv: list[str], env: dict[str, str], phrase: str, logs: Path, timeout: float = 90
+) -> tuple[int, str]:
+    """Start ``argv``, wait until its output shows ``phrase`` (and a moment more), stop it
+    with SIGTERM; its exit status and output. Start-up time varies a lot on a shared
+    machine, so the wait is for the agent's own word, not a fixed sleep."""
+    out = logs / "agent.log"
+    with out.open("wb") as log:
+        agent = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env | {"PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while phrase not in out.read_text(errors="replace"):
+            assert agent.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, f"no {phrase!r} within {timeout} s"
+            time.sleep(0.2)
+        time.sleep(2)
+        assert agent.poll() is None, out.read_text()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    return agent.returncode, out.read_text(errors="replace")
+
+
 def _install_commands(role: str) -> list[list[str]]:
     proc = subprocess.run(
         ["bash", str(DEPLOY / "install.sh"), "--role", role, "--dry-run"],
@@ -156,17 +185,8 @@ def test_installed_edge_starts_with_what_install_made(tmp_path: Path) -> None:
         "setup", "enrol", request, "--dir", site, "--zone", "z1", "--out", tmp_path / "etc" / "pki"
     )
     assert enrolled.returncode == 0, enrolled.stderr
-    agent = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env()
-    )
-    try:
-        time.sleep(4)
-        assert agent.poll() is None, agent.communicate()[1]
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        out, err = agent.communicate(timeout=30)
-    assert agent.returncode == 0, err
-    assert "buffering in the outbox" in out
+    code, out = run_until(argv, clean_env(), "buffering in the outbox", tmp_path)
+    assert code == 0, out
 
 
 def test_agent_runs_models_disabled_without_onnxruntime(tmp_path: Path) -> None:
@@ -181,20 +201,10 @@ def test_agent_runs_models_disabled_without_onnxruntime(tmp_path: Path) -> None:
         "CIVICMESH_EDGE_MODELS__CALIBRATE": '["pm25"]',
         "CIVICMESH_EDGE_WINDOW_S": "1",
     }
-    agent = subprocess.Popen(
-        [CLI, "edge", "run", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, err = run_until(
+        [CLI, "edge", "run", "--config", str(config)], env, "buffering in the outbox", tmp_path
     )
-    try:
-        time.sleep(6)
-        assert agent.poll() is None, agent.communicate()[1]
-    finally:
-        agent.send_signal(signal.SIGTERM)
-        _, err = agent.communicate(timeout=30)
-    assert agent.returncode == 0, err
+    assert code == 0, err
     assert err.count("onnxruntime is not installed") == 1, err
     assert "models disabled" in err and "UNCALIBRATED on: pm25" in err
     status = civicmesh("edge", "status", "--config", config)
