@@ -255,3 +255,9 @@ def test_the_dashboard_and_ask_state_one_current_aqi(store: Store) -> None:
     fact = answer.sheets[0].get("aqi.now")
     assert fact is not None and f"is {fact.value}:" in answer.text
     assert zone_aqi(store, NOW_MS)["harbour"].value == fact.value
+
+
+def test_an_aqi_without_enough_data_says_so(store: Store) -> None:
+    service = ReportService(store, None, timezone=TZ, window_s=600)
+    answer = service.ask("air quality index in harbour on 4 October", NOW)  # before the data
+    assert "not enough data" in answer.text, answer.text

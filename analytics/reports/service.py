@@ -272,7 +272,7 @@ class ReportService:
         )
         body = narrative.text.replace(plain, heading, 1)
         text = " ".join([body, *missing, *_taken_as(intent)])
-        bad = check_numbers(text, sheet, extra=[heading, *intent.notes])
+        bad = check_numbers(text, sheet, extra=[heading, *missing, *intent.notes])
         if bad:
             raise NarrativeError(f"answer states {bad[0]}, which the fact sheet does not hold")
         notes: tuple[str, ...] = ()
