@@ -5,14 +5,15 @@ before ``until_ms`` that it has not returned yet. A serial or I2C driver returns
 buffered from the bus; the simulated driver (``firmware_sim``) computes samples on its
 grid up to ``until_ms``, so an accelerated clock replays a week in seconds.
 
-Drivers are found by name through :data:`DRIVERS` (or a ``module:Class`` path), so the
-edge agent never imports a driver package directly and a real and a simulated driver
-are interchangeable.
+Drivers are found by name through the ``civicmesh.drivers`` entry points (or a
+``module:Class`` path), so the edge agent never imports a driver package directly and
+a real and a simulated driver are interchangeable.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -66,20 +67,26 @@ class SensorDriver(Protocol):
     def close(self) -> None: ...
 
 
-# Short names for the drivers shipped with civicmesh; anything else is "module:Class".
-DRIVERS: dict[str, str] = {
-    "sim": "firmware_sim.driver:SimulatedDriver",
-    "replay-sensor-community": "firmware_sim.replay:ReplayDriver",
-    "replay-uci": "firmware_sim.replay_uci:UciReplayDriver",
-}
+ENTRY_POINT_GROUP = "civicmesh.drivers"
+
+
+def registered_drivers() -> dict[str, str]:
+    """Driver names and their ``module:Class``, from the ``civicmesh.drivers`` entry
+    points (pyproject.toml; a third-party driver package adds its own). The shared
+    package names no driver itself."""
+    return {
+        ep.name: f"{ep.module}:{ep.attr}"
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    }
 
 
 def load_driver(name: str, options: Mapping[str, Any]) -> SensorDriver:
     """Instantiate the driver registered as ``name`` with keyword ``options``."""
-    target = DRIVERS.get(name, name)
+    known_drivers = registered_drivers()
+    target = known_drivers.get(name, name)
     module_name, _, class_name = target.partition(":")
     if not class_name:
-        known = ", ".join(sorted(DRIVERS))
+        known = ", ".join(sorted(known_drivers))
         raise DriverError(f"Unknown driver {name!r}: use one of {known} or 'module:Class'")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)

@@ -100,3 +100,15 @@ def test_a_broken_module_is_reported_not_raised(
     monkeypatch.setattr(cli, "commands", lambda: commands)
     assert cli.main(["ghost"]) == 2
     assert "`civicmesh ghost` cannot be loaded" in capsys.readouterr().err
+
+
+def test_drivers_are_found_through_entry_points_not_named_in_the_shared_package() -> None:
+    from civicmesh.drivers import DriverError, load_driver, registered_drivers
+
+    drivers = registered_drivers()
+    assert drivers["sim"] == "firmware_sim.driver:SimulatedDriver"
+    assert {"replay-sensor-community", "replay-uci"} <= set(drivers)
+    assert "firmware_sim." not in (REPO_ROOT / "civicmesh" / "drivers.py").read_text()
+    assert load_driver("sim", {"seed": 1}).metrics
+    with pytest.raises(DriverError, match="use one of replay-sensor-community, replay-uci, sim"):
+        load_driver("nope", {})
