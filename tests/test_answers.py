@@ -28,6 +28,7 @@ NOW_MS = int(NOW.timestamp() * 1000)
 DAY = 86_400_000
 ZONES = ["harbour", "old-town", "ring-road", "university"]
 HERE = Path(__file__).resolve().parents[1] / "analytics" / "reports"
+STORE_URL: list[str] = []  # the module's store, for the CLI
 
 
 def local(text: str) -> int:
@@ -58,7 +59,8 @@ def city() -> SimulatedCity:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, city: SimulatedCity) -> Iterator[Store]:
-    opened = open_store(f"sqlite:///{tmp_path_factory.mktemp('answers') / 'city.db'}")
+    STORE_URL.append(f"sqlite:///{tmp_path_factory.mktemp('answers') / 'city.db'}")
+    opened = open_store(STORE_URL[-1])
     opened.migrate()
     # harbour-01 sends nothing for a day of last week: a gap the weekly report must name
     gap = (local("2026-11-11T00:00"), local("2026-11-12T00:00"))
@@ -261,3 +263,43 @@ def test_an_aqi_without_enough_data_says_so(store: Store) -> None:
     service = ReportService(store, None, timezone=TZ, window_s=600)
     answer = service.ask("air quality index in harbour on 4 October", NOW)  # before the data
     assert "not enough data" in answer.text, answer.text
+
+
+def test_cli_ask_reads_questions_line_by_line_with_one_service(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from analytics.reports import cli
+
+    lines = iter(["NO2 in harbour yesterday", "busiest hour on the ring road yesterday", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    built: list[object] = []
+    real = cli._with_service
+
+    def counting(args: Any) -> Any:
+        built.append(args)
+        return real(args)
+
+    monkeypatch.setattr(cli, "_with_service", counting)
+    parser = __import__("argparse").ArgumentParser()
+    sub = parser.add_subparsers()
+    cli.register(sub)
+    args = parser.parse_args(
+        ["ask", "--local", "--database-url", STORE_URL[-1], "--llm-backend", "none",
+         "--now", "2026-11-19T15:30"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "Answer for harbour, 18 Nov 2026" in out
+    assert "The busiest hour was" in out
+    assert len(built) == 1  # one service (and model) for every question
+
+
+def test_cli_ask_answers_here_when_no_api_listens() -> None:
+    import socket
+
+    from analytics.reports.cli import ask_api
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert ask_api(f"http://127.0.0.1:{port}", "NO2 in harbour yesterday", None) is None
