@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from support import PostgresUnavailable, create_database, drop_database, tsdb_admin_url
 
 from analytics.store import Store, StoreError, open_store
 from analytics.store.base import StoredBatch
@@ -59,10 +60,32 @@ def _schema(database: str) -> str:
     return f"{database}?options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+@pytest.fixture(scope="module")
+def tsdb_database() -> Iterator[str]:
+    """A database on the TimescaleDB test server (tests/support/postgres.py)."""
+    try:
+        server = tsdb_admin_url()
+        url = create_database(server)
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield url
+    finally:
+        drop_database(url, server)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.integration),
+        pytest.param("timescaledb", marks=[pytest.mark.integration, pytest.mark.timescaledb]),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
+    if request.param == "timescaledb":
+        return _schema(request.getfixturevalue("tsdb_database"))
     return _schema(request.getfixturevalue("pg_database"))
 
 
@@ -83,6 +106,7 @@ def test_leaves_follow_the_ledger_and_the_store_serves_a_verifiable_mirror(
     store: Store, city: tuple[Registry, list[bytes]], tmp_path: Path
 ) -> None:
     registry, envelopes = city
+    assert store.backend in ("sqlite", "postgresql", "timescaledb")
     batches = [stored(e, registry) for e in envelopes]
     store.write_batches(batches[:100])
     store.write_batches(batches[90:])  # ten duplicates: no second leaf for them
@@ -132,6 +156,7 @@ def test_two_writers_share_one_dense_log(
     registry, envelopes = city
     first, second = open_store(store_url), open_store(store_url)
     first.migrate()
+    second.migrate()  # also decides its path (TimescaleDB or not)
     try:
         for i in range(0, 60, 5):  # alternate writers: each must notice the other's appends
             (first if i % 10 else second).write_batches(

@@ -70,15 +70,19 @@ class AuditTables:
         """Append the leaves of newly stored ``batches`` (in ledger order)."""
         if not self.enabled or not batches:
             return []
-        lock = " FOR UPDATE" if self.dialect == POSTGRES else ""
-        (size,) = cur.execute(f"SELECT size FROM audit_head WHERE id = 1{lock}").fetchone()
+        # PostgreSQL: one round trip locks the head and finds leaves that exist already,
+        # one more writes leaves, nodes and the head (round trips are what the log costs).
+        if self.dialect == POSTGRES:
+            size, known = self._pg_head(cur, batches)
+        else:
+            (size,) = cur.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()
+            known = self._logged(cur, batches)
         with self._lock:
             cached = self._cache
         if cached is not None and cached[0] == size:
             frontier = cached[1]
         else:
             frontier = self._nodes(cur, range_nodes(0, size))
-        known = self._logged(cur, batches)
         if known:
             # Batches whose leaves are in the log already: the ledger lost them (a restore,
             # a replay after a store loss) and they come back. The log keeps its leaf; a
@@ -99,27 +103,36 @@ class AuditTables:
                 "INSERT INTO audit_leaves (idx, device_id, seq, hash) VALUES (?, ?, ?, ?)", leaves
             )
             cur.executemany("INSERT INTO audit_nodes (level, idx, hash) VALUES (?, ?, ?)", nodes)
+            cur.execute("UPDATE audit_head SET size = ? WHERE id = 1", (appender.size,))
         else:
+            node_columns = [list(col) for col in zip(*nodes, strict=True)] or [[], [], []]
             cur.execute(
-                "INSERT INTO audit_leaves (idx, device_id, seq, hash) "
-                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bytea[])",
-                [list(col) for col in zip(*leaves, strict=True)],
+                "WITH leaves AS (INSERT INTO audit_leaves (idx, device_id, seq, hash) "
+                "SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bytea[])), "
+                "nodes AS (INSERT INTO audit_nodes (level, idx, hash) "
+                "SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bytea[])) "
+                "UPDATE audit_head SET size = %s WHERE id = 1",
+                [*(list(col) for col in zip(*leaves, strict=True)), *node_columns, appender.size],
                 binary=True,
             )
-            if nodes:
-                cur.execute(
-                    "INSERT INTO audit_nodes (level, idx, hash) "
-                    "SELECT * FROM unnest(%s::smallint[], %s::bigint[], %s::bytea[])",
-                    [list(col) for col in zip(*nodes, strict=True)],
-                    binary=True,
-                )
-        cur.execute(f"UPDATE audit_head SET size = {self._p} WHERE id = 1", (appender.size,))
         new_frontier = appender.frontier()
         with self._lock:
             # Valid only once the transaction commits; a rollback leaves the head at the
             # old size, which no longer matches, so the cache is simply not used.
             self._cache = (appender.size, new_frontier)
         return [leaf[0] for leaf in leaves]
+
+    def _pg_head(self, cur: Any, batches: Sequence[LeafFields]) -> tuple[int, set[tuple[str, int]]]:
+        rows = cur.execute(
+            "WITH head AS (SELECT size FROM audit_head WHERE id = 1 FOR UPDATE) "
+            "SELECT size, NULL, NULL FROM head UNION ALL "
+            "SELECT NULL, l.device_id, l.seq FROM audit_leaves l JOIN "
+            "unnest(%s::text[], %s::bigint[]) AS k(device_id, seq) "
+            "ON l.device_id = k.device_id AND l.seq = k.seq",
+            ([b.device_id for b in batches], [b.seq for b in batches]),
+        ).fetchall()
+        size = next(int(r[0]) for r in rows if r[0] is not None)
+        return size, {(str(d), int(q)) for h, d, q in rows if h is None}
 
     def _logged(self, cur: Any, batches: Sequence[LeafFields]) -> set[tuple[str, int]]:
         """The keys among ``batches`` that have a leaf already."""
