@@ -184,3 +184,18 @@ def test_proof_endpoints(service: Service) -> None:
     )
     assert client.get("/api/v1/audit/tile/0/000.p/255").status_code == 404  # beyond the log
     assert client.get("/api/v1/audit/tile/../../etc/passwd").status_code == 404
+
+
+def test_fact_sheets_cite_the_checkpoint_they_were_computed_at(service: Service) -> None:
+    from analytics.reports.facts import build_fact_sheet
+    from civicmesh.audit.example import START_MS
+
+    day = (START_MS, START_MS + 86_400_000)
+    assert build_fact_sheet(service.store, *day).checkpoint is None  # no checkpoint yet
+    _write(service, 0, 90)
+    published = service.publisher.tick()
+    assert published is not None
+    sheet = build_fact_sheet(service.store, *day)
+    root = open_checkpoint(published.note, log_signer().key).checkpoint.root
+    assert sheet.checkpoint == (90, base64.b64encode(root).decode())
+    assert sheet.to_dict()["ledger"]["checkpoint"] == {"size": 90, "root": sheet.checkpoint[1]}

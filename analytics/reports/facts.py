@@ -11,6 +11,7 @@ from, so a text can be checked against it and a reader can ask where it came fro
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from analytics import aqi
 from analytics.store.base import LedgerSpan, Resolution, SeriesPoint, Store
+from civicmesh.audit.note import Checkpoint, split_note
 from civicmesh.errors import CivicmeshError
 from civicmesh.metrics import BY_NAME, Quality
 
@@ -121,6 +123,9 @@ class FactSheet:
     facts: tuple[Fact, ...]
     ledger: LedgerSpan
     metrics: tuple[str, ...] = field(default=())  # the metrics asked about
+    # The audit log's checkpoint the sheet was computed at (size, base64 root): anyone can
+    # check that its batches are in the public log (issue 21). None: no checkpoint yet.
+    checkpoint: tuple[int, str] | None = None
 
     def get(self, fact_id: str) -> Fact | None:
         for fact in self.facts:
@@ -156,8 +161,22 @@ class FactSheet:
             "end": iso(self.end_ms),
             "timezone": self.timezone,
             "facts": [f.to_dict() for f in self.facts],
-            "ledger": ledger_dict(self.ledger),
+            "ledger": dict(ledger_dict(self.ledger), checkpoint=checkpoint_dict(self.checkpoint)),
         }
+
+
+def checkpoint_dict(checkpoint: tuple[int, str] | None) -> dict[str, Any] | None:
+    return None if checkpoint is None else {"size": checkpoint[0], "root": checkpoint[1]}
+
+
+def audit_checkpoint(store: Store) -> tuple[int, str] | None:
+    """The store's latest audit-log checkpoint as (size, base64 root), if any."""
+    audit = getattr(store, "audit", None)
+    latest = audit.latest_checkpoint() if audit is not None else None
+    if latest is None:
+        return None
+    cp = Checkpoint.parse(split_note(latest[1])[0])
+    return cp.size, base64.b64encode(cp.root).decode()
 
 
 def ledger_dict(span: LedgerSpan) -> dict[str, Any]:
@@ -272,6 +291,7 @@ def build_fact_sheet(
         facts=tuple(out.facts),
         ledger=store.ledger_span(lo, hi, zone=zone),
         metrics=tuple(metrics),
+        checkpoint=audit_checkpoint(store),
     )
     return sheet
 

@@ -26,7 +26,9 @@ from analytics.reports.facts import (
     Fact,
     FactSheet,
     FactSheetError,
+    audit_checkpoint,
     build_fact_sheet,
+    checkpoint_dict,
     format_number,
     ledger_dict,
 )
@@ -111,7 +113,10 @@ class Answer:
             "facts": self.facts_used(),
             "table": self.table,
             "chart": self.chart,
-            "ledger": [dict(ledger_dict(s.ledger), scope=s.scope) for s in self.sheets],
+            "ledger": [
+                dict(ledger_dict(s.ledger), scope=s.scope, checkpoint=checkpoint_dict(s.checkpoint))
+                for s in self.sheets
+            ],
             "notes": list(self.notes) + list(self.intent.notes),
             "seconds": round(self.seconds, 3),
         }
@@ -381,6 +386,7 @@ class ReportService:
         sheet = FactSheet(
             CITY, None, period.start_ms, period.end_ms, self.timezone, tuple(facts), span,
             tuple(intent.metrics),
+            audit_checkpoint(self.store),
         )  # fmt: skip
         heading = f"Zones ranked, {sheet.period_text()}"
         text = f"{heading}. " + (" ".join(sentences) or "No zone has data in this period.")
@@ -595,6 +601,7 @@ def merge_sheets(sheets: Sequence[FactSheet], names: Sequence[str]) -> FactSheet
         tuple(facts),
         span,
         first.metrics,
+        first.checkpoint,
     )
 
 
