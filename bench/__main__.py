@@ -20,6 +20,17 @@ def main(argv: list[str] | None = None) -> int:
         help="run one benchmark",
     )
     parser.add_argument("--workers", type=int, default=2, help="ingest workers (K)")
+    parser.add_argument(
+        "--backend",
+        choices=["postgresql", "timescaledb"],
+        default="postgresql",
+        help="ingest: the store path to measure (timescaledb: on the TimescaleDB test server)",
+    )
+    parser.add_argument(
+        "--compare-backends",
+        action="store_true",
+        help="ingest: both paths in one run, on the same (TimescaleDB) server",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     parser.add_argument(
         "--models", help="edge: a `civicmesh models train` folder (default: train one now)"
@@ -32,19 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         import bench.ingest as ingest
 
         devices, batches = (20, 10) if args.quick else (200, 25)
-        result = ingest.run(devices, batches, 60, args.workers)
+        backends = ingest.BACKENDS if args.compare_backends else (args.backend,)
+        result = ingest.run(
+            devices, batches, 60, args.workers, backends, week_devices=5 if args.quick else 20
+        )
         figures["ingest"] = result
-        rows += [
-            ("ingest, readings/s end to end", f"{result['ingest_rate']:,.0f}",
-             f"{result['workers']} workers, {result['readings']:,} readings in "
-             f"{result['batches']:,} batches, signatures verified, ledger + rollups"),
-            ("raw binary COPY, readings/s", f"{result['copy_rate']:,.0f}",
-             "same rows, same indexed partitioned table, one client"),
-            ("ingest / raw COPY", f"{result['ratio']:.2f}", "target >= 0.5"),
-            ("ingest worker peak RSS, MB",
-             ", ".join(f"{m:.0f}" for m in result["peak_rss_mb"]),
-             "VmHWM of each worker process; target <= 150"),
-        ]  # fmt: skip
+        rows += ingest.rows(result)
     if args.only in (None, "queries"):
         import bench.queries as queries
 

@@ -18,6 +18,13 @@
 # With none of the three, nothing is exported and the TimescaleDB tests fail saying how to
 # get one (or are deselected with -m "not timescaledb").
 
+# scripts/test.sh defines port_open; scripts/bench.sh does not.
+if ! declare -F port_open >/dev/null; then
+    port_open() {
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    }
+fi
+
 TSDB_PG_MAJOR=15
 TSDB_TARBALL_GLOB="timescaledb-pg${TSDB_PG_MAJOR}-*-x86_64.tar.gz"
 

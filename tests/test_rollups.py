@@ -232,8 +232,8 @@ def test_server_without_timescaledb_takes_the_plain_path(pg_session_database: st
 
 
 def test_timescaledb_migration_splits_into_idempotent_statements() -> None:
-    from analytics.store.postgres import _statements
     from analytics.store.schema import NO_TRANSACTION, load_migrations
+    from analytics.store.schema import split_statements as _statements
 
     initial, rollups, *_later = load_migrations("timescaledb")
     assert NO_TRANSACTION not in initial.sql and NO_TRANSACTION in rollups.sql

@@ -227,6 +227,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         "0007_dashboard",
         "0008_audit_log",
         "0009_retention_horizons",
+        "0010_sqlite_parity",
     ]
     assert first.migrate() == []
     second = backend.open()
@@ -241,6 +242,7 @@ def test_migrations_recorded_and_idempotent(backend: Backend) -> None:
         (7, "0007_dashboard"),
         (8, "0008_audit_log"),
         (9, "0009_retention_horizons"),
+        (10, "0010_sqlite_parity"),
     ]
     first.close()
     second.close()
@@ -275,6 +277,7 @@ def test_concurrent_migrate_applies_once(backend: Backend) -> None:
         "0007_dashboard",
         "0008_audit_log",
         "0009_retention_horizons",
+        "0010_sqlite_parity",
     ]
     assert sorted(results) == [[], [], [], applied]
     for s in stores:

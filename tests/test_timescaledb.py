@@ -56,6 +56,7 @@ ALL_MIGRATIONS = [
     "0007_dashboard",
     "0008_audit_log",
     "0009_retention_horizons",
+    "0010_sqlite_parity",
 ]
 
 
@@ -160,6 +161,9 @@ def test_installed_but_not_preloaded_auto_takes_plain_path_with_one_warning(
         assert "not preloaded" in warnings[0].getMessage()
         assert "shared_preload_libraries" in warnings[0].getMessage()
         assert "restart" in warnings[0].getMessage()
+        # db status says so too
+        status = opened[0].status()
+        assert any("not preloaded" in w for w in status["warnings"]), status["warnings"]
         # require refuses, with the same fix in its message
         required = new_store(fresh_schema(database), opened, timescaledb="require")
         with pytest.raises(StoreError, match=r"not preloaded.*shared_preload_libraries.*restart"):

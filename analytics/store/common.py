@@ -14,6 +14,7 @@ from analytics.store.base import (
     ChainHead,
     Completeness,
     DeviceHealth,
+    LedgerEntry,
     LedgerSpan,
     ReportRecord,
     Resolution,
@@ -148,7 +149,8 @@ def merge_ranges(
 
 
 class SqlRollupQueries(Store):
-    """The rollup queries in one SQL text for both SQL backends.
+    """The queries both SQL backends share, in one SQL text: the rollups, the reports'
+    reads, the ledger and quarantine listings.
 
     A backend supplies how a parameter is written, how a time goes in and how a time
     column comes out as epoch ms, and how a query runs; the SQL itself is shared.
@@ -173,6 +175,50 @@ class SqlRollupQueries(Store):
     @abstractmethod
     def _rows(self, what: str, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Run a read query; store errors come out as StoreError."""
+
+    # -- shared reads: the same SQL on both SQL backends ---------------------
+
+    def ledger(self, device_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[LedgerEntry]:
+        ms = self._epoch_ms
+        sql = f"""
+            SELECT device_id, seq, payload_hash, prev_hash, {ms("sealed_at")}, gateway_id,
+                   {ms("received_at")}, {ms("ingested_at")}, n_readings, device_message,
+                   gateway_message
+            FROM batches WHERE device_id = {self._param("device")} AND seq > {self._param("after")}
+            ORDER BY seq LIMIT {self._param("limit")}
+        """
+        params = {"device": device_id, "after": after_seq, "limit": max(limit, 0)}
+        rows = self._rows("reading the ledger", sql, params)
+        return [
+            LedgerEntry(
+                dev, seq, bytes(ph), bytes(prev), sealed, gw, recv, ingested, n, bytes(dm),
+                bytes(gm),
+            )
+            for dev, seq, ph, prev, sealed, gw, recv, ingested, n, dm, gm in rows
+        ]  # fmt: skip
+
+    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
+        sql = f"""
+            SELECT reason, detail, source, topic, {self._epoch_ms("received_at")}, payload_size,
+                   payload_sha256, payload, device_id, seq
+            FROM quarantine ORDER BY received_at DESC, id DESC LIMIT {self._param("limit")}
+        """
+        rows = self._rows("reading quarantine", sql, {"limit": max(limit, 0)})
+        return [
+            QuarantineRecord(
+                reason=reason,
+                detail=detail,
+                source=source,
+                topic=topic,
+                received_at_ms=received,
+                payload_size=size,
+                payload_sha256=sha,
+                payload_b64=payload_b64(bytes(payload)),
+                device_id=device,
+                seq=seq,
+            )
+            for reason, detail, source, topic, received, size, sha, payload, device, seq in rows
+        ]
 
     def rollup_series(
         self,

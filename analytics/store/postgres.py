@@ -29,7 +29,6 @@ from analytics.store.base import (
     ZONE_ROLLUPS,
     DeviceStatus,
     LatestReading,
-    LedgerEntry,
     Resolution,
     RetentionPolicy,
     SeriesPoint,
@@ -50,7 +49,6 @@ from analytics.store.common import (
     metric_name,
     newest_reading_ms,
     oldest_reading_ms,
-    payload_b64,
     quarantine_payload,
     rebuild_plan,
     resolve_outcomes,
@@ -58,7 +56,7 @@ from analytics.store.common import (
     unique_batches,
 )
 from analytics.store.pgcopy import encode_readings
-from analytics.store.schema import NO_TRANSACTION, Migration, load_migrations
+from analytics.store.schema import NO_TRANSACTION, Migration, load_migrations, split_statements
 from civicmesh.protocol import Reading
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord
@@ -218,23 +216,6 @@ def partition_start(ms: int) -> date:
 
 def partition_name(start: date) -> str:
     return f"readings_w{start:%Y%m%d}"
-
-
-def _statements(script: str) -> list[str]:
-    """The statements of a migration file: split after each line ending in ";" (the
-    migrations that run this way hold no function bodies or DO blocks)."""
-    statements: list[str] = []
-    current: list[str] = []
-    for line in script.splitlines():
-        if not current and (not line.strip() or line.strip().startswith("--")):
-            continue  # comments and blank lines between statements
-        current.append(line)
-        if line.rstrip().endswith(";"):
-            statements.append("\n".join(current).strip())
-            current = []
-    if "\n".join(current).strip():
-        statements.append("\n".join(current).strip())
-    return statements
 
 
 def _partition_date(name: str) -> date:
@@ -550,7 +531,7 @@ class PostgresStore(SqlRollupQueries):
                 ).fetchone()
                 if row is not None:
                     return None
-                for statement in _statements(self._migration_sql(migration)):
+                for statement in split_statements(self._migration_sql(migration)):
                     conn.execute(statement.encode("utf-8"))
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
@@ -908,45 +889,6 @@ class PostgresStore(SqlRollupQueries):
             for ts, code, value, quality, raw, anomaly in self._fetch(
                 "reading raw readings", sql, params
             )
-        ]
-
-    def ledger(self, device_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[LedgerEntry]:
-        sql = f"""
-            SELECT device_id, seq, payload_hash, prev_hash, {_ms("sealed_at")}, gateway_id,
-                   {_ms("received_at")}, {_ms("ingested_at")}, n_readings, device_message,
-                   gateway_message
-            FROM batches WHERE device_id = %s AND seq > %s ORDER BY seq LIMIT %s
-        """
-        rows = self._fetch("reading the ledger", sql, (device_id, after_seq, max(limit, 0)))
-        return [
-            LedgerEntry(
-                dev, seq, bytes(ph), bytes(prev), sealed, gw, recv, ingested, n, bytes(dm),
-                bytes(gm),
-            )
-            for dev, seq, ph, prev, sealed, gw, recv, ingested, n, dm, gm in rows
-        ]  # fmt: skip
-
-    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
-        sql = f"""
-            SELECT reason, detail, source, topic, {_ms("received_at")}, payload_size,
-                   payload_sha256, payload, device_id, seq
-            FROM quarantine ORDER BY received_at DESC, id DESC LIMIT %s
-        """
-        rows = self._fetch("reading quarantine", sql, (max(limit, 0),))
-        return [
-            QuarantineRecord(
-                reason=reason,
-                detail=detail,
-                source=source,
-                topic=topic,
-                received_at_ms=received,
-                payload_size=size,
-                payload_sha256=sha,
-                payload_b64=payload_b64(bytes(payload)),
-                device_id=device,
-                seq=seq,
-            )
-            for reason, detail, source, topic, received, size, sha, payload, device, seq in rows
         ]
 
     # -- rollups --------------------------------------------------------------
@@ -1330,6 +1272,16 @@ class PostgresStore(SqlRollupQueries):
             )
             hypertable = cur.fetchone() is not None
         if not hypertable:
+            cur.execute(
+                "SELECT default_version, current_setting('shared_preload_libraries')"
+                " FROM pg_available_extensions WHERE name = 'timescaledb'"
+            )
+            available = cur.fetchone()
+            if available is not None and not timescaledb_preloaded(str(available[1])):
+                out["warnings"].append(
+                    f"TimescaleDB {available[0]} is installed but not preloaded (this schema is "
+                    f"on the plain path and stays there); for new stores: {PRELOAD_FIX}"
+                )
             cur.execute(
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
                 " WHERE i.inhparent = 'readings'::regclass ORDER BY c.relname = 'readings_default',"

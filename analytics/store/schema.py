@@ -7,6 +7,7 @@ in order and record each in ``schema_migrations`` inside the same transaction.
 from __future__ import annotations
 
 import re
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,3 +45,27 @@ def load_migrations(backend: str) -> list[Migration]:
                 f"found {migration.name} where {expected:04d} was expected"
             )
     return found
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of a migration script, for both SQL backends: SQLite runs them one
+    by one inside its transaction (``executescript`` would commit first), PostgreSQL the
+    no-transaction migrations one by one in autocommit mode.
+
+    ``sqlite3.complete_statement`` knows string literals and comments, so a ';' inside them
+    does not split (dollar-quoted PostgreSQL bodies are not supported: no migration that
+    runs this way has one). Comment lines before a statement are dropped."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.strip().startswith("--")):
+            continue  # comments and blank lines between statements
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statement = pending.strip()
+            pending = ""
+            if statement.strip(";").strip():
+                statements.append(statement)
+    if pending.strip():
+        raise StoreError(f"Migration script ends with an incomplete statement: {pending[:80]!r}")
+    return statements

@@ -22,7 +22,6 @@ from analytics.store.base import (
     ZONE_ROLLUPS,
     DeviceStatus,
     LatestReading,
-    LedgerEntry,
     RetentionPolicy,
     SeriesPoint,
     StoreCounts,
@@ -41,14 +40,13 @@ from analytics.store.common import (
     metric_name,
     newest_reading_ms,
     oldest_reading_ms,
-    payload_b64,
     quarantine_payload,
     rebuild_plan,
     resolve_outcomes,
     touched_ranges,
     unique_batches,
 )
-from analytics.store.schema import load_migrations
+from analytics.store.schema import load_migrations, split_statements
 from civicmesh.protocol import Reading
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord
@@ -220,7 +218,7 @@ class SqliteStore(SqlRollupQueries):
             for migration in load_migrations(self.backend):
                 if migration.version in done:
                     continue
-                for statement in _split_statements(migration.sql):
+                for statement in split_statements(migration.sql):
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
@@ -480,47 +478,6 @@ class SqliteStore(SqlRollupQueries):
             for ts, code, value, quality, raw, anomaly in rows
         ]
 
-    def ledger(self, device_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[LedgerEntry]:
-        sql = """
-            SELECT device_id, seq, payload_hash, prev_hash, sealed_at, gateway_id, received_at,
-                   ingested_at, n_readings, device_message, gateway_message
-            FROM batches WHERE device_id = ? AND seq > ? ORDER BY seq LIMIT ?
-        """
-        params = (device_id, after_seq, max(limit, 0))
-        rows = self._read("reading the ledger", lambda c: c.execute(sql, params).fetchall())
-        return [
-            LedgerEntry(
-                dev, seq, bytes(ph), bytes(prev), sealed, gw, recv, ingested, n, bytes(dm),
-                bytes(gm),
-            )
-            for dev, seq, ph, prev, sealed, gw, recv, ingested, n, dm, gm in rows
-        ]  # fmt: skip
-
-    def quarantined(self, limit: int = 100) -> list[QuarantineRecord]:
-        sql = """
-            SELECT reason, detail, source, topic, received_at, payload_size, payload_sha256,
-                   payload, device_id, seq
-            FROM quarantine ORDER BY received_at DESC, id DESC LIMIT ?
-        """
-        rows = self._read(
-            "reading quarantine", lambda c: c.execute(sql, (max(limit, 0),)).fetchall()
-        )
-        return [
-            QuarantineRecord(
-                reason=reason,
-                detail=detail,
-                source=source,
-                topic=topic,
-                received_at_ms=received,
-                payload_size=size,
-                payload_sha256=sha,
-                payload_b64=payload_b64(bytes(payload)),
-                device_id=device,
-                seq=seq,
-            )
-            for reason, detail, source, topic, received, size, sha, payload, device, seq in rows
-        ]
-
     def counts(self) -> StoreCounts:
         # Readings are counted from the ledger (they are written together, atomically):
         # far cheaper than count(*) over the readings table.
@@ -593,28 +550,6 @@ def _bucket_ms(bucket_s: int) -> int:
     if bucket_s <= 0:
         raise StoreError(f"Series bucket must be a positive number of seconds, not {bucket_s}")
     return bucket_s * 1000
-
-
-def _split_statements(script: str) -> Iterator[str]:
-    """Statements of a migration script, so they run inside our transaction.
-
-    (``executescript`` would commit first.) ``sqlite3.complete_statement`` knows about
-    string literals, comments and trigger bodies, so a ';' inside them does not split.
-    """
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statement = pending.strip()
-            pending = ""
-            if statement.strip(";").strip():
-                yield statement
-    if pending.strip() and not _only_comments(pending):
-        raise StoreError(f"Migration script ends with an incomplete statement: {pending[:80]!r}")
-
-
-def _only_comments(text: str) -> bool:
-    return all(not line.strip() or line.strip().startswith("--") for line in text.splitlines())
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
