@@ -108,6 +108,13 @@ def build_fleet(devices: int, batches: int, minutes_per_batch: int) -> Fleet:
 BACKENDS = ("postgresql", "timescaledb")
 
 
+def schema_url(database: str, schema: str) -> str:
+    """URL of a new schema in ``database`` (used by the audit benchmark)."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}".encode())
+    return f"{database}?options=-csearch_path%3D{schema}"
+
+
 def open_backend(url: str, backend: str) -> PostgresStore:
     """A migrated store on ``backend``'s path (plain PostgreSQL: TimescaleDB off)."""
     store = PostgresStore(url, timescaledb="require" if backend == "timescaledb" else "off")
@@ -183,9 +190,9 @@ def simulated_week(devices: int) -> tuple[bytes, int]:
             noise = rng.normal(0.0, 0.3, minutes)
             values = np.round(base + 4.0 * day + walk + noise, 2)
             parts.append((dev, ts, np.full(minutes, metric.code, dtype=np.int16), values))
-    columns = [np.concatenate([p[i] for p in parts]) for i in range(4)]
-    data = copy_rows(*columns, np.ones(len(columns[1]), dtype=np.int64))
-    return data, len(columns[1])
+    dev, ts_all, codes, values = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    data = copy_rows(dev, ts_all, codes, values, np.ones(len(ts_all), dtype=np.int64))
+    return data, len(ts_all)
 
 
 def week_compression(url: str, devices: int) -> dict[str, float]:
