@@ -102,15 +102,44 @@ tsdb_binaries() {
     echo "$prefix/usr/lib/postgresql/$TSDB_PG_MAJOR/bin"
 }
 
+# The settings of a test cluster (port aside), the same on every start.
+tsdb_settings() {
+    local dir="$1" preload="$2"
+    echo "listen_addresses = '127.0.0.1'"
+    echo "unix_socket_directories = '$dir'"
+    echo "max_connections = 200"
+    # One scheduler per database with the extension plus the jobs it runs: the suite keeps
+    # a few such databases open at once, each with many schemas' policies.
+    echo "max_worker_processes = 40"
+    echo "timescaledb.max_background_workers = 32"
+    echo "timescaledb.telemetry_level = off"
+    # A throw-away test cluster: durability is not needed, speed is.
+    echo "fsync = off"
+    echo "synchronous_commit = off"
+    echo "full_page_writes = off"
+    if [ "$preload" -eq 1 ]; then
+        echo "shared_preload_libraries = 'timescaledb'"
+    else
+        echo "shared_preload_libraries = ''"
+    fi
+}
+
 # tsdb_cluster BIN NAME PRELOAD(0|1): start (or find running) the cluster; prints its port.
+# A running cluster whose settings changed (a newer checkout) is restarted with them.
 tsdb_cluster() {
-    local bin="$1" name="$2" preload="$3" dir port conf
+    local bin="$1" name="$2" preload="$3" dir port conf settings
     dir="$(tsdb_state_root)/timescaledb-clusters/$name"
+    conf="$dir/data/civicmesh.conf"
+    settings="$(tsdb_settings "$dir" "$preload")"
     if [ -f "$dir/port" ] && [ -f "$dir/data/postmaster.pid" ]; then
         port="$(cat "$dir/port")"
         if port_open "$port" && tsdb_as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
-            echo "$port"
-            return 0
+            if [ "$(tail -n +2 "$conf" 2>/dev/null | grep -v '^port = ')" = "$settings" ]; then
+                echo "$port"
+                return 0
+            fi
+            civicmesh_say "restarting the $name TimescaleDB test cluster with new settings"
+            tsdb_as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null
         fi
     fi
     mkdir -p "$dir"
@@ -122,25 +151,10 @@ tsdb_cluster() {
             || civicmesh_die "initdb of the $name TimescaleDB test cluster failed; see $dir/initdb.log"
     fi
     port="$(tsdb_free_port 55432)" || civicmesh_die "no free port for the $name test cluster"
-    conf="$dir/data/civicmesh.conf"
     {
         echo "# written by scripts/timescaledb.sh on every start"
+        echo "$settings"
         echo "port = $port"
-        echo "listen_addresses = '127.0.0.1'"
-        echo "unix_socket_directories = '$dir'"
-        echo "max_connections = 200"
-        echo "max_worker_processes = 16"
-        echo "timescaledb.max_background_workers = 8"
-        echo "timescaledb.telemetry_level = off"
-        # A throw-away test cluster: durability is not needed, speed is.
-        echo "fsync = off"
-        echo "synchronous_commit = off"
-        echo "full_page_writes = off"
-        if [ "$preload" -eq 1 ]; then
-            echo "shared_preload_libraries = 'timescaledb'"
-        else
-            echo "shared_preload_libraries = ''"
-        fi
     } >"$conf"
     grep -q "^include_if_exists = 'civicmesh.conf'" "$dir/data/postgresql.conf" \
         || echo "include_if_exists = 'civicmesh.conf'" >>"$dir/data/postgresql.conf"

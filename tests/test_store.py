@@ -174,7 +174,20 @@ def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     database = request.getfixturevalue(
         "tsdb_session_database" if request.param == "timescaledb" else "pg_session_database"
     )
-    return Backend(request.param, fresh_schema(database))
+    backend = Backend(request.param, fresh_schema(database))
+    if request.param == "timescaledb":
+        request.addfinalizer(lambda: unschedule_jobs(backend.url))
+    return backend
+
+
+def unschedule_jobs(url: str) -> None:
+    """Stop the TimescaleDB jobs of a finished test's schema: a session's hundreds of
+    schemas would otherwise keep the server's background workers busy refreshing them."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT public.alter_job(job_id, scheduled => false)"
+            " FROM timescaledb_information.jobs WHERE hypertable_schema = current_schema()"
+        )
 
 
 def fresh_schema(database: str) -> str:

@@ -42,7 +42,16 @@ from analytics.store.status import PORTAL_BUG, format_status
 from civicmesh.protocol import Reading
 from civicmesh.timeutil import now_ms
 from tests.test_rollups import HOUR, close, readings, write_in_batches
-from tests.test_store import DAY, DEVICE_A, DEVICE_B, MIN, device, fresh_schema, sealed
+from tests.test_store import (
+    DAY,
+    DEVICE_A,
+    DEVICE_B,
+    MIN,
+    device,
+    fresh_schema,
+    sealed,
+    unschedule_jobs,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timescaledb]
 
@@ -80,6 +89,8 @@ def opened() -> Iterator[list[PostgresStore]]:
     yield stores
     for store in stores:
         store.close()
+    for url in {store._conninfo for store in stores if store.timescale}:
+        unschedule_jobs(url)
 
 
 def new_store(
