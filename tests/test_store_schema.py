@@ -157,6 +157,7 @@ def schemas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str
             def __init__(self, value: str) -> None:
                 self.param = value
                 self.getfixturevalue = request.getfixturevalue
+                self.addfinalizer = request.addfinalizer
 
         backend: Backend = make_backend(_Request(name), tmp_path)  # type: ignore[arg-type]
         store = backend.open()
