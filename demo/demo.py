@@ -56,6 +56,10 @@ DAY_MS = 24 * 3600 * 1000
 DEMO_RESEND_AFTER_S = 20.0
 
 
+def _seed(seed: int, name: str) -> bytes:
+    return hashlib.sha256(f"civicmesh-demo/{seed}/{name}".encode()).digest()
+
+
 def demo_signer(seed: int, name: str) -> Ed25519Signer:
     """Reproducible demo identity (the seed is public: demo only)."""
     return Ed25519Signer.from_seed(
@@ -148,7 +152,78 @@ class Demo:
                     "users_file": str(self.state / "dashboard-users.json"),
                     "zones_geojson": str(self.state / "zones.geojson"),
                 },
+                # the public audit log: a checkpoint every 5 s, the gateway as witness
+                "audit": {
+                    "log_key": str(self.audit_keys()[0]),
+                    "interval_s": 5,
+                    "witnesses": [self.audit_witness().key.to_vkey()],
+                    "quorum": 1,
+                    "mirror_dir": str(self.state / "audit-mirror"),
+                },
             },
+        )
+
+    def audit_keys(self) -> tuple[Path, Path]:
+        """The demo log's key file and its vkey (deterministic from the seed: demo only)."""
+        from civicmesh.audit.note import NoteSigner
+
+        key, vkey = self.state / "audit-log.key", self.state / "audit-log.vkey"
+        if not key.exists():
+            signer = NoteSigner("civicmesh.demo/log", _seed(self.args.seed, "audit-log"))
+            signer.save(key)
+            vkey.write_text(signer.key.to_vkey() + "\n")
+        return key, vkey
+
+    def audit_witness(self) -> Any:
+        from civicmesh.audit.note import ALG_COSIGNATURE_V1, NoteSigner
+
+        signer = NoteSigner(
+            "civicmesh.demo/gateway", _seed(self.args.seed, "audit-witness"), ALG_COSIGNATURE_V1
+        )
+        (self.state / "audit-witness.vkey").write_text(signer.key.to_vkey() + "\n")
+        return signer
+
+    def start_witness(self, stack: ExitStack, mqtt_url: str, url: str) -> None:
+        """The gateway operator's witness: cosigns each checkpoint it can check."""
+        from civicmesh.audit.daemon import WitnessDaemon
+        from civicmesh.audit.note import NoteKey
+        from civicmesh.audit.witness import Witness
+
+        log_key = NoteKey.from_vkey(self.audit_keys()[1].read_text())
+        link = MqttLink(mqtt_url, "civicmesh-demo-witness")
+        stack.callback(link.close)
+        witness = Witness(self.audit_witness(), log_key, self.state / "audit-witness.json")
+        daemon = WitnessDaemon(witness, link, f"{url}/api/v1/audit")
+        daemon.start()  # subscribes first: the retained checkpoint finds its handler
+        stack.callback(daemon.stop)
+        link.connect()
+
+    def announce_audit(self, api: ApiService, url: str, timeout: float = 20.0) -> None:
+        """The latest witnessed checkpoint and the command that verifies it."""
+        if api.audit is None:
+            return
+        batches = api.store.counts().batches
+        deadline = time.monotonic() + timeout
+        current = api.audit.publisher.current()
+        while time.monotonic() < deadline and not self.stop.is_set():
+            current = api.audit.publisher.current()
+            if current is not None and current.size >= batches and current.cosigned_by:
+                break
+            time.sleep(0.5)
+        if current is None:
+            print("civicmesh demo: audit log: no checkpoint yet", flush=True)
+            return
+        command = (
+            f"civicmesh audit verify {url}/api/v1/audit --log-key {self.audit_keys()[1]} "
+            f"--witness {self.state / 'audit-witness.vkey'} "
+            f"--registry {self.state / 'registry.json'} "
+            f"--state {self.state / 'audit-verify.json'}"
+        )
+        names = ", ".join(current.cosigned_by) or "no witness yet"
+        print(
+            f"civicmesh demo: audit log: checkpoint of {current.size} batches, cosigned by "
+            f"{names}; verify it: {command}",
+            flush=True,
         )
 
     def gateway_settings(self, mqtt_url: str) -> GatewaySettings:
@@ -235,10 +310,12 @@ class Demo:
             url = stack.enter_context(
                 analytics_app.serve_in_thread(central.api.app, args.host, args.port)
             )
+            self.start_witness(stack, mqtt_url, url)
             devices = self.devices(stack, mqtt_url, city)
             self._install_signal_handlers()
             self.backfill(central, devices, len(city.zones))
             self.write_report(central.api)
+            self.announce_audit(central.api, url)
             self.print_how_to_use(url, password, tokens)
             self.stream_live(devices)
             self.shut_down(central.ingest.store, devices)
