@@ -164,3 +164,117 @@ def test_compose_services_run_as_processes_with_setups_files(site: dict[str, Any
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ----------------------------------------------------------------- real containers
+
+BASE_TAR = ROOT / "var" / "docker-base" / "base.tar"  # cached debootstrap (gitignored)
+WHEELS = ROOT / "build" / "wheels"  # pip wheel '.[analytics]' + setuptools, wheel
+OVERRIDE = """
+services:
+  mosquitto:
+    image: civicmesh:test
+    network_mode: host
+    entrypoint: ["/usr/bin/env"]
+  timescaledb:            # no database image here: the shared PostgreSQL on the host
+    image: civicmesh:test
+    network_mode: host
+    entrypoint: ["/usr/bin/env"]
+    command: ["sleep", "infinity"]
+    healthcheck: {disable: true}
+  ingest-1: {image: "civicmesh:test", network_mode: host}
+  ingest-2: {image: "civicmesh:test", network_mode: host}
+  api: {image: "civicmesh:test", network_mode: host}
+"""
+
+
+@pytest.fixture
+def dockerd(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A private dockerd (no iptables, no bridge, vfs), stopped by its pid afterwards."""
+    if not (shutil.which("dockerd") and BASE_TAR.exists() and WHEELS.exists()):
+        pytest.fail(
+            "needs dockerd (apt-get install docker.io docker-compose), the base image tar "
+            f"{BASE_TAR} (debootstrap --variant=minbase --include=python3,python3-venv,"
+            f"mosquitto,ca-certificates bookworm ROOTFS; tar -C ROOTFS -cf {BASE_TAR} .) "
+            f"and {WHEELS} (pip wheel '.[analytics]' setuptools wheel)",
+            pytrace=False,
+        )
+    run_dir = Path(tempfile.mkdtemp(prefix="dockerd-"))
+    sock = run_dir / "docker.sock"
+    log = (run_dir / "dockerd.log").open("wb")
+    proc = subprocess.Popen(
+        ["dockerd", "--iptables=false", "--bridge=none", "--storage-driver=vfs",
+         "--data-root", str(ROOT / "var" / "docker-data"), "--exec-root", str(run_dir / "x"),
+         "--pidfile", str(run_dir / "pid"), "-H", f"unix://{sock}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    env = {"DOCKER_HOST": f"unix://{sock}"}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "info"], env=os.environ | env,
+                             capture_output=True).returncode != 0:  # fmt: skip
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"dockerd did not start: {(run_dir / 'dockerd.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.5)
+        yield env
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def docker(env: dict[str, str], *args: str, timeout: float = 900) -> str:
+    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          env=os.environ | env, cwd=DEPLOY)  # fmt: skip
+    assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("CIVICMESH_DOCKER_TEST"),
+    reason="opt-in (CIVICMESH_DOCKER_TEST=1): a debootstrap base and an image build under "
+    "dockerd's vfs take 10+ minutes, more than CI's budget for one test",
+)
+def test_compose_stack_in_docker(site: dict[str, Any], dockerd: dict[str, str]) -> None:
+    """The compose file run for real (docker-compose 1.29, host networking on private
+    ports): broker, two ingest workers and the API in containers built from a debootstrap
+    base, with setup central's files. Building the image takes a few minutes the first
+    time (vfs copies every layer); the base and the wheels are cached under var/, build/."""
+    docker(dockerd, "docker", "import", str(BASE_TAR), "civicmesh-base:bookworm")
+    docker(dockerd, "docker", "build", "--network", "host", "-f", str(DEPLOY / "Dockerfile"),
+           "--build-arg", "BASE=civicmesh-base:bookworm", "--build-arg",
+           "PIP_ARGS=--no-index --find-links=/src/build/wheels", "-t", "civicmesh:test",
+           str(ROOT))  # fmt: skip
+    override = site["base"] / "override.yaml"
+    override.write_text(OVERRIDE)
+    compose = ["docker-compose", "-p", "civicmeshtest", "-f", str(DEPLOY / "compose.yaml"),
+               "-f", str(override)]  # fmt: skip
+    env = dockerd | site["env"]
+    try:
+        docker(env, *compose, "up", "-d", "--no-build", "mosquitto", "timescaledb", "ingest-1",
+               "ingest-2", "api")  # fmt: skip
+        assert wait_for_port(site["ports"]["api"], 120), docker(env, *compose, "logs")
+        secrets = Path(site["env"]["CIVICMESH_SITE"]) / "secrets"
+        ca = ssl.create_default_context(
+            cafile=str(Path(site["env"]["CIVICMESH_SITE"]) / "pki/ca.crt")
+        )
+        token = (secrets / "api-admin.token").read_text().strip()
+        with httpx.Client(verify=ca, timeout=10) as client:
+            health = client.get(f"https://127.0.0.1:{site['ports']['api']}/api/v1/health",
+                                headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert health.status_code == 200, health.text
+        time.sleep(3)
+        states = docker(env, *compose, "ps")
+        for name in ("mosquitto", "ingest-1", "ingest-2", "api"):
+            line = next(ln for ln in states.splitlines() if f"_{name}_" in ln)
+            assert " Up" in line, (states, docker(env, *compose, "logs", name))
+    finally:
+        docker(env, *compose, "down", "--remove-orphans", "-t", "20")
