@@ -22,6 +22,7 @@ import logging
 import secrets
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -293,8 +294,27 @@ class Demo:
         password, tokens = self.demo_credentials()
         return city, password, tokens
 
+    def api_port(self) -> int:
+        """The port asked for, or, when it is taken, a free one (said in one line)."""
+        host, port = self.args.host, self.args.port
+        if port == 0:
+            return 0
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+                return int(port)
+            except OSError:
+                pass
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            free = int(probe.getsockname()[1])
+        print(f"civicmesh demo: port {port} is taken; using {free} (choose one with --port)",
+              flush=True)  # fmt: skip
+        return free
+
     def run(self) -> int:
         args = self.args
+        port = self.api_port()
         city, password, tokens = self.prepare()
         database_url = args.database_url or f"sqlite:///{self.state / 'civicmesh.db'}"
         gateway_signer = demo_signer(args.seed, "gateway")
@@ -308,7 +328,7 @@ class Demo:
             stack.callback(gateway.stop)
             gateway.start()
             url = stack.enter_context(
-                analytics_app.serve_in_thread(central.api.app, args.host, args.port)
+                analytics_app.serve_in_thread(central.api.app, args.host, port)
             )
             self.start_witness(stack, mqtt_url, url)
             devices = self.devices(stack, mqtt_url, city)

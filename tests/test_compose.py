@@ -238,6 +238,7 @@ def docker(env: dict[str, str], *args: str, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(
     not os.environ.get("CIVICMESH_DOCKER_TEST"),
     reason="opt-in (CIVICMESH_DOCKER_TEST=1): a debootstrap base and an image build under "
