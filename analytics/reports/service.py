@@ -235,9 +235,10 @@ class ReportService:
         *,
         pairs: Sequence[tuple[str, str]] = (),
         aqi_now: bool = False,
+        notes: Sequence[str] = (),
     ) -> FactSheet:
         zone = None if place == CITY else place
-        return build_fact_sheet(
+        sheet = build_fact_sheet(
             self.store,
             period.start_ms,
             period.end_ms,
@@ -250,12 +251,15 @@ class ReportService:
             pairs=pairs,
             aqi_now=aqi_now,
         )
+        return replace(sheet, facts=sheet.facts + tuple(_asked_facts(period, notes)))
 
     def _summary(self, question: str, intent: Intent) -> Answer:
         period = intent.periods[0]
         now = intent.quantity == "aqi" and period.end_ms - period.start_ms <= 3 * HOUR_MS
         pairs = _pairs(intent) if intent.quantity == "correlation" else ()
-        sheet = self._sheet(intent.places[0], period, intent.metrics, pairs=pairs, aqi_now=now)
+        sheet = self._sheet(
+            intent.places[0], period, intent.metrics, pairs=pairs, aqi_now=now, notes=intent.notes
+        )
         by_id = answer_topics(sheet)
         required, missing = asked_topics(intent, by_id, now, sheet)
         wanted = set(intent.metrics)
@@ -509,6 +513,21 @@ def report_window(kind: str, end: datetime) -> tuple[int, int]:
     start = start.replace(tzinfo=None).replace(tzinfo=tz)
     stop = stop.replace(tzinfo=None).replace(tzinfo=tz)
     return int(start.timestamp() * 1000), int(stop.timestamp() * 1000)
+
+
+def _asked_facts(period: Period, notes: Sequence[str]) -> list[Fact]:
+    """What the question was read as, as facts: the hour and weekday filters of the
+    period and what was taken for what it left open (an answer states them)."""
+    out = []
+    span = (period.start_ms, period.end_ms)
+    if period.filter_text():
+        out.append(
+            Fact("asked.filters", period.filter_text(), "filters", "hours and days asked",
+                 *span, "the question")
+        )  # fmt: skip
+    for i, note in enumerate(notes):
+        out.append(Fact(f"asked.note.{i + 1}", note, "note", "taken as", *span, "the question"))
+    return out
 
 
 def _compare_sentences(
