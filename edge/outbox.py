@@ -203,8 +203,9 @@ class Outbox:
             db.execute(
                 "UPDATE head SET replayed_total = replayed_total + ? WHERE id = 1", (skipped,)
             )
-            log.info(
-                "skipped %d readings of %s already queued before (high-water mark)",
+            log.warning(
+                "skipped %d readings of %s at or below its high-water mark: queued before "
+                "(a driver that re-read its history), or the clock went back",
                 skipped,
                 source or "the driver",
             )
@@ -339,12 +340,14 @@ class Outbox:
                         len(batch.payload.readings),
                     ),
                 )
-                taken = [(row[0],) for row in rows[: len(batch.payload.readings)]]
-                db.executemany("DELETE FROM pending WHERE id = ?", taken)
+                # What was sealed is a prefix of the rows in id order.
+                last_id = rows[len(batch.payload.readings) - 1][0]
+                db.execute("DELETE FROM pending WHERE id <= ?", (last_id,))
                 db.execute(
                     "UPDATE head SET seq = ?, hash = ? WHERE id = 1", (batch.seq, batch.hash)
                 )
-                self._enforce_bounds(db)
+                # No bound check here: sealing moves readings from pending into a batch,
+                # which takes fewer bytes than the rows; add() applies the bound.
         except QueueFullError as exc:
             self._make_room(exc)
             return None
