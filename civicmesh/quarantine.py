@@ -42,6 +42,10 @@ _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 # way back) looks exactly like a replay and is kept as evidence, but it must not count
 # against the device in reports or device health.
 BENIGN_REASONS = frozenset({"chain.replay"})
+# Reasons whose device id anyone could have caused: the id was read from a message whose
+# signature did not verify, or a device's valid bytes were re-sent on another topic.
+# Kept and shown, but reports do not count them against the device they name.
+UNATTRIBUTED_PREFIXES = ("signature.", "decode.", "topic.", "envelope.", "gateway.")
 
 
 class QuarantineError(CivicmeshError):

@@ -492,13 +492,15 @@ def test_hostile_traffic_on_every_topic(
     ledger = store.ledger(a.good.key_id, limit=100_000)
     assert [e.seq for e in ledger] == list(range(1, a.sent["good"] + 1))
     # Nothing forged frames it: no quarantine record that a gateway or ingest did not
-    # make itself names the good device. (Records of its own bytes re-sent by the
-    # attacker on a wrong topic or bit-flipped do name it; see docs/notes/relcentral.md.)
+    # make itself names the good device; records of its own bytes re-sent by the attacker
+    # (bit-flipped, on a wrong topic) name it but do not count against it in reports.
     framing = [
         r for r in kept
         if r.device_id == a.good.key_id and r.reason.startswith("quarantine.")
     ]  # fmt: skip
     assert not framing, f"the good device was framed: {framing[:3]}"
+    counted = store.quarantine_counts(0, now_ms() + 3_600_000).get(a.good.key_id)
+    assert counted is None, f"reports count {counted} quarantined batches against it"
     assert not [
         r for r in kept if r.device_id == a.good.key_id and r.source.startswith("gw:")
         and r.source != f"gw:{a.gateway.key_id}"

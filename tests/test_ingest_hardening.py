@@ -26,6 +26,8 @@ from test_ingest import (  # noqa: F401  (fixtures)
     publisher,
     sqlite_store,
     sqlite_url,
+    store,
+    store_url,
     wait_for,
 )
 
@@ -396,3 +398,27 @@ def test_redeliveries_are_kept_but_do_not_count_against_the_device(
     window = (0, now_ms() + 60_000)
     assert device.key_id not in sqlite_store.quarantine_counts(*window)
     assert device.key_id not in sqlite_store.quarantine_reasons(*window)
+
+
+@pytest.mark.integration
+def test_reports_do_not_count_records_anyone_could_have_put_a_device_name_on(
+    fleet: Fleet, store: Store
+) -> None:
+    """A copy of a device's bytes, bit-flipped (signature.invalid, id peeked from the
+    message) or re-sent on another topic (topic.device_mismatch), names the device; the
+    reports' count of devices with quarantined batches must not count it as the device's."""
+    device = fleet.devices[0].key_id
+    store.upsert_devices(Registry.load(fleet.registry_path).devices.values())
+
+    def record(reason: str) -> QuarantineRecord:
+        return QuarantineRecord.of(
+            reason=reason, detail="d", source=f"gw:{fleet.gateway.key_id}",
+            topic=topics.device_up(device), received_at_ms=now_ms(), payload=b"x",
+            device_id=device, seq=3,
+        )  # fmt: skip
+
+    store.add_quarantine([record("signature.invalid"), record("topic.device_mismatch")])
+    window = (0, now_ms() + 60_000)
+    assert device not in store.quarantine_counts(*window)
+    store.add_quarantine([record("chain.fork")])  # the device's own signed fork counts
+    assert store.quarantine_counts(*window) == {device: 1}

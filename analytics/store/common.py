@@ -27,11 +27,14 @@ from analytics.store.base import (
     ZoneShape,
 )
 from civicmesh.metrics import BY_CODE, BY_NAME
-from civicmesh.quarantine import BENIGN_REASONS, QuarantineRecord
+from civicmesh.quarantine import BENIGN_REASONS, UNATTRIBUTED_PREFIXES, QuarantineRecord
 
 # Benign records (a redelivery looks like a replay) are evidence, not faults: the counts
 # that reports and device health read leave them out. Constant text, so safe in SQL.
 _BENIGN = ", ".join(f"'{reason}'" for reason in sorted(BENIGN_REASONS))
+# ... and the reports' count leaves out records anyone could have put a device's name on.
+# (substr, not LIKE: psycopg reads every % in the text as a placeholder)
+_ATTRIBUTED = " AND ".join(f"substr(q.reason, 1, {len(p)}) <> '{p}'" for p in UNATTRIBUTED_PREFIXES)
 
 BatchKey = tuple[str, int]
 
@@ -387,7 +390,7 @@ class SqlRollupQueries(Store):
             SELECT q.device_id, count(*)
             FROM quarantine q JOIN devices d ON d.device_id = q.device_id
             WHERE q.received_at >= {p("start")} AND q.received_at < {p("end")}
-              AND q.reason NOT IN ({_BENIGN})
+              AND q.reason NOT IN ({_BENIGN}) AND {_ATTRIBUTED}
               AND (CAST({p("zone")} AS TEXT) IS NULL OR d.zone = CAST({p("zone")} AS TEXT))
             GROUP BY q.device_id ORDER BY q.device_id
         """
