@@ -16,6 +16,7 @@ Demo keys are derived from the seed so a run is reproducible; never do that in t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from analytics import app as analytics_app
 from analytics.apiauth import ROLES, TokenFile
@@ -313,6 +314,32 @@ class Demo:
         return free
 
     def run(self) -> int:
+        lock = self.lock_state_dir()
+        if lock is None:
+            return 1
+        with lock:
+            return self.run_locked()
+
+    def lock_state_dir(self) -> TextIO | None:
+        """An exclusive lock beside the state dir, taken before anything in it is wiped:
+        a second demo on the same state dir must not delete a running demo's store,
+        outboxes and credentials (it did). None, after one line, when it is held."""
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        path = self.state.parent / f".{self.state.name}.lock"
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            print(
+                f"civicmesh demo: error: another demo is running with state dir {self.state} "
+                "(stop it first, or give this one its own --state-dir)",
+                flush=True,
+            )
+            return None
+        return handle
+
+    def run_locked(self) -> int:
         args = self.args
         port = self.api_port()
         city, password, tokens = self.prepare()
@@ -330,13 +357,14 @@ class Demo:
             url = stack.enter_context(
                 analytics_app.serve_in_thread(central.api.app, args.host, port)
             )
+            self.print_sign_in(url, password, tokens)
             self.start_witness(stack, mqtt_url, url)
             devices = self.devices(stack, mqtt_url, city)
             self._install_signal_handlers()
             self.backfill(central, devices, len(city.zones))
             self.write_report(central.api)
             self.announce_audit(central.api, url)
-            self.print_how_to_use(url, password, tokens)
+            print(f"civicmesh demo: ready: API at {url}/docs  (Ctrl-C to stop)", flush=True)
             self.stream_live(devices)
             self.shut_down(central.ingest.store, devices)
         return 0
@@ -399,7 +427,9 @@ class Demo:
             source += f" ({report.narrative.fallback_reason})"
         print(f"civicmesh demo: {report.text}\n  [narrative: {source}]", flush=True)
 
-    def print_how_to_use(self, url: str, password: str, tokens: dict[str, str]) -> None:
+    def print_sign_in(self, url: str, password: str, tokens: dict[str, str]) -> None:
+        """Printed as soon as the API listens: the dashboard fills in while the backfill
+        streams, so nobody waits for the backfill and the report to learn how to sign in."""
         print(
             "civicmesh demo: API tokens (Authorization: Bearer ...): "
             + ", ".join(f"{role} {token}" for role, token in tokens.items()),
@@ -416,7 +446,6 @@ class Demo:
             f"viewer, password {password})",
             flush=True,
         )
-        print(f"civicmesh demo: API at {url}/docs  (Ctrl-C to stop)", flush=True)
 
     def stream_live(self, devices: list[DemoDevice]) -> None:
         interval, duration = self.args.live_interval, self.args.duration

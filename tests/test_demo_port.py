@@ -49,3 +49,27 @@ def test_demo_moves_off_a_taken_port_and_says_so(tmp_path: Path) -> None:
             proc.terminate()
             _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err, err
+
+
+def test_a_second_demo_on_a_running_demos_state_dir_refuses_and_wipes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A second demo started beside a running one used to delete the running demo's
+    store, outboxes and credentials before it found the port taken."""
+    import fcntl
+
+    state = tmp_path / "d"
+    state.mkdir()
+    (state / "civicmesh.db").write_text("the running demo's store")
+    # the lock a running demo holds (taken by this process, as a running demo would)
+    with (tmp_path / ".d.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = subprocess.run(
+            [sys.executable, "-m", "civicmesh.cli", "demo", "--port", "0", "--state-dir",
+             str(state), "--duration", "1"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "another demo is running with state dir" in second.stdout
+    assert "Traceback" not in second.stderr, second.stderr
+    assert (state / "civicmesh.db").read_text() == "the running demo's store"
