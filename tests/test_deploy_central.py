@@ -1,4 +1,4 @@
-"""The production sequence of docs/notes/deploy.md, as processes on 127.0.0.1: setup
+"""The production sequence of docs/production.md, as processes on 127.0.0.1: setup
 central, the broker and every central unit's exact ExecStart line (two ingest workers,
 API over HTTPS, report scheduler, upkeep), one gateway and two edge devices set up and
 enrolled the documented way, a batch end to end over TLS, the dashboard signed in over
