@@ -192,6 +192,33 @@ def check_mqtt(url: str, where: str, fix: str) -> list[Finding]:
     ]
 
 
+ENROL_FIX = "civicmesh setup enrol <request> --out DIR on the central server, copy DIR here"
+
+
+def check_tls_files(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    *,
+    where: str,
+    where_key: str,
+    owner: str | None,
+) -> list[Finding]:
+    """The TLS files an mqtts:// link needs (CA, certificate, 0600 key), with the
+    enrolment step as the fix; edge and gateway links alike."""
+    findings: list[Finding] = []
+    for what, path in (("CA certificate", ca), ("TLS certificate", cert)):
+        if path is None:
+            findings.append(Finding(where, f"{what} unset", ENROL_FIX))
+        else:
+            findings += check_present(path, what, ENROL_FIX)
+    if key is None:
+        findings.append(Finding(where_key, "unset", ENROL_FIX))
+    else:
+        findings += check_secret(key, "TLS key", ENROL_FIX, owner)
+    return findings
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name

@@ -21,8 +21,8 @@ from civicmesh.setup import (
     Outcome,
     SiteFiles,
     check_mqtt,
-    check_present,
     check_secret,
+    check_tls_files,
     enrolment_request,
     report,
     toml_str,
@@ -147,16 +147,14 @@ def check(args: argparse.Namespace) -> list[Finding]:
     )
     mqtt = settings.mqtt
     if mqtt.url.startswith("mqtts://"):
-        enrol = "civicmesh setup enrol <request> --out DIR on the central server, copy DIR here"
-        for what, path in (("CA certificate", mqtt.tls_ca), ("TLS certificate", mqtt.tls_cert)):
-            if path is None:
-                findings.append(Finding(f"mqtt.tls_* in {args.config}", f"{what} unset", enrol))
-            else:
-                findings += check_present(path, what, enrol)
-        if mqtt.tls_key is None:
-            findings.append(Finding(f"mqtt.tls_key in {args.config}", "unset", enrol))
-        else:
-            findings += check_secret(mqtt.tls_key, "TLS key", enrol, args.user)
+        findings += check_tls_files(
+            mqtt.tls_ca,
+            mqtt.tls_cert,
+            mqtt.tls_key,
+            where=f"mqtt.tls_* in {args.config}",
+            where_key=f"mqtt.tls_key in {args.config}",
+            owner=args.user,
+        )
     if settings.models.enabled and not _onnxruntime_available():
         findings.append(
             Finding(

@@ -18,6 +18,7 @@ from civicmesh.setup import (
     check_mqtt,
     check_present,
     check_secret,
+    check_tls_files,
     enrolment_request,
     report,
     toml_str,
@@ -113,7 +114,6 @@ def check(args: argparse.Namespace) -> list[Finding]:
         f"{fix_setup} (a new gateway), or restore the registered gateway's key from backup",
         args.user,
     )
-    enrol = "civicmesh setup enrol <request> --out DIR on the central server, copy DIR here"
     if settings.registry_authority is None:
         findings += check_present(
             settings.registry_file,
@@ -126,13 +126,12 @@ def check(args: argparse.Namespace) -> list[Finding]:
             mqtt.url, f"{section}.url in {args.config}", f'url = "mqtts://..." in [{section}]'
         )
         if mqtt.url.startswith("mqtts://"):
-            for what, path in (("CA certificate", mqtt.tls_ca), ("TLS certificate", mqtt.tls_cert)):
-                if path is None:
-                    findings.append(Finding(f"{section} in {args.config}", f"{what} unset", enrol))
-                else:
-                    findings += check_present(path, what, enrol)
-            if mqtt.tls_key is None:
-                findings.append(Finding(f"{section}.tls_key in {args.config}", "unset", enrol))
-            else:
-                findings += check_secret(mqtt.tls_key, "TLS key", enrol, args.user)
+            findings += check_tls_files(
+                mqtt.tls_ca,
+                mqtt.tls_cert,
+                mqtt.tls_key,
+                where=f"{section} in {args.config}",
+                where_key=f"{section}.tls_key in {args.config}",
+                owner=args.user,
+            )
     return unique(findings)
