@@ -19,10 +19,15 @@ def notify(state: str) -> bool:
         return False
     if address.startswith("@"):  # an abstract socket
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Never blocking: a receiver that does not read (a full queue: 10 datagrams by
+    # default on Linux) must not stall the service's main loop. A lost WATCHDOG=1 is
+    # harmless next to a device that stops publishing; the next tick sends another.
+    with socket.socket(
+        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+    ) as sock:
         try:
             sock.sendto(state.encode(), address)
-        except OSError:
+        except OSError:  # BlockingIOError (full) included
             return False
     return True
 

@@ -6,7 +6,8 @@
 #      root) and started only when nothing listens there yet; running services are never
 #      stopped or reconfigured. The mosquitto binary is required either way: tests start
 #      private brokers with it; Debian's chromium is installed for the browser tests;
-#      a real TimescaleDB server on private ports (scripts/timescaledb.sh: from
+#      docker-compose and promtool (unpacked from Debian's prometheus package) for the
+#      compose tests; a real TimescaleDB server on private ports (scripts/timescaledb.sh: from
 #      ../shared/timescaledb/ when no TimescaleDB package is installed; 5432 untouched);
 #   3. lint: ruff check, ruff format --check, mypy --strict on every package, the package
 #      boundaries of pyproject.toml (scripts/check_boundaries.py);
@@ -72,9 +73,43 @@ install_missing_packages() {
     if ! command -v systemd-analyze >/dev/null 2>&1; then
         packages+=(systemd)
     fi
+    # tests/test_compose.py: `docker-compose config` reads deploy/compose.yaml
+    if ! command -v docker-compose >/dev/null 2>&1; then
+        packages+=(docker-compose)
+    fi
     if [ "${#packages[@]}" -gt 0 ]; then
         civicmesh_apt_install "${packages[@]}"
     fi
+}
+
+# promtool (tests/test_compose.py checks deploy/prometheus.yml with it) comes from Debian's
+# prometheus package, unpacked into a private folder and put on PATH: installing the
+# package would also start a Prometheus server on the machine.
+ensure_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    local dir tmp
+    if civicmesh_is_root; then
+        dir=/var/lib/civicmesh-dev/promtool
+    else
+        dir="$CIVICMESH_ROOT/var/promtool"
+    fi
+    if [ ! -x "$dir/usr/bin/promtool" ]; then
+        command -v apt-get >/dev/null 2>&1 \
+            || civicmesh_die "promtool is missing; install Prometheus's promtool"
+        civicmesh_say "unpacking promtool from Debian's prometheus package into $dir"
+        tmp="$(mktemp -d)"
+        if ! (cd "$tmp" && apt-get download prometheus </dev/null >/dev/null 2>&1); then
+            civicmesh_is_root || civicmesh_die "apt-get download prometheus failed; run: sudo apt-get update"
+            DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >/dev/null 2>&1 \
+                || civicmesh_die "apt-get update failed"
+            (cd "$tmp" && apt-get download prometheus </dev/null >/dev/null 2>&1) \
+                || civicmesh_die "apt-get download prometheus failed"
+        fi
+        mkdir -p "$dir"
+        dpkg-deb -x "$tmp"/prometheus_*.deb "$dir"
+        rm -rf "$tmp"
+    fi
+    export PATH="$dir/usr/bin:$PATH"
 }
 
 pg_can_connect() {
@@ -203,6 +238,7 @@ run_lint() {
 }
 
 install_missing_packages
+ensure_promtool
 ensure_postgres
 ensure_timescaledb
 ensure_mosquitto

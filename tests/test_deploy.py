@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,27 @@ def test_notify_and_watchdog_reach_systemds_socket(
         assert server.recv(64) == b"WATCHDOG=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     assert notify("READY=1") is False  # not under systemd: nothing happens
+
+
+def test_notify_never_blocks_on_a_receiver_that_does_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notify socket nobody reads fills after a few datagrams (10 on Linux); a blocking
+    send then stalled the whole service (an edge agent stopped publishing ~20 s after
+    start in the production-sequence test, whose sockets were read only at the end)."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        results: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: results.extend(notify("WATCHDOG=1") for _ in range(200)), daemon=True
+        )
+        sender.start()
+        sender.join(timeout=10)
+        assert not sender.is_alive(), "notify() blocked on a full socket"
+        assert results[0] is True and results[-1] is False  # queued, then dropped
+        assert server.recv(64) == b"WATCHDOG=1"  # what was queued is intact
 
 
 def test_example_configs_load() -> None:

@@ -79,6 +79,7 @@ class Processes:
         self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.files: list[IO[bytes]] = []
         self.sockets: dict[str, socket.socket] = {}
+        self.said: dict[str, set[str]] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
@@ -94,14 +95,19 @@ class Processes:
         self.running.append((name, proc))
         return proc
 
+    def drain(self) -> None:
+        """Read the notify sockets as systemd does: a full socket drops notifications."""
+        for name, sock in self.sockets.items():
+            while True:
+                try:
+                    self.said.setdefault(name, set()).add(sock.recv(4096).decode())
+                except BlockingIOError:
+                    break
+
     def notified(self, name: str) -> set[str]:
         """What the service told systemd so far (READY=1, WATCHDOG=1, ...)."""
-        got = set()
-        while True:
-            try:
-                got.add(self.sockets[name].recv(4096).decode())
-            except BlockingIOError:
-                return got
+        self.drain()
+        return self.said.get(name, set())
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -110,13 +116,24 @@ class Processes:
         for name, proc in self.running:
             assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.log(name)}"
 
+    def tails(self, lines: int = 40) -> str:
+        """The last lines of every process's log, for a failure message."""
+        parts = []
+        for name, _ in self.running:
+            tail = self.log(name).splitlines()[-lines:]
+            parts.append(f"--- {name} ---\n" + "\n".join(tail))
+        return "\n".join(parts)
+
     def stop(self) -> dict[str, int]:
+        # In reverse order, each up to 20 s, all within 60 s: 30 s per process could
+        # outlast the test's timeout and leave the next test to find the open files.
+        deadline = time.monotonic() + 60
         codes = {}
         for name, proc in reversed(self.running):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=max(0.1, min(20.0, deadline - time.monotonic())))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
@@ -150,11 +167,12 @@ def wait_until(what: str, check, timeout: float, procs: Processes) -> object:  #
     deadline = time.monotonic() + timeout
     while True:
         procs.alive()
+        procs.drain()
         result = check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}\n{procs.tails()}")
         time.sleep(0.5)
 
 
