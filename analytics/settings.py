@@ -8,11 +8,19 @@ Load with :func:`civicmesh.config.load_settings`: defaults < TOML file < environ
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from analytics.store.base import RetentionPolicy, StoragePolicy
@@ -74,6 +82,30 @@ class IngestSettings(BaseModel):
     )
 
 
+def _retention_days(value: object) -> object:
+    """``0``, ``"forever"`` (or ``"never"``, ``"none"``) mean keep forever: TOML has no
+    null, so "forever" needs a spelling; a number in text (from the environment) is read."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("forever", "never", "none", "null", "inf", "0", ""):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f'{value!r} is not a number of days; write a number, or 0 or "forever" to '
+                "keep forever"
+            ) from None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return None
+    return value
+
+
+RetentionDays = Annotated[
+    Annotated[float, Field(gt=0, allow_inf_nan=False)] | None, BeforeValidator(_retention_days)
+]
+
+
 class StorageSettings(BaseModel):
     """Rollups, partitions, retention and (on TimescaleDB) chunks and compression."""
 
@@ -93,17 +125,22 @@ class StorageSettings(BaseModel):
     partitions_ahead_weeks: int = Field(
         default=2, ge=0, le=52, description="Weekly readings partitions created ahead"
     )
-    raw_retention_days: float | None = Field(
-        default=90.0, gt=0, description="Keep raw readings this long (None: forever)"
+    raw_retention_days: RetentionDays = Field(
+        default=90.0, description='Keep raw readings this long (0 or "forever": forever)'
     )
-    rollup_1m_retention_days: float | None = Field(
-        default=30.0, gt=0, description="Keep the 1-minute rollup this long (None: forever)"
+    rollup_1m_retention_days: RetentionDays = Field(
+        default=30.0, description='Keep the 1-minute rollup this long (0 or "forever": forever)'
     )
-    rollup_1h_retention_days: float | None = Field(
-        default=730.0, gt=0, description="Keep the 1-hour rollup this long (None: forever)"
+    rollup_1h_retention_days: RetentionDays = Field(
+        default=730.0, description='Keep the 1-hour rollup this long (0 or "forever": forever)'
     )
-    rollup_1d_retention_days: float | None = Field(
-        default=None, gt=0, description="Keep the 1-day rollup this long (None: forever)"
+    rollup_1d_retention_days: RetentionDays = Field(
+        default=None, description='Keep the 1-day rollup this long (0 or "forever": forever)'
+    )
+    retention_includes_imported: bool = Field(
+        default=False,
+        description="Apply the retentions to imported history (`civicmesh import`) too; by "
+        "default imported readings and their rollups are kept forever",
     )
     timescale_chunk_hours: float = Field(
         default=24.0,
@@ -127,6 +164,7 @@ class StorageSettings(BaseModel):
             self.rollup_1m_retention_days,
             self.rollup_1h_retention_days,
             self.rollup_1d_retention_days,
+            include_imported=self.retention_includes_imported,
         )
 
 

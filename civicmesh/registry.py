@@ -26,6 +26,10 @@ from civicmesh.timeutil import now_ms
 log = logging.getLogger(__name__)
 
 STATUSES = ("active", "revoked")
+# The kind of an importer identity (``civicmesh import``): a key that signs readings taken
+# from an archive, not a sensor in the field. Its registration (``registered_at_ms``, the
+# time from which its readings are accepted) may lie in the past; no other kind's may.
+IMPORT_KIND = "import"
 # An announcement older than this is refused: a replayed old rotation must not undo a newer one.
 MAX_ROTATION_AGE_MS = 7 * 24 * 3_600_000
 
@@ -140,6 +144,20 @@ class Registry:
     def with_device(self, record: DeviceRecord) -> Registry:
         return Registry({**self.devices, record.device_id: record}, self.gateways)
 
+    def with_importer(self, record: DeviceRecord, valid_from_ms: int) -> Registry:
+        """Register an importer identity valid from ``valid_from_ms`` (back-dating allowed:
+        only importers may have it), or move an importer's start earlier; never later, so
+        what was accepted once stays acceptable."""
+        check_valid_from(record.kind, valid_from_ms, now_ms())
+        known = self.devices.get(record.device_id)
+        if known is not None and known.kind != IMPORT_KIND:
+            raise RegistryError(
+                f"Device {record.device_id} is registered as a field device ({known.kind}); "
+                "it cannot become an importer"
+            )
+        start = valid_from_ms if known is None else min(valid_from_ms, known.registered_at_ms)
+        return self.with_device(replace(record, registered_at_ms=start))
+
     def with_gateway(self, record: GatewayRecord) -> Registry:
         return Registry(self.devices, {**self.gateways, record.gateway_id: record})
 
@@ -209,6 +227,16 @@ class Registry:
                 f"Registry file {path} not found; create it with `civicmesh registry add-device`"
             ) from None
         return cls.from_json(text, origin=str(path))
+
+
+def check_valid_from(kind: str, valid_from_ms: int, now: int, slack_ms: int = 60_000) -> None:
+    """Refuse a back-dated registration unless it is an importer identity's."""
+    if valid_from_ms < now - slack_ms and kind != IMPORT_KIND:
+        raise RegistryError(
+            f"A back-dated valid-from is accepted only for importer identities (kind "
+            f"{IMPORT_KIND!r}); a {kind!r} device is valid from its registration. To bring "
+            "in an archive, use `civicmesh import`"
+        )
 
 
 def _dev_key(record: DeviceRecord) -> str:

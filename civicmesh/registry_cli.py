@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import time
+from datetime import datetime
 from pathlib import Path
 
 from civicmesh import topics
@@ -12,7 +13,13 @@ from civicmesh.errors import RegistryError
 from civicmesh.identity import Ed25519Signer, VerifyKey, derive_id
 from civicmesh.mqtt import MqttLink
 from civicmesh.protocol import ProtocolError, encode_registry_snapshot
-from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
+from civicmesh.registry import (
+    IMPORT_KIND,
+    DeviceRecord,
+    GatewayRecord,
+    Registry,
+    check_valid_from,
+)
 from civicmesh.timeutil import now_ms
 
 
@@ -26,8 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add.add_argument("--zone", required=True)
     add.add_argument("--lat", type=float)
     add.add_argument("--lon", type=float)
-    add.add_argument("--kind", default="multi", choices=["air", "traffic", "multi"])
+    add.add_argument("--kind", default="multi", choices=["air", "traffic", "multi", "import"])
     add.add_argument("--owner", default="", help="who runs the node (an operator's name)")
+    add.add_argument(
+        "--valid-from",
+        help="ISO 8601 time from which its readings are accepted (default: now); a past "
+        "time only with --kind import (an importer identity, see `civicmesh import`)",
+    )
     add.set_defaults(func=_add_device)
 
     gw = cmds.add_parser("add-gateway", help="register a gateway public key")
@@ -88,6 +100,9 @@ def _load_or_empty(path: Path) -> Registry:
 
 def _add_device(args: argparse.Namespace) -> int:
     key = VerifyKey.from_text(args.public_key)
+    now = now_ms()
+    valid_from = now if args.valid_from is None else _parse_time(args.valid_from)
+    check_valid_from(args.kind, valid_from, now)
     record = DeviceRecord(
         device_id=derive_id(key.public_key),
         public_key=args.public_key,
@@ -95,12 +110,29 @@ def _add_device(args: argparse.Namespace) -> int:
         lat=args.lat,
         lon=args.lon,
         kind=args.kind,
-        registered_at_ms=now_ms(),
+        registered_at_ms=valid_from,
         owner=args.owner,
     )
-    _load_or_empty(args.file).with_device(record).save(args.file)
+    registry = _load_or_empty(args.file)
+    if args.kind == IMPORT_KIND:
+        registry = registry.with_importer(record, valid_from)
+    else:
+        registry = registry.with_device(record)
+    registry.save(args.file)
     print(record.device_id)
     return 0
+
+
+def _parse_time(text: str) -> int:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise RegistryError(
+            f"--valid-from {text!r} is not an ISO 8601 time (e.g. 2004-03-01T00:00:00+00:00)"
+        ) from None
+    if when.tzinfo is None:
+        raise RegistryError(f"--valid-from {text!r} needs a UTC offset (e.g. +00:00)")
+    return int(when.timestamp() * 1000)
 
 
 def _add_gateway(args: argparse.Namespace) -> int:

@@ -256,12 +256,15 @@ class DeviceHealth:
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    """How long each table keeps data, in days (None: forever)."""
+    """How long each table keeps data, in days (None: forever). Imported history (the
+    readings and rollups of importer identities, ``civicmesh import``) is kept forever
+    unless ``include_imported``."""
 
     raw_days: float | None = None
     rollup_1m_days: float | None = None
     rollup_1h_days: float | None = None
     rollup_1d_days: float | None = None
+    include_imported: bool = False
 
 
 @dataclass(frozen=True, slots=True)

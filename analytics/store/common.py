@@ -584,6 +584,31 @@ class SqlRollupQueries(Store):
 # all of that bucket's data. A source "trimmed before T" (its retention dropped what lay
 # before T) is complete only for buckets starting at or after T rounded up to the bucket.
 RAW_SOURCE = "readings"
+# Imported history (devices of kind "import") is trimmed only when a retention policy
+# says include_imported; what was trimmed of it is recorded apart, under the relation's
+# name with this suffix, so late imported data is judged by its own horizon.
+IMPORTED_SUFFIX = "@import"
+IMPORTER_IDS = "SELECT device_id FROM devices WHERE kind = 'import'"
+
+
+def horizons_for(horizons: dict[str, int], imported: bool) -> dict[str, int]:
+    """The horizons that apply to one device's data: its kind's own."""
+    if not imported:
+        return {k: v for k, v in horizons.items() if not k.endswith(IMPORTED_SUFFIX)}
+    n = len(IMPORTED_SUFFIX)
+    return {k[:-n]: v for k, v in horizons.items() if k.endswith(IMPORTED_SUFFIX)}
+
+
+def zone_horizons(horizons: dict[str, int], only_imported: bool) -> dict[str, int]:
+    """The horizons a zone's rollups are bound by: an all-imported zone its own; a mixed
+    zone the later of both (a bucket is rebuilt only where every device's source is
+    whole)."""
+    if only_imported:
+        return horizons_for(horizons, True)
+    out = horizons_for(horizons, False)
+    for k, v in horizons_for(horizons, True).items():
+        out[k] = max(out.get(k, v), v)
+    return out
 
 
 def rebuild_plan(

@@ -41,9 +41,12 @@ from analytics.store.base import (
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
+    IMPORTED_SUFFIX,
+    IMPORTER_IDS,
     RAW_SOURCE,
     BatchKey,
     SqlRollupQueries,
+    horizons_for,
     merge_ranges,
     metric_code,
     metric_name,
@@ -54,6 +57,7 @@ from analytics.store.common import (
     resolve_outcomes,
     touched_ranges,
     unique_batches,
+    zone_horizons,
 )
 from analytics.store.pgcopy import encode_readings
 from analytics.store.schema import NO_TRANSACTION, Migration, load_migrations, split_statements
@@ -909,6 +913,9 @@ class PostgresStore(SqlRollupQueries):
             if not ranges:
                 return 0
             horizons = self._horizons(cur)
+            cur.execute(IMPORTER_IDS)
+            importers = {str(d) for (d,) in cur.fetchall()}
+            by_kind = {kind: horizons_for(horizons, kind) for kind in (False, True)}
             # The aggregation sorts its input; give it room (live refreshes are small,
             # a bulk load's are not) and take the ranges a few devices at a time.
             cur.execute("SET LOCAL work_mem = '64MB'")
@@ -919,9 +926,10 @@ class PostgresStore(SqlRollupQueries):
                     # Rebuilt from the level below where it is complete, else from a finer
                     # one (down to the readings); buckets no source holds whole are kept.
                     finer = [r.table for r in reversed(ROLLUPS[:level])] + [RAW_SOURCE]
-                    sources = [(name, horizons.get(name)) for name in finer]
                     pieces: dict[str, list[tuple[str, int, int]]] = {}
                     for device, lo, hi in chunk:
+                        own = by_kind[device in importers]
+                        sources = [(name, own.get(name)) for name in finer]
                         plan, lost = rebuild_plan(lo, hi, resolution.seconds * 1000, sources)
                         for source, piece_lo, piece_hi in plan:
                             pieces.setdefault(source, []).append((device, piece_lo, piece_hi))
@@ -1028,13 +1036,19 @@ class PostgresStore(SqlRollupQueries):
     ) -> None:
         """Recompute the zone rollups over the zones and windows ``ranges`` touched, where
         the device rollup they sum is complete."""
+        cur.execute("SELECT device_id, zone FROM devices")
+        zone_of = {str(d): str(z) for d, z in cur.fetchall()}
+        cur.execute("SELECT DISTINCT zone FROM devices WHERE kind <> 'import'")
+        mixed = {str(z) for (z,) in cur.fetchall()}
         for resolution in ZONE_ROLLUPS:
-            horizon = horizons.get(resolution.table)
             step = resolution.seconds * 1000
-            kept = [
-                (d, lo if horizon is None else max(lo, -(-horizon // step) * step), hi)
-                for d, lo, hi in ranges
-            ]
+
+            def start(device: str, lo: int, table: str = resolution.table, step: int = step) -> int:
+                only_imported = zone_of.get(device) not in mixed
+                horizon = zone_horizons(horizons, only_imported).get(table)
+                return lo if horizon is None else max(lo, -(-horizon // step) * step)
+
+            kept = [(d, start(d, lo), hi) for d, lo, hi in ranges]
             kept = [(d, lo, hi) for d, lo, hi in kept if lo <= hi]
             if not kept:
                 continue
@@ -1135,18 +1149,31 @@ class PostgresStore(SqlRollupQueries):
                 if name != "readings_default"
                 and _partition_date(name) + PARTITION_SPAN <= ms_to_ts(cutoff).date()
             ]
+            kept: list[str] = []  # partitions holding imported history: trimmed, not dropped
             with self._transaction("dropping old readings partitions") as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
                 for name in old:
+                    if not policy.include_imported and self._holds_imported(cur, name):
+                        cur.execute(
+                            pgsql.SQL(
+                                "DELETE FROM {} WHERE device_id NOT IN (" + IMPORTER_IDS + ")"
+                            ).format(pgsql.Identifier(name))
+                        )
+                        kept.append(name)
+                        continue
                     cur.execute(pgsql.SQL("DROP TABLE IF EXISTS {}").format(pgsql.Identifier(name)))
                 if old:
                     end = max(_partition_date(name) for name in old) + PARTITION_SPAN
-                    self._record_horizon(
-                        cur, RAW_SOURCE, datetime(end.year, end.month, end.day, tzinfo=UTC)
-                    )
+                    horizon = datetime(end.year, end.month, end.day, tzinfo=UTC)
+                    self._record_horizon(cur, RAW_SOURCE, horizon)
+                    if policy.include_imported:
+                        self._record_horizon(cur, RAW_SOURCE + IMPORTED_SUFFIX, horizon)
+            old = [name for name in old if name not in kept]
             with self._lock:
                 self._partitions -= {_partition_date(name) for name in old}
             dropped["readings_partitions"] = len(old)
+            if kept:
+                dropped["readings_partitions_trimmed"] = len(kept)
             if old:
                 log.info("%r: retention dropped partitions %s", self, ", ".join(old))
         for resolution, days in zip(
@@ -1157,16 +1184,32 @@ class PostgresStore(SqlRollupQueries):
             if days is None:
                 continue
             cutoff_ts = ms_to_ts(now_ms - int(days * 86_400_000))
+            # Imported history stays unless the policy includes it.
+            spare = (
+                "" if policy.include_imported else " AND device_id NOT IN (" + IMPORTER_IDS + ")"
+            )
             with self._transaction(f"retention on {resolution.table}") as cur:
                 cur.execute(
-                    pgsql.SQL("DELETE FROM {} WHERE bucket < %s").format(
+                    pgsql.SQL("DELETE FROM {} WHERE bucket < %s" + spare).format(
                         pgsql.Identifier(resolution.table)
                     ),
                     (cutoff_ts,),
                 )
                 dropped[resolution.table] = cur.rowcount
                 self._record_horizon(cur, resolution.table, cutoff_ts)
+                if policy.include_imported:
+                    self._record_horizon(cur, resolution.table + IMPORTED_SUFFIX, cutoff_ts)
         return dropped
+
+    @staticmethod
+    def _holds_imported(cur: psycopg.Cursor[Any], partition: str) -> bool:
+        cur.execute(
+            pgsql.SQL(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE device_id IN (" + IMPORTER_IDS + "))"
+            ).format(pgsql.Identifier(partition))
+        )
+        row = cur.fetchone()
+        return bool(row and row[0])
 
     def _record_horizon(self, cur: psycopg.Cursor[Any], relation: str, horizon: datetime) -> None:
         cur.execute(

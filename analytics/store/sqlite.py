@@ -32,9 +32,12 @@ from analytics.store.base import (
 )
 from analytics.store.common import (
     ALL_METRIC_CODES,
+    IMPORTED_SUFFIX,
+    IMPORTER_IDS,
     RAW_SOURCE,
     BatchKey,
     SqlRollupQueries,
+    horizons_for,
     merge_ranges,
     metric_code,
     metric_name,
@@ -45,6 +48,7 @@ from analytics.store.common import (
     resolve_outcomes,
     touched_ranges,
     unique_batches,
+    zone_horizons,
 )
 from analytics.store.schema import load_migrations, split_statements
 from civicmesh.protocol import Reading
@@ -403,15 +407,18 @@ class SqliteStore(SqlRollupQueries):
                     "SELECT relation, horizon FROM retention_horizons"
                 ).fetchall()
             }
+            importers = {str(d) for (d,) in conn.execute(IMPORTER_IDS).fetchall()}
+            by_kind = {kind: horizons_for(horizons, kind) for kind in (False, True)}
             skipped: set[str] = set()
             for device, lo, hi in ranges:
+                own = by_kind[device in importers]
                 for level, resolution in enumerate(ROLLUPS):
                     # From the level below where it is complete, else from a finer one down
                     # to the readings; buckets no source holds whole are kept as they are.
                     finer = [r.table for r in reversed(ROLLUPS[:level])] + [RAW_SOURCE]
                     step = resolution.seconds * 1000
                     plan, lost = rebuild_plan(
-                        lo, hi, step, [(name, horizons.get(name)) for name in finer]
+                        lo, hi, step, [(name, own.get(name)) for name in finer]
                     )
                     if lost:
                         skipped.add(resolution.table)
@@ -449,15 +456,18 @@ class SqliteStore(SqlRollupQueries):
             if days is None:
                 continue
             cutoff = now_ms - int(days * 86_400_000)
+            # Imported history stays unless the policy includes it.
+            spare = "" if policy.include_imported else f" AND device_id NOT IN ({IMPORTER_IDS})"
+            relations = [table] + ([table + IMPORTED_SUFFIX] if policy.include_imported else [])
             with self._transaction(f"retention on {table}") as conn:
-                cursor = conn.execute(f"DELETE FROM {table} WHERE {column} < ?", (cutoff,))
+                cursor = conn.execute(f"DELETE FROM {table} WHERE {column} < ?{spare}", (cutoff,))
                 dropped[table] = cursor.rowcount
                 # What is gone, so late data is never rolled up from a trimmed level.
-                conn.execute(
+                conn.executemany(
                     "INSERT INTO retention_horizons (relation, horizon) VALUES (?, ?)"
                     " ON CONFLICT (relation) DO UPDATE"
                     " SET horizon = max(horizon, excluded.horizon)",
-                    (table, cutoff),
+                    [(relation, cutoff) for relation in relations],
                 )
         return dropped
 
@@ -517,6 +527,10 @@ def _refresh_zones(
     """Recompute the zone rollups over the zones and windows ``ranges`` touched, where the
     device rollup they sum is complete."""
     zone_of = dict(conn.execute("SELECT device_id, zone FROM devices").fetchall())
+    mixed = {
+        str(zone)
+        for (zone,) in conn.execute("SELECT DISTINCT zone FROM devices WHERE kind <> 'import'")
+    }
     windows: dict[str, tuple[int, int]] = {}
     for device, lo, hi in ranges:
         zone = zone_of.get(device)
@@ -526,8 +540,8 @@ def _refresh_zones(
         windows[zone] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
     for resolution in ZONE_ROLLUPS:
         step = resolution.seconds * 1000
-        horizon = horizons.get(resolution.table)
         for zone, (lo, hi) in windows.items():
+            horizon = zone_horizons(horizons, zone not in mixed).get(resolution.table)
             first, end = (lo // step) * step, (hi // step) * step + step
             if horizon is not None:
                 first = max(first, -(-horizon // step) * step)
