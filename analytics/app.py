@@ -147,6 +147,8 @@ def create_api(
         ),
         max_body_bytes=api.max_body_bytes,
         cors_origins=tuple(api.cors_origins),
+        alerts_state_file=settings.alerts.state_file if settings.alerts.rules else None,
+        alerts_public_url=settings.alerts.public_url,
     )
 
 
@@ -284,13 +286,16 @@ def build(
 
 
 def _ingest(settings: AnalyticsSettings, store: Store, worker_id: str) -> IngestService:
+    from analytics.alerts.engine import build_engine
     from analytics.ingest import IngestWorker
     from analytics.upkeep import StoreUpkeep
 
+    alerts = build_engine(settings.alerts)  # None without rules
     link = ingest_link(settings, worker_id)
     registry = RegistryFile(settings.registry_file)
     worker = IngestWorker(settings, store, registry, link, worker_id)
-    return IngestService(store, link, worker, StoreUpkeep(store, settings.storage))
+    upkeep = StoreUpkeep(store, settings.storage, alerts, settings.alerts.interval_s)
+    return IngestService(store, link, worker, upkeep)
 
 
 def _api(settings: AnalyticsSettings, store: Store, ingest: IngestService | None) -> ApiService:

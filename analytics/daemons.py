@@ -56,6 +56,7 @@ def _serve(thread_alive: Callable[[], bool], stop: threading.Event) -> None:
 
 
 def run_upkeep(settings: AnalyticsSettings, stop: threading.Event) -> int:
+    from analytics.alerts.engine import build_engine
     from analytics.upkeep import StoreUpkeep
 
     store = _store(settings, stop)
@@ -63,7 +64,8 @@ def run_upkeep(settings: AnalyticsSettings, stop: threading.Event) -> int:
         return 0
     try:
         store.configure(settings.storage.policy())
-        upkeep = StoreUpkeep(store, settings.storage)
+        alerts = build_engine(settings.alerts)  # None without rules
+        upkeep = StoreUpkeep(store, settings.storage, alerts, settings.alerts.interval_s)
         upkeep.start()
         print(f"store upkeep running on {store.backend}", flush=True)
         try:

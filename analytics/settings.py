@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_settings import SettingsConfigDict
 
+from analytics.alerts.config import AlertSettings
 from analytics.store.base import RetentionPolicy, StoragePolicy
 from civicmesh import topics
 from civicmesh.config import MqttSection, ServiceSettings
@@ -394,6 +395,9 @@ class AnalyticsSettings(ServiceSettings):
     )
     audit: AuditSettings = Field(
         default_factory=AuditSettings, description="Public audit log checkpoints"
+    )
+    alerts: AlertSettings = Field(
+        default_factory=AlertSettings, description="Alert rules and contact points"
     )
 
     @field_validator("database_url")

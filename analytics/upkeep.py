@@ -11,19 +11,32 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analytics.settings import StorageSettings
 from analytics.store.base import Store, StoreError
 from civicmesh.timeutil import now_ms
 
+if TYPE_CHECKING:
+    from analytics.alerts.engine import AlertEngine
+
 log = logging.getLogger(__name__)
 
 
 class StoreUpkeep:
-    def __init__(self, store: Store, settings: StorageSettings) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: StorageSettings,
+        alerts: AlertEngine | None = None,
+        alerts_interval_s: float = 60.0,
+    ) -> None:
         self.store = store
         self.settings = settings
+        # alert rules are evaluated on this thread, after a refresh: fresh rollups, and
+        # the store is used by one thread of upkeep only
+        self.alerts = alerts
+        self.alerts_interval_s = alerts_interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="store-upkeep", daemon=True)
         self._counts: Counter[str] = Counter()
@@ -33,12 +46,16 @@ class StoreUpkeep:
         self._refreshing = threading.Lock()
 
     def start(self) -> None:
+        if self.alerts is not None:
+            self.alerts.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self.alerts is not None:
+            self.alerts.close()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -76,14 +93,35 @@ class StoreUpkeep:
             self._counts["rollup_ranges_refreshed"] += refreshed
         return refreshed
 
+    def _evaluate_alerts(self) -> None:
+        from analytics.alerts.state import AlertStateError
+
+        assert self.alerts is not None
+        try:
+            self.alerts.evaluate(self.store, now_ms())
+        except StoreError:
+            raise
+        except AlertStateError as exc:
+            with self._lock:
+                self._counts["alert_errors"] += 1
+            log.warning("alert evaluation failed (%s); retrying", exc)
+        except Exception:
+            # A fault in a rule must not end this thread: the rollups run on it too.
+            with self._lock:
+                self._counts["alert_errors"] += 1
+            log.exception("alert evaluation failed; retrying at the next interval")
+
     def _run(self) -> None:
-        next_upkeep = 0.0
+        next_upkeep = next_alerts = 0.0
         while not self._stop.is_set():
             due = time.monotonic() >= next_upkeep
             try:
                 self.run_once(upkeep=due)
                 if due:
                     next_upkeep = time.monotonic() + self.settings.upkeep_interval_s
+                if self.alerts is not None and time.monotonic() >= next_alerts:
+                    next_alerts = time.monotonic() + self.alerts_interval_s
+                    self._evaluate_alerts()
             except StoreError as exc:
                 # The database is down or busy: ingest backs off on its own; try again.
                 with self._lock:

@@ -56,6 +56,17 @@ log = logging.getLogger(__name__)
 DAY_MS = 24 * 3600 * 1000
 # The embedded broker keeps nothing over a restart: re-send what has no receipt soon.
 DEMO_RESEND_AFTER_S = 20.0
+# The rules of docs/alerts.md's example config, without a contact point.
+DEMO_ALERT_RULES = [
+    {"id": "aqi-usg-2h", "kind": "aqi_category", "level": "Unhealthy for Sensitive Groups",
+     "for_minutes": 120},
+    {"id": "pm25-who-hours", "kind": "who_exceedance", "metric": "pm25", "period_hours": 24,
+     "min_hours": 8, "severity": "info"},
+    {"id": "device-offline", "kind": "device_offline", "after_minutes": 15},
+    {"id": "fault-flags", "kind": "fault_flags", "window_minutes": 60, "min_readings": 10},
+    {"id": "quarantine-burst", "kind": "quarantine_burst", "window_minutes": 15,
+     "min_records": 5, "severity": "critical"},
+]  # fmt: skip
 
 
 def _seed(seed: int, name: str) -> bytes:
@@ -153,6 +164,13 @@ class Demo:
                 "dashboard": {
                     "users_file": str(self.state / "dashboard-users.json"),
                     "zones_geojson": str(self.state / "zones.geojson"),
+                },
+                # alert rules, recorded in the state dir and listed at /api/v1/alerts (no
+                # contact point: a config's [[alerts.contact_points]] gets them delivered)
+                "alerts": {
+                    "state_file": str(self.state / "alerts.db"),
+                    "interval_s": 30,
+                    "rules": DEMO_ALERT_RULES,
                 },
                 # the public audit log: a checkpoint every 5 s, the gateway as witness
                 "audit": {
@@ -439,6 +457,11 @@ class Demo:
             f"civicmesh demo: ask: curl -s -X POST {url}/api/v1/ask "
             f"-H 'authorization: Bearer {tokens['viewer']}' -H 'content-type: "
             'application/json\' -d \'{"question": "How was NO2 across the city yesterday?"}\'',
+            flush=True,
+        )
+        print(
+            f"civicmesh demo: alerts: curl -s {url}/api/v1/alerts "
+            f"-H 'authorization: Bearer {tokens['operator']}'",
             flush=True,
         )
         print(

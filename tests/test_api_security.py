@@ -73,6 +73,7 @@ def endpoints(device_id: str) -> list[tuple[str, str, dict[str, Any] | None, str
         ("GET", "/api/v1/reports", None, "viewer", 200),
         ("POST", "/api/v1/ask", {"question": "NO2 in harbour yesterday"}, "viewer", 200),
         ("GET", "/api/v1/quarantine", None, "operator", 200),
+        ("GET", "/api/v1/alerts", None, "operator", 200),
         ("GET", "/metrics", None, "operator", 200),
         ("POST", "/api/v1/reports", {"kind": "daily", "zone": "harbour"}, "operator", 200),
         ("POST", "/api/v1/reports/due", None, "operator", 200),

@@ -14,6 +14,7 @@ what calls it with the settings.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from analytics import admin as admin_routes
 from analytics import audit as audit_routes
+from analytics.alerts import routes as alert_routes
 from analytics.api import completeness, devices, ledger, readings, service, zones
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
 from analytics.apiauth import ApiSecurity, BodyLimit, RejectNul, SecurityHeaders, requires
@@ -59,12 +61,15 @@ def create_app(
     security: ApiSecurity | None = None,
     max_body_bytes: int = 65_536,
     cors_origins: tuple[str, ...] = (),
+    alerts_state_file: Path | None = None,
+    alerts_public_url: str = "",
 ) -> FastAPI:
     """The API application over ``store`` (thread-safe: the endpoints run in a thread pool).
 
     ``stats_provider`` (e.g. ``IngestWorker.stats``) feeds ``/health``; ``window_s`` is
     the devices' reading window, used for the online flag; ``reports`` serves
-    ``/ask``, ``/reports`` and ``/facts``.
+    ``/ask``, ``/reports`` and ``/facts``; ``alerts_state_file`` (the alert engine's
+    state) feeds ``/alerts``.
     """
     if window_s <= 0:
         raise ValueError(f"window_s must be positive, not {window_s}")
@@ -94,6 +99,9 @@ def create_app(
     app.state.reports = reports
     app.include_router(report_routes.router)
     app.include_router(admin_routes.router)
+    app.state.alerts_state_file = alerts_state_file
+    app.state.alerts_public_url = alerts_public_url
+    app.include_router(alert_routes.router)
     audit_routes.install(app)  # public: the audit log needs no token
     if dashboard is not None:
         install_dashboard(app, dashboard)
