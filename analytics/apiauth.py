@@ -131,6 +131,14 @@ class RateLimiter:
             level, last = self._buckets.get(key, (float(self.burst), now))
         return min(float(self.burst), level + (now - last) * self.rate) < 1.0
 
+    def level(self, key: str) -> float:
+        """Requests ``key`` may make at once now (the bucket's level; takes nothing):
+        what the OpenAQ routes report in their ``x-ratelimit-*`` headers."""
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), level + (now - last) * self.rate)
+
     def allow(self, key: str) -> bool:
         now = time.monotonic()
         with self._lock:

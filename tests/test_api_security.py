@@ -68,6 +68,7 @@ def endpoints(device_id: str) -> list[tuple[str, str, dict[str, Any] | None, str
         ("GET", f"/api/v1/series?metric=no2&zone=harbour&{q}", None, "viewer", 200),
         ("GET", f"/api/v1/completeness?{q}", None, "viewer", 200),
         ("GET", f"/api/v1/aggregates?{q}", None, "viewer", 200),
+        ("GET", f"/api/v1/export.csv?{q}", None, "viewer", 200),
         ("GET", f"/api/v1/ledger/{device_id}", None, "viewer", 200),
         ("GET", f"/api/v1/facts?zone=harbour&{q}", None, "viewer", 200),
         ("GET", "/api/v1/reports", None, "viewer", 200),

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from analytics import admin as admin_routes
 from analytics import audit as audit_routes
 from analytics.alerts import routes as alert_routes
-from analytics.api import completeness, devices, ledger, readings, service, zones
+from analytics.api import completeness, devices, export, ledger, openaq, readings, service, zones
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
 from analytics.apiauth import ApiSecurity, BodyLimit, RejectNul, SecurityHeaders, requires
 from analytics.dashboard.routes import Dashboard
@@ -38,7 +38,7 @@ from civicmesh.registry import RegistryFile
 __all__ = ["DEFAULT_WINDOW_S", "StatsProvider", "create_app"]
 
 # in the order they appear in /docs
-RESOURCES = (service, devices, zones, readings, completeness, ledger)
+RESOURCES = (service, devices, zones, readings, completeness, ledger, export)
 
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def create_app(
     app.state.alerts_public_url = alerts_public_url
     app.include_router(alert_routes.router)
     audit_routes.install(app)  # public: the audit log needs no token
+    openaq.install(app)  # /openaq/v3, with the x-ratelimit-* headers OpenAQ clients read
     if dashboard is not None:
         install_dashboard(app, dashboard)
     if stats_provider is not None:
