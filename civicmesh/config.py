@@ -136,6 +136,19 @@ def _env_layer(cls: type[ServiceSettings]) -> dict[str, Any]:
     return data
 
 
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per problem of a pydantic error, naming the key: ``unknown key 'a.b'`` or
+    ``a.b: <message>`` (config files, mapping files: anything a person wrote)."""
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {err['msg']}")
+    return problems
+
+
 def load_settings(
     cls: type[SettingsT], path: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> SettingsT:
@@ -157,13 +170,7 @@ def load_settings(
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(part) for part in err["loc"]) or "(root)"
-            if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key {key!r}")
-            else:
-                problems.append(f"{key}: {err['msg']}")
+        problems = validation_problems(exc)
         prefix = cls.model_config.get("env_prefix", "")
         raise ConfigError(
             f"Invalid {cls.__name__} (from {origin}, environment {prefix}*): " + "; ".join(problems)

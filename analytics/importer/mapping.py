@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from analytics.importer.errors import ArchiveError
 from analytics.importer.units import Reference
+from civicmesh.config import validation_problems
 from civicmesh.metrics import BY_NAME
 
 _OFFSET = re.compile(r"^(?:UTC)?([+-])(\d{2}):?(\d{2})$")
@@ -163,13 +164,7 @@ class Mapping:
         try:
             spec = MappingFile.model_validate(data)
         except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                key = ".".join(str(part) for part in err["loc"]) or "(root)"
-                if err["type"] == "extra_forbidden":
-                    problems.append(f"unknown key {key!r}")
-                else:
-                    problems.append(f"{key}: {err['msg']}")
+            problems = validation_problems(exc)
             raise ArchiveError(f"Mapping file {path}: " + "; ".join(problems)) from None
         return cls(spec, str(path))
 
