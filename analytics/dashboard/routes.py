@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from analytics.admin import RegisterDeviceIn as DeviceIn
 from analytics.admin import add_device
+from analytics.alerts import routes as alert_routes
 from analytics.dashboard import views
 from analytics.dashboard.auth import (
     COOKIE,
@@ -75,15 +76,21 @@ class Dashboard:
         self._lock = threading.Lock()
 
     def allow_login_attempt(self, client: str) -> bool:
+        """False once ``client`` failed to sign in ``LOGIN_ATTEMPTS_PER_MINUTE`` times in
+        the last minute. Only failures count: a city office behind one address, its staff
+        signing in at nine, is never locked out by its own successful sign-ins."""
         cutoff = time.monotonic() - 60
         with self._lock:
             recent = [t for t in self._attempts.get(client, []) if t > cutoff]
-            if len(recent) >= LOGIN_ATTEMPTS_PER_MINUTE:
+            if recent:
                 self._attempts[client] = recent
-                return False
-            recent.append(time.monotonic())
-            self._attempts[client] = recent
-            return True
+            else:
+                self._attempts.pop(client, None)
+            return len(recent) < LOGIN_ATTEMPTS_PER_MINUTE
+
+    def login_failed(self, client: str) -> None:
+        with self._lock:
+            self._attempts.setdefault(client, []).append(time.monotonic())
 
 
 def get_dashboard(request: Request) -> Dashboard:
@@ -141,6 +148,7 @@ def login(body: LoginIn, request: Request, response: Response, dashboard: Dashbo
         raise HTTPException(429, "Too many sign-in attempts; wait a minute")
     user = dashboard.users.authenticate(body.username, body.password)
     if user is None:
+        dashboard.login_failed(client)
         raise HTTPException(401, "Unknown user or wrong password")
     response.set_cookie(
         COOKIE,
@@ -163,7 +171,12 @@ def logout(request: Request, response: Response, dashboard: DashboardDep) -> Any
 
 @router.get("/api/me")
 def me(session: Viewer) -> Any:
-    return {"user": session.user, "role": session.role, "roles": list(ROLES)}
+    return {
+        "user": session.user,
+        "role": session.role,
+        "roles": list(ROLES),
+        "metrics": views.metric_info(),
+    }
 
 
 @router.get("/api/overview")
@@ -197,6 +210,13 @@ def zone(
     page["label"] = shape.label if shape else zone
     page["can_write_reports"] = role_allows(session.role, "operator")
     return page
+
+
+@router.get("/api/alerts")
+def alerts(request: Request, session: Operator) -> Any:
+    """The open alerts and those resolved in the last 24 h, as ``GET /api/v1/alerts``
+    gives them, for a signed-in operator or admin (the API itself takes tokens)."""
+    return alert_routes.alerts(request, recent_hours=24, limit=20, deliveries=False)
 
 
 @router.get("/api/devices")
@@ -236,6 +256,8 @@ def write_report(body: ReportIn, session: Operator, dashboard: DashboardDep) -> 
 async def live(request: Request, session: Viewer, dashboard: DashboardDep) -> StreamingResponse:
     """Server-sent events: each new newest reading per device and metric, as it is stored."""
 
+    info = views.metric_info()
+
     async def events() -> AsyncIterator[str]:
         seen = {
             (r.device_id, r.metric): r.ts_ms
@@ -256,6 +278,9 @@ async def live(request: Request, session: Viewer, dashboard: DashboardDep) -> St
                     "device_id": r.device_id,
                     "zone": r.zone,
                     "metric": r.metric,
+                    "label": info.get(r.metric, {}).get("label", r.metric),
+                    "unit": info.get(r.metric, {}).get("unit", ""),
+                    "digits": info.get(r.metric, {}).get("digits", 2),
                     "time": iso(r.ts_ms),
                     "value": r.value,
                 }

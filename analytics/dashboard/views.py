@@ -11,13 +11,40 @@ from typing import Any
 from analytics import aqi
 from analytics.reports.facts import LABELS, current_aqi, iso
 from analytics.reports.service import ReportService, record_dict
-from analytics.store.base import Resolution, Store, ZoneShape, choose_resolution
+from analytics.store.base import Resolution, SeriesPoint, Store, ZoneShape, choose_resolution
 from civicmesh.metrics import BY_NAME, Quality
 
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 ONLINE_WINDOWS = 3
-CHART_METRICS = ("pm25", "pm10", "no2", "o3", "vehicle_count", "mean_speed")
+CHART_METRICS = (
+    "pm25",
+    "pm10",
+    "no2",
+    "o3",
+    "co",
+    "temperature",
+    "relativehumidity",
+    "vehicle_count",
+    "mean_speed",
+    "occupancy",
+)
+# How people read each metric: its name, its unit and the decimals worth showing.
+DISPLAY: dict[str, tuple[str, str, int]] = {
+    "pm25": ("PM2.5", "µg/m³", 1),
+    "pm10": ("PM10", "µg/m³", 1),
+    "no2": ("NO₂", "µg/m³", 1),
+    "o3": ("Ozone", "µg/m³", 1),
+    "co": ("CO", "mg/m³", 2),
+    "temperature": ("Temperature", "°C", 1),
+    "relativehumidity": ("Relative humidity", "%", 0),
+    "vehicle_count": ("Traffic volume", "vehicles per window", 0),
+    "mean_speed": ("Traffic speed", "km/h", 0),
+    "occupancy": ("Road occupancy", "%", 0),
+}
+# A trailing mean is drawn only where its window is mostly covered (75 %, the usual
+# data-capture rule of air-quality reporting).
+MIN_COVERAGE = 0.75
 RANGES = {"24h": DAY_MS, "7d": 7 * DAY_MS, "30d": 30 * DAY_MS}
 MAX_POINTS = 400
 FAULT_FLAGS = int(
@@ -98,34 +125,97 @@ def overview(
     }
 
 
-def guides(metric: str) -> list[dict[str, Any]]:
-    """Reference lines for a chart: the WHO 2021 short-term guideline of the metric."""
-    out = []
+def metric_info() -> dict[str, dict[str, Any]]:
+    """Every metric's display name, unit and decimals, for the pages to label values."""
+    out = {}
+    for m in BY_NAME.values():
+        label, unit, digits = DISPLAY.get(m.name, (m.description, m.unit, 1))
+        out[m.name] = {"label": label, "unit": unit, "digits": digits}
+    return out
+
+
+def guideline_of(metric: str) -> aqi.Guideline | None:
+    """The WHO 2021 short-term guideline of ``metric`` (24 h; ozone 8 h), if any."""
     for g in aqi.WHO_2021:
         if g.metric == metric and g.averaging in ("24h", "8h"):
-            out.append({"label": f"WHO 2021 {g.averaging} guideline", "value": g.value})
-    if metric == "no2":
-        out.append({"label": "EU 1-h limit value", "value": 200.0})
+            return g
+    return None
+
+
+def trailing_means(
+    hourly: list[SeriesPoint], start_ms: int, end_ms: int, hours: int
+) -> list[dict[str, Any]]:
+    """The count-weighted mean of the ``hours`` hourly buckets ending with each hour in
+    ``[start_ms, end_ms)``: the running mean a WHO 24-h (or 8-h) guideline is set
+    against. An hour whose window is covered less than ``MIN_COVERAGE`` gets no value."""
+    by_hour = {p.bucket_ms: p for p in hourly if math.isfinite(p.mean) and p.count > 0}
+    out = []
+    first = start_ms - start_ms % HOUR_MS
+    for t in range(first, end_ms, HOUR_MS):
+        window = [
+            by_hour[h] for h in range(t - (hours - 1) * HOUR_MS, t + 1, HOUR_MS) if h in by_hour
+        ]
+        if len(window) < MIN_COVERAGE * hours:
+            continue
+        total = sum(p.mean * p.count for p in window)
+        n = sum(p.count for p in window)
+        # stamped like the hourly points: the hour that ends the window
+        out.append({"t": iso(t), "mean": round(total / n, 3)})
     return out
+
+
+def chart_guides(
+    store: Store, metric: str, zone: str, start_ms: int, end_ms: int, resolution: Resolution
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The guideline lines of a chart and the mean series they are to be read against.
+
+    A 24-h guideline is compared with 24-h means, never with hourly ones: over hourly
+    points the chart gets the trailing 24-h mean as its own line; daily points (the 1 d
+    rollup, UTC days) are 24-h means already. Ozone's 8-h guideline gets the trailing
+    8-h mean over hourly points and no line over daily means (a day's mean is not an
+    8-h mean)."""
+    g = guideline_of(metric)
+    if g is None:
+        return [], None
+    hours = 24 if g.averaging == "24h" else 8
+    name = f"WHO 2021 {hours}-h guideline"
+    if resolution is Resolution.DAY:
+        if hours != 24:
+            return [], None
+        return [{"label": name, "value": g.value, "averaging": g.averaging, "over": "points"}], None
+    hourly = store.rollup_series(
+        metric, start_ms - hours * HOUR_MS, end_ms, Resolution.HOUR, zone=zone
+    )
+    average = {
+        "label": f"{hours}-h mean",
+        "hours": hours,
+        "points": trailing_means(hourly, start_ms, end_ms, hours),
+    }
+    guide = {"label": name, "value": g.value, "averaging": g.averaging, "over": "average"}
+    return [guide], average
 
 
 def zone_page(store: Store, zone: str, start_ms: int, end_ms: int) -> dict[str, Any]:
     resolution = choose_resolution(start_ms, end_ms, MAX_POINTS)
+    info = metric_info()
     charts = []
     for metric in CHART_METRICS:
         points = store.rollup_series(metric, start_ms, end_ms, resolution, zone=zone)
-        unit = "vehicles per window" if metric == "vehicle_count" else BY_NAME[metric].unit
+        guides, average = chart_guides(store, metric, zone, start_ms, end_ms, resolution)
         charts.append(
             {
                 "metric": metric,
-                "label": LABELS[metric][0].upper() + LABELS[metric][1:],
-                "unit": unit,
+                "label": info[metric]["label"],
+                "unit": info[metric]["unit"],
+                "digits": info[metric]["digits"],
+                "resolution": resolution.label,
                 "points": [
                     {"t": iso(p.bucket_ms), "mean": round(p.mean, 3), "min": p.min, "max": p.max}
                     for p in points
                     if math.isfinite(p.mean)
                 ],
-                "guides": guides(metric),
+                "guides": guides,
+                "average": average,
             }
         )
     reports = {}
@@ -164,6 +254,7 @@ def device_health(store: Store, now_ms: int, window_s: int) -> list[dict[str, An
                 "model_version": models.get(d.device_id) or None,
                 "flagged_24h": flagged.get(d.device_id, 0),
                 "quarantined_24h": reasons.get(d.device_id, {}),
+                "quarantined_total_24h": sum(reasons.get(d.device_id, {}).values()),
                 "signature_or_chain_failures_24h": sum(
                     n
                     for r, n in reasons.get(d.device_id, {}).items()
@@ -200,4 +291,4 @@ def window_of(
     return now_ms - RANGES[range_], now_ms
 
 
-__all__ = ["Resolution", "device_health", "overview", "zone_page"]
+__all__ = ["Resolution", "device_health", "metric_info", "overview", "zone_page"]
