@@ -72,6 +72,7 @@ def endpoints(device_id: str) -> list[tuple[str, str, dict[str, Any] | None, str
         ("GET", f"/api/v1/ledger/{device_id}", None, "viewer", 200),
         ("GET", f"/api/v1/facts?zone=harbour&{q}", None, "viewer", 200),
         ("GET", "/api/v1/reports", None, "viewer", 200),
+        ("GET", f"/api/v1/accounting/scores?day={NOW.date().isoformat()}", None, "viewer", 200),
         ("POST", "/api/v1/ask", {"question": "NO2 in harbour yesterday"}, "viewer", 200),
         ("GET", "/api/v1/quarantine", None, "operator", 200),
         ("GET", "/api/v1/alerts", None, "operator", 200),

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from analytics import admin as admin_routes
 from analytics import audit as audit_routes
+from analytics.accounting import routes as accounting_routes
 from analytics.alerts import routes as alert_routes
 from analytics.api import completeness, devices, export, ledger, openaq, readings, service, zones
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
@@ -99,6 +100,7 @@ def create_app(
     app.state.reports = reports
     app.include_router(report_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(accounting_routes.router)
     app.state.alerts_state_file = alerts_state_file
     app.state.alerts_public_url = alerts_public_url
     app.include_router(alert_routes.router)
