@@ -314,7 +314,12 @@ def test_comparisons_and_rankings() -> None:
     assert both.kind == "compare_places" and both.places == ("harbour", "ring-road")
     vs = intent("Is PM2.5 in old town better than last week?")
     assert vs.kind == "compare_periods"
-    assert vs.periods[1].end_ms == vs.periods[0].start_ms  # last week, then this week so far
+    # this week so far against the same days and hours of last week (issue 19)
+    assert vs.periods[0].start_ms - vs.periods[1].start_ms == 7 * DAY
+    assert (
+        vs.periods[1].end_ms - vs.periods[1].start_ms
+        == vs.periods[0].end_ms - vs.periods[0].start_ms
+    )
     rank = intent("Which district had the most traffic yesterday?")
     assert rank.kind == "rank" and set(rank.places) == set(ZONES)
     city = intent("air quality across the whole city today")

