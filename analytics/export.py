@@ -109,9 +109,11 @@ def select_devices(store: Store, request: ExportRequest) -> list[DeviceStatus]:
     if request.device is not None:
         chosen = [d for d in devices if d.device_id == request.device]
         if not chosen:
+            known = ", ".join(d.device_id for d in devices[:10]) or "(none)"
+            more = f" and {len(devices) - 10} more" if len(devices) > 10 else ""
             raise ExportError(
-                f"Unknown device {request.device!r} ({len(devices)} devices are registered; "
-                "GET /api/v1/devices lists them)"
+                f"Unknown device {request.device!r}; known devices: {known}{more} "
+                "(all of them: GET /api/v1/devices)"
             )
         return chosen
     if request.zone is not None:

@@ -57,6 +57,7 @@ from tests.test_store import DEVICE_A, DEVICE_B, DEVICE_C, T0, device, sealed
 
 MIN = 60_000
 HOUR = 60 * MIN
+DAY = 24 * HOUR
 T = T0 - T0 % HOUR + 12 * HOUR  # an hour boundary: "now" of the scenarios
 SECRET = b"alerts-test-secret-0123456789abcdef"
 USG = "Unhealthy for Sensitive Groups"
@@ -363,6 +364,23 @@ def test_device_that_stops_is_offline_then_back_and_cooldown_holds(
         assert later.opened == (f"offline/device:{DEVICE_A.key_id}",)
         poll(lambda: len(receiver.got()) >= 3 and settled(engine))
         assert [r["event"] for r in receiver.got()] == ["firing", "resolved", "firing"]
+    finally:
+        engine.close()
+
+
+def test_an_importer_identity_is_never_offline(
+    store: Store, receiver: Receiver, secret_file: Path, tmp_path: Path
+) -> None:
+    """Found by a new user: every imported station (`civicmesh import`, registry kind
+    'import') opened a device-offline alert that never cleared."""
+    store.upsert_devices([device(DEVICE_C, "old-town", kind="import")])
+    rule = {"id": "offline", "kind": "device_offline", "after_minutes": 15}
+    w = Writer(store)
+    w.write(DEVICE_A, T - HOUR, T - 30 * MIN, "pm25", 5.0)  # a field device, silent 30 min
+    w.write(DEVICE_C, T - 30 * DAY, T - 29 * DAY, "pm25", 5.0, every=HOUR)  # an archive
+    engine = engine_of(settings(tmp_path, receiver.url, secret_file, rule))
+    try:
+        assert engine.evaluate(store, T).opened == (f"offline/device:{DEVICE_A.key_id}",)
     finally:
         engine.close()
 

@@ -254,6 +254,31 @@ def test_bad_mapping_file_names_the_key(tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown time zone 'Mars/Olympus'" in capsys.readouterr().err
 
 
+def test_a_misspelt_station_or_column_or_a_folder_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a new user: a typo in a [stations] key imported the archive again under a
+    new identity; a typo in a [columns] key blamed a unit; a folder gave a traceback."""
+    archive = tmp_path / "madrid.csv"
+    wide_fixture(archive, days=1)
+    mapping = tmp_path / "m.toml"
+    mapping.write_text(MAPPING.replace("[stations.28079008]", "[stations.28079080]"))
+    assert run("import", "--mapping", mapping, archive, "--dry-run", *common(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "'28079080' match no station" in err and "'28079008' have no entry" in err
+    # a mapping naming a station this run does not read is fine (part of an archive)
+    mapping.write_text(MAPPING + '\n[stations.28079099]\nid = "elsewhere"\n')
+    assert run("import", "--mapping", mapping, archive, "--dry-run", *common(tmp_path)) == 0
+    capsys.readouterr()
+    mapping.write_text(MAPPING.replace('"NO2" = {', '"NO 2" = {'))
+    assert run("import", "--mapping", mapping, archive, "--dry-run", *common(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "not in this header: 'NO 2' (the header has 'NO2')" in err
+    assert run("import", "--mapping", mapping, tmp_path, *common(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "is a folder; give the archive's CSV files" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------- OpenAQ long
 
 

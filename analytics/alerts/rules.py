@@ -27,6 +27,7 @@ from analytics.alerts.config import (
 )
 from analytics.reports.facts import FAULT_FLAGS, MIN_8H_HOURS, nowcast
 from analytics.store.base import Resolution, SeriesPoint, Store
+from civicmesh.registry import IMPORT_KIND
 
 MIN_MS = 60_000
 HOUR_MS = 60 * MIN_MS
@@ -235,8 +236,10 @@ def evaluate_offline(store: Store, rule: DeviceOfflineRule, now_ms: int) -> list
     limit_ms = rule.after_minutes * MIN_MS
     findings = []
     for d in store.devices():
-        if d.status != "active" or d.last_seen_ms is None:
-            continue  # revoked, or never reported (not installed yet)
+        if d.status != "active" or d.last_seen_ms is None or d.kind == IMPORT_KIND:
+            # revoked, never reported (not installed yet), or an archive's importer
+            # identity (`civicmesh import`): history, never "online"
+            continue
         silent_ms = now_ms - d.last_seen_ms
         fires = silent_ms > limit_ms
         findings.append(

@@ -8,6 +8,7 @@ reason was met). A column or unit it cannot place is an error naming it, never a
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import re
 from collections import Counter
@@ -241,6 +242,12 @@ def _open_rows(path: Path, mapping: Mapping) -> Iterator[list[str]]:
             yield from csv.reader(handle, delimiter=opts.delimiter)
     except FileNotFoundError:
         raise ArchiveError(f"Archive file {path} not found") from None
+    except IsADirectoryError:
+        raise ArchiveError(
+            f"{path} is a folder; give the archive's CSV files (e.g. {path}/*.csv)"
+        ) from None
+    except PermissionError:
+        raise ArchiveError(f"Archive file {path} is not readable (permission denied)") from None
     except UnicodeDecodeError as exc:
         raise ArchiveError(
             f"{path} is not {opts.encoding} text ({exc.reason}); set [csv] encoding in the "
@@ -263,6 +270,20 @@ class _Column:
     maximum: float
 
 
+def _absent_columns_hint(mapping: Mapping, header: list[str]) -> str:
+    """A note on the mapping's [columns] that this header lacks (a typo shows up as an
+    unmapped column beside one of them), with the closest header names; '' if none."""
+    names = set(header) | {h.strip() for h in header}
+    absent = [key for key in mapping.spec.columns if key not in names]
+    if not absent:
+        return ""
+    notes = []
+    for key in absent:
+        close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+        notes.append(f"{key!r}" + (f" (the header has {close[0]!r})" if close else ""))
+    return f"; the mapping's [columns] name(s) not in this header: {', '.join(notes)}"
+
+
 def _wide_columns(
     mapping: Mapping, header: list[str], used: set[str], where: str
 ) -> tuple[list[_Column], set[str]]:
@@ -272,6 +293,7 @@ def _wide_columns(
     unknown: list[str] = []
     no_unit: list[str] = []
     ignore = set(mapping.spec.ignore)
+    hint = _absent_columns_hint(mapping, header)
     for i, raw_name in enumerate(header):
         name = raw_name.strip()
         if raw_name in used:
@@ -294,7 +316,10 @@ def _wide_columns(
             unknown.append(name)
             continue
         m = BY_NAME[metric]
-        convert = converter(metric, unit, mapping.reference, f"{where}: column {name!r}")
+        try:
+            convert = converter(metric, unit, mapping.reference, f"{where}: column {name!r}")
+        except ArchiveError as exc:
+            raise ArchiveError(f"{exc}{hint}") from None
         columns.append(_Column(i, name, m.code, convert, m.minimum, m.maximum))
     problems = []
     if no_unit:
@@ -310,7 +335,7 @@ def _wide_columns(
             f"ignore = [...]; known metrics: {', '.join(sorted(BY_NAME))}"
         )
     if problems:
-        raise ArchiveError(f"{where}: " + "; ".join(problems))
+        raise ArchiveError(f"{where}: " + "; ".join(problems) + hint)
     if not columns:
         raise ArchiveError(f"{where}: no metric column to import")
     return columns, ignored
@@ -332,7 +357,24 @@ class _Reader:
         return text in self.missing or text.strip() in self.missing
 
     def archive(self, files: int) -> Archive:
+        self._check_mapping_used()
         return Archive(self.stations, self.skips, self.rows_read, files, self.ignored)
+
+    def _check_mapping_used(self) -> None:
+        """A [stations] entry that matched nothing while a station was read without an
+        entry is a typo: refused, since the misspelt station would be imported again under
+        a new identity. (Entries for stations not in this run's files are fine: a mapping
+        may describe a whole archive and a run import part of it.)"""
+        named = self.mapping.spec.stations
+        stray = sorted(set(named) - set(self.stations))
+        bare = sorted(set(self.stations) - set(named))
+        if stray and bare:
+            raise ArchiveError(
+                f"{self.mapping.origin}: [stations] entries {', '.join(map(repr, stray))} "
+                f"match no station in the files, and stations {', '.join(map(repr, bare))} "
+                "have no entry: a misspelt station name? (a file's station is its name "
+                "without .csv, or the value of its station column)"
+            )
 
     # ------------------------------------------------------------------- wide
 

@@ -157,6 +157,8 @@ class Mapping:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ArchiveError(f"Mapping file {path} not found") from None
+        except IsADirectoryError:
+            raise ArchiveError(f"Mapping file {path} is a folder; give the .toml file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ArchiveError(f"Mapping file {path} is not valid TOML: {exc}") from None
         if timezone_name is not None:
