@@ -355,7 +355,14 @@ def test_series_errors_name_the_known_values(client: TestClient) -> None:
     )["detail"]
     assert detail == "start must be before end"
     get(client, "/series", 422, metric="pm25", bucket=10)  # below the 60 s bound
-    get(client, "/series", 422, metric="pm25", start="yesterday")
+    # a request the API cannot read is one line that says what to write (a new user got
+    # pydantic's list of error objects)
+    bad = get(client, "/series", 422, metric="pm25", start="yesterday")
+    assert bad["detail"] == "start: not a date and time; write ISO 8601, e.g. 2026-12-08T09:00:00Z"
+    assert bad["errors"][0]["loc"] == ["query", "start"]  # the objects, for programs
+    bad = get(client, "/series", 422, metric="pm25", resolution="5m", start="2026-01-01")
+    assert bad["detail"] == "resolution: must be one of auto, 1m, 1h, 1d"
+    assert get(client, "/series", 422)["detail"] == "metric: required"
     assert (
         "not both" in get(client, "/series", 422, metric="pm25", zone="north", device="x")["detail"]
     )

@@ -25,6 +25,7 @@ from analytics import audit as audit_routes
 from analytics.accounting import routes as accounting_routes
 from analytics.alerts import routes as alert_routes
 from analytics.api import completeness, devices, export, ledger, openaq, readings, service, zones
+from analytics.api import errors as api_errors
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
 from analytics.apiauth import ApiSecurity, BodyLimit, RejectNul, SecurityHeaders, requires
 from analytics.dashboard.routes import Dashboard
@@ -95,6 +96,7 @@ def create_app(
     app.state.stats_provider = stats_provider
     app.state.window_s = window_s
     app.add_exception_handler(StoreError, _store_unavailable)
+    api_errors.install(app)  # a 422 is one line that says what to write
     for resource in RESOURCES:
         app.include_router(resource.router)
     app.state.reports = reports
