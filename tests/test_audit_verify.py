@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,6 +168,31 @@ def test_a_rewritten_leaf_with_a_recomputed_root(log: ExampleLog, tmp_path: Path
     _failed(_verify(log), "leaf.mismatch", 3)
     _failed(_verify(log, quorum=1), "checkpoint.witnesses")  # no witness saw this tree
     _failed(_verify(log, state=tmp_path / "state.json"), "checkpoint.consistency")
+
+
+def test_a_checkpoint_not_cosigned_yet_is_waited_for(log: ExampleLog) -> None:
+    """Found by a new user: the demo's printed `audit verify` line failed with
+    `checkpoint.witnesses` when run just after a checkpoint was published and before its
+    witness cosigned it (a second later it passed)."""
+    path = log.directory / "checkpoint"
+    cosigned = path.read_bytes()
+    text = split_note(cosigned)[0]
+    path.write_bytes(sign_checkpoint(Checkpoint.parse(text), log.signer))  # log-signed only
+    trust = Trust(log.signer.key, log.registry, tuple(w.key for w in log.witnesses), 2)
+    assert _verify(log, quorum=2).failure is not None  # no waiting: the quorum is missing
+    fresh = path.with_name("checkpoint.new")
+    fresh.write_bytes(cosigned)
+    # the witnesses cosign; the mirror is replaced whole, as a publisher does
+    timer = threading.Timer(1.0, fresh.replace, (path,))
+    timer.start()
+    try:
+        report = Verifier(FolderSource(log.directory), trust, wait_witnesses_s=20).run()
+    finally:
+        timer.join()
+    assert report.ok, "\n".join(report.lines())
+    path.write_bytes(sign_checkpoint(Checkpoint.parse(text), log.signer))
+    waited = Verifier(FolderSource(log.directory), trust, wait_witnesses_s=1.5).run()
+    assert waited.failure is not None and waited.failure.reason == "checkpoint.witnesses"
 
 
 def test_a_checkpoint_signed_by_the_wrong_key(log: ExampleLog) -> None:

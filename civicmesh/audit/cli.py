@@ -11,7 +11,7 @@ from pathlib import Path
 from civicmesh.audit import AuditError
 from civicmesh.audit.merkle import consistency_proof
 from civicmesh.audit.note import ALG_COSIGNATURE_V1, ALG_ED25519, NoteKey, NoteSigner
-from civicmesh.audit.tiles import TileHashStore, open_source
+from civicmesh.audit.tiles import FolderSource, TileHashStore, open_source
 from civicmesh.audit.verify import (
     Trust,
     Verifier,
@@ -83,8 +83,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else CheckpointState(Path(args.state) if args.state else default_state_path())
     )
     peers = [open_source_file(p) for p in args.peer]
+    wait = args.wait_witnesses
+    if wait is None:  # a live API may not have its newest checkpoint cosigned yet
+        wait = 0.0 if isinstance(source, FolderSource) else 15.0
     verifier = Verifier(
-        source, trust, state=state, peers=peers, allow_gaps=args.allow_gaps, jobs=args.jobs
+        source,
+        trust,
+        state=state,
+        peers=peers,
+        allow_gaps=args.allow_gaps,
+        jobs=args.jobs,
+        wait_witnesses_s=wait,
     )
     report = verifier.run(args.start, args.end)
     if args.json:
@@ -178,6 +187,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     verify.add_argument("--jobs", type=int, default=default_jobs(), help="processes for signatures")
     verify.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    verify.add_argument(
+        "--wait-witnesses",
+        type=float,
+        default=None,
+        metavar="S",
+        help="wait up to S seconds for a checkpoint short of --quorum to be cosigned "
+        "(default: 15 for an API URL, 0 for a mirror folder)",
+    )
     verify.set_defaults(func=cmd_verify)
 
     witness = asub.add_parser("witness", help="check the log's checkpoint and print a cosignature")

@@ -19,6 +19,7 @@ Signature checks run on all cores (``--jobs``).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -200,6 +201,7 @@ class Verifier:
         peers: Sequence[bytes] = (),
         allow_gaps: bool = False,
         jobs: int = 1,
+        wait_witnesses_s: float = 0.0,
     ) -> None:
         self.source = source
         self.trust = trust
@@ -207,6 +209,23 @@ class Verifier:
         self.peers = peers
         self.allow_gaps = allow_gaps
         self.jobs = max(1, jobs)
+        self.wait_witnesses_s = wait_witnesses_s
+
+    def _checkpoint(self) -> OpenedCheckpoint:
+        """The source's checkpoint. A live log publishes a checkpoint before its witnesses
+        have cosigned it (they do within seconds), so one short of the quorum is fetched
+        again for up to ``wait_witnesses_s`` before that counts as a failure."""
+        t = self.trust
+        deadline = time.monotonic() + self.wait_witnesses_s
+        while True:
+            try:
+                return open_checkpoint(
+                    self.source.get("checkpoint"), t.log_key, t.witnesses, t.quorum
+                )
+            except AuditError as exc:
+                if exc.reason != "checkpoint.witnesses" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def run(self, start: int = 0, end: int | None = None) -> VerifyReport:
         report = VerifyReport(self.source.describe())
@@ -219,8 +238,7 @@ class Verifier:
         return report
 
     def _run(self, report: VerifyReport, start: int, end: int | None) -> None:
-        t = self.trust
-        opened = open_checkpoint(self.source.get("checkpoint"), t.log_key, t.witnesses, t.quorum)
+        opened = self._checkpoint()
         cp = opened.checkpoint
         report.size, report.root, report.cosigned_by = cp.size, cp.root, opened.cosigned_by
         tiles = TileHashStore(self.source, cp.size)
@@ -235,7 +253,7 @@ class Verifier:
             raise _Fail(Failure("range.invalid", f"range {start}..{end} is not in the log"))
         self._check_entries(report, leaves, start, end)
         if self.state is not None:
-            self.state.seen[t.log_key.name] = SeenCheckpoint(cp.size, cp.root, opened.text)
+            self.state.seen[self.trust.log_key.name] = SeenCheckpoint(cp.size, cp.root, opened.text)
             self.state.save()
 
     def _check_history(self, opened: OpenedCheckpoint, fetch: ProofFetcher) -> None:
