@@ -26,6 +26,7 @@ from analytics.accounting import routes as accounting_routes
 from analytics.alerts import routes as alert_routes
 from analytics.api import completeness, devices, export, ledger, openaq, readings, service, zones
 from analytics.api import errors as api_errors
+from analytics.api import sta as sensorthings
 from analytics.api.common import DEFAULT_WINDOW_S, StatsProvider
 from analytics.apiauth import ApiSecurity, BodyLimit, RejectNul, SecurityHeaders, requires
 from analytics.dashboard.routes import Dashboard
@@ -108,6 +109,7 @@ def create_app(
     app.include_router(alert_routes.router)
     audit_routes.install(app)  # public: the audit log needs no token
     openaq.install(app)  # /openaq/v3, with the x-ratelimit-* headers OpenAQ clients read
+    sensorthings.install(app)  # /sta/v1.1, OGC SensorThings API 1.1 (read)
     if dashboard is not None:
         install_dashboard(app, dashboard)
     if stats_provider is not None:

@@ -4,6 +4,7 @@ Importable from any test module as ``support`` (pytest puts ``tests/`` on ``sys.
 for test modules without an ``__init__.py``); the fixtures live in ``tests/conftest.py``.
 """
 
+from .apiserver import serve_app
 from .mosquitto import DEV_CONFIG, MosquittoError, MosquittoProcess, mosquitto_binary
 from .net import free_port, port_accepts, wait_for_port
 from .postgres import (
@@ -34,6 +35,7 @@ __all__ = [
     "mosquitto_binary",
     "port_accepts",
     "quiet_policy",
+    "serve_app",
     "tsdb_admin_url",
     "tsdb_nopreload_admin_url",
     "wait_for_port",
