@@ -53,8 +53,8 @@ from analytics.calibration.drift import (
     analyse,
     correction_for,
     detect_drift,
-    distances_km,
 )
+from analytics.geo import distances_km
 from firmware_sim.faults import Fault, apply_faults
 from training.datasets import datasets_dir, load_aberdeen
 

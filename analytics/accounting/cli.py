@@ -13,7 +13,7 @@ from analytics.accounting.model import DayScores
 from analytics.accounting.rules import AccountingRule
 from analytics.accounting.score import score_day
 from analytics.settings import AnalyticsSettings
-from analytics.store import open_store
+from analytics.store import open_existing_store
 from civicmesh.config import load_settings
 from civicmesh.errors import CivicmeshError
 from civicmesh.registry import Registry
@@ -56,13 +56,7 @@ def _score(args: argparse.Namespace) -> int:
         registry = (
             Registry.load(settings.registry_file) if settings.registry_file.exists() else None
         )
-        url = settings.database_url
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-            raise ValueError(
-                f"no store at {url}; give the central store with --database-url "
-                "(or database_url in --config)"
-            )
-        store = open_store(url)
+        store = open_existing_store(settings.database_url)
     except (ValueError, CivicmeshError) as exc:
         print(f"civicmesh accounting score: {exc}", file=sys.stderr)
         return 2

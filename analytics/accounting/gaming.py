@@ -14,21 +14,9 @@ from numpy.typing import NDArray
 from analytics.accounting.model import DAY_MS, DeviceDay
 from analytics.accounting.rules import AccountingRule
 
-EARTH_KM = 6371.0088
 GRID_MS = 60_000
 GRID = DAY_MS // GRID_MS
 CHUNK = 8  # rows per FFT block: bounds memory at ~100 MB for 200 devices
-
-
-def distances_km(devices: Sequence[DeviceDay]) -> NDArray[np.float64]:
-    """Great-circle distances between declared locations (inf where one is missing)."""
-    lat = np.radians([d.lat if d.lat is not None else np.nan for d in devices])
-    lon = np.radians([d.lon if d.lon is not None else np.nan for d in devices])
-    dlat = lat[:, None] - lat[None, :]
-    dlon = lon[:, None] - lon[None, :]
-    a = np.sin(dlat / 2) ** 2 + np.cos(lat[:, None]) * np.cos(lat[None, :]) * np.sin(dlon / 2) ** 2
-    dist = 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    return np.where(np.isnan(dist), np.inf, dist)
 
 
 def column_median(rows: NDArray[np.float64]) -> NDArray[np.float64]:

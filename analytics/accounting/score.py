@@ -19,7 +19,6 @@ from analytics.accounting.gaming import (
     NeighbourVerdict,
     cell_caps,
     cell_of,
-    distances_km,
     find_duplicates,
     neighbour_check,
 )
@@ -33,6 +32,7 @@ from analytics.accounting.quality import (
     merge_hours,
 )
 from analytics.accounting.rules import AccountingRule
+from analytics.geo import distances_km
 
 EPS = 1e-9
 

@@ -22,7 +22,7 @@ from analytics.calibration.drift import (
 )
 from analytics.calibration.load import load_network
 from analytics.settings import AnalyticsSettings
-from analytics.store import open_store
+from analytics.store import open_existing_store
 from civicmesh.config import load_settings
 from civicmesh.errors import CivicmeshError
 from civicmesh.registry import Registry
@@ -109,13 +109,7 @@ def _drift(args: argparse.Namespace) -> int:
         registry = (
             Registry.load(settings.registry_file) if settings.registry_file.exists() else None
         )
-        url = settings.database_url
-        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-            raise ValueError(
-                f"no store at {url}; give the central store with --database-url "
-                "(or database_url in --config)"
-            )
-        store = open_store(url)
+        store = open_existing_store(settings.database_url)
     except (ValueError, CivicmeshError) as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 2

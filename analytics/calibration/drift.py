@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from analytics.geo import distances_km
+
 HOUR_MS = 3_600_000
-EARTH_KM = 6371.0088
 
 # Added to both sides of the ratio, in the metric's unit: below a few µg/m³ an SDS011's
 # hourly mean is mostly noise, and a ratio of two noises is not evidence.
@@ -176,17 +176,6 @@ class Detection:
     neighbour_median: NDArray[np.float64]  # m_i(t)
     neighbours: list[NDArray[np.int64]]
     judged: NDArray[np.bool_]  # hours where the detector could judge the device
-
-
-def distances_km(devices: Sequence[NetworkDevice]) -> NDArray[np.float64]:
-    """Great-circle distances between positions (inf where one is unknown)."""
-    lat = np.radians([d.lat if d.lat is not None else np.nan for d in devices])
-    lon = np.radians([d.lon if d.lon is not None else np.nan for d in devices])
-    dlat = lat[:, None] - lat[None, :]
-    dlon = lon[:, None] - lon[None, :]
-    a = np.sin(dlat / 2) ** 2 + np.cos(lat[:, None]) * np.cos(lat[None, :]) * np.sin(dlon / 2) ** 2
-    dist = 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    return np.where(np.isnan(dist), np.inf, dist)
 
 
 def _nan_quiet(func: Any, *args: Any, **kwargs: Any) -> Any:

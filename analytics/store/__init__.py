@@ -14,7 +14,7 @@ from analytics.store.base import StoragePolicy, Store, StoreError
 
 ACCEPTED_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
-__all__ = ["ACCEPTED_SCHEMES", "Store", "StoreError", "open_store"]
+__all__ = ["ACCEPTED_SCHEMES", "Store", "StoreError", "open_existing_store", "open_store"]
 
 
 def open_store(
@@ -47,3 +47,14 @@ def open_store(
         f"Unsupported store URL scheme {scheme!r}; use one of "
         "sqlite:///path/to/file.db, sqlite:////absolute/path.db or postgresql://user@host/dbname"
     )
+
+
+def open_existing_store(url: str) -> Store:
+    """:func:`open_store` for a command that reads the central store: a SQLite path with
+    no file behind it is refused (ValueError) instead of becoming a new, empty store."""
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        raise ValueError(
+            f"no store at {url}; give the central store with --database-url "
+            "(or database_url in --config)"
+        )
+    return open_store(url)
