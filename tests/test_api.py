@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import admin_url, create_database, drop_database, quiet_policy, tsdb_admin_url
+from support import (
+    admin_url,
+    create_database,
+    drop_database,
+    quiet_policy,
+    relayed_batch,
+    tsdb_admin_url,
+)
 
 from analytics.api import create_app
 from analytics.store import open_store
 from analytics.store.base import Store, StoredBatch
 from civicmesh.identity import Ed25519Signer
-from civicmesh.protocol import GENESIS_HASH, Reading, make_payload, seal_batch, wrap_envelope
+from civicmesh.protocol import GENESIS_HASH, Reading
 from civicmesh.quarantine import QuarantineRecord
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry, RegistryFile
 from civicmesh.timeutil import now_ms
@@ -45,23 +52,7 @@ ZONES = {A: "north", B: "north", C: "south", D: "south", IDLE: "west"}
 def stored(
     device: Ed25519Signer, seq: int, prev: bytes, readings: Sequence[Reading]
 ) -> StoredBatch:
-    sealed_at = max(r.ts_ms for r in readings) + 1000
-    batch = seal_batch(device, make_payload(device.key_id, seq, prev, sealed_at, readings, "m1"))
-    envelope = wrap_envelope(GATEWAY, batch.message, sealed_at + 200)
-    return StoredBatch(
-        device_id=device.key_id,
-        seq=seq,
-        payload_hash=batch.hash,
-        prev_hash=prev,
-        sealed_at_ms=sealed_at,
-        model_version="m1",
-        gateway_id=GATEWAY.key_id,
-        received_at_ms=envelope.received_at_ms,
-        ingested_at_ms=sealed_at + 500,
-        device_message=batch.message,
-        gateway_message=envelope.message,
-        readings=batch.payload.readings,
-    )
+    return relayed_batch(device, GATEWAY, seq, prev, readings)
 
 
 def fill(store: Store, registry_path: Path) -> None:

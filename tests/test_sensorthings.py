@@ -16,7 +16,14 @@ import httpx
 import pytest
 import requests
 from frost_sta_client.service.auth_handler import AuthHandler
-from support import admin_url, create_database, drop_database, quiet_policy, serve_app
+from support import (
+    admin_url,
+    create_database,
+    drop_database,
+    quiet_policy,
+    relayed_batch,
+    serve_app,
+)
 
 from analytics.api import create_app
 from analytics.api.openaq import Network, location_id, parameter_id, sensor_id
@@ -36,7 +43,7 @@ from analytics.store import open_store
 from analytics.store.base import Store, StoredBatch
 from civicmesh.identity import Ed25519Signer
 from civicmesh.metrics import Quality
-from civicmesh.protocol import GENESIS_HASH, Reading, make_payload, seal_batch, wrap_envelope
+from civicmesh.protocol import GENESIS_HASH, Reading
 from civicmesh.registry import DeviceRecord, GatewayRecord, Registry
 
 # frost-sta-client calls furl's deprecated ``pathstr`` on every request: third-party, not
@@ -74,23 +81,7 @@ def quality(k: int) -> int:
 
 
 def sealed(device: Ed25519Signer, seq: int, prev: bytes, readings: list[Reading]) -> StoredBatch:
-    sealed_at = max(r.ts_ms for r in readings) + 1000
-    batch = seal_batch(device, make_payload(device.key_id, seq, prev, sealed_at, readings, "m1"))
-    envelope = wrap_envelope(GATEWAY, batch.message, sealed_at + 200)
-    return StoredBatch(
-        device_id=device.key_id,
-        seq=seq,
-        payload_hash=batch.hash,
-        prev_hash=prev,
-        sealed_at_ms=sealed_at,
-        model_version="m1",
-        gateway_id=GATEWAY.key_id,
-        received_at_ms=envelope.received_at_ms,
-        ingested_at_ms=sealed_at + 500,
-        device_message=batch.message,
-        gateway_message=envelope.message,
-        readings=batch.payload.readings,
-    )
+    return relayed_batch(device, GATEWAY, seq, prev, readings)
 
 
 def fill(store: Store) -> None:

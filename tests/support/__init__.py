@@ -5,6 +5,7 @@ for test modules without an ``__init__.py``); the fixtures live in ``tests/conft
 """
 
 from .apiserver import serve_app
+from .batches import relayed_batch
 from .mosquitto import DEV_CONFIG, MosquittoError, MosquittoProcess, mosquitto_binary
 from .net import free_port, port_accepts, wait_for_port
 from .postgres import (
@@ -35,6 +36,7 @@ __all__ = [
     "mosquitto_binary",
     "port_accepts",
     "quiet_policy",
+    "relayed_batch",
     "serve_app",
     "tsdb_admin_url",
     "tsdb_nopreload_admin_url",
